@@ -1,0 +1,184 @@
+package transport
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// Timeouts of a session. Keepalives every KeepAlive keep NAT bindings and the idle
+// timer fresh while the primary is idle; a peer silent for IdleTimeout is gone.
+const (
+	KeepAlive   = 2 * time.Second
+	IdleTimeout = 10 * time.Second
+)
+
+func quicConfig() *quic.Config {
+	return &quic.Config{
+		HandshakeIdleTimeout: 5 * time.Second,
+		MaxIdleTimeout:       IdleTimeout,
+		KeepAlivePeriod:      KeepAlive,
+		// One stream carries a session; a larger window than the defaults lets a backlog
+		// catch up at disk speed over links with some latency.
+		MaxStreamReceiveWindow:     32 << 20,
+		MaxConnectionReceiveWindow: 48 << 20,
+		MaxIncomingStreams:         1,
+		MaxIncomingUniStreams:      -1,
+	}
+}
+
+// Conn is one session between a sidecar and a receiver: a QUIC connection with one
+// bidirectional stream. Send and Recv may be called from different goroutines; Send
+// must not be called concurrently with itself, nor Recv with itself.
+type Conn struct {
+	qc   *quic.Conn
+	st   *quic.Stream
+	rbuf []byte
+	wbuf []byte
+
+	closeOnce sync.Once
+}
+
+// Send writes one frame.
+func (c *Conn) Send(f Frame) error {
+	c.wbuf = AppendFrame(c.wbuf[:0], f)
+	if _, err := c.st.Write(c.wbuf); err != nil {
+		return fmt.Errorf("send to %s: %w", c.qc.RemoteAddr(), err)
+	}
+	return nil
+}
+
+// Recv reads one frame. Byte slices in it stay valid until the next Recv.
+func (c *Conn) Recv() (Frame, error) {
+	f, buf, err := ReadFrame(c.st, c.rbuf)
+	c.rbuf = buf
+	if err != nil {
+		return nil, fmt.Errorf("receive from %s: %w", c.qc.RemoteAddr(), err)
+	}
+	return f, nil
+}
+
+// RemoteAddr is the peer's address.
+func (c *Conn) RemoteAddr() net.Addr { return c.qc.RemoteAddr() }
+
+// Context is done when the connection is closed.
+func (c *Conn) Context() context.Context { return c.qc.Context() }
+
+// Close ends the session, telling the peer why. Frames already written are delivered
+// before the close where the network allows; call Refuse to send a reason first.
+func (c *Conn) Close(reason string) error {
+	var err error
+	c.closeOnce.Do(func() {
+		c.st.Close()
+		err = c.qc.CloseWithError(0, reason)
+	})
+	return err
+}
+
+// Refuse sends a Refuse frame and closes the session.
+func (c *Conn) Refuse(reason string) error {
+	_ = c.Send(&Refuse{Reason: reason})
+	// Give the frame a moment to leave before the connection close overtakes it;
+	// CloseWithError discards unsent stream data.
+	c.st.Close()
+	select {
+	case <-c.qc.Context().Done():
+	case <-time.After(200 * time.Millisecond):
+	}
+	return c.Close(reason)
+}
+
+// Dial connects to a receiver at addr and opens the session's stream.
+func Dial(ctx context.Context, addr string, tlsConf *tls.Config) (*Conn, error) {
+	qc, err := quic.DialAddr(ctx, addr, tlsConf, quicConfig())
+	if err != nil {
+		return nil, fmt.Errorf("connect to receiver %s: %w", addr, err)
+	}
+	st, err := qc.OpenStreamSync(ctx)
+	if err != nil {
+		qc.CloseWithError(0, "")
+		return nil, fmt.Errorf("open stream to %s: %w", addr, err)
+	}
+	return &Conn{qc: qc, st: st}, nil
+}
+
+// Listener accepts sessions from sidecars.
+type Listener struct{ ln *quic.Listener }
+
+// Listen listens on addr (HOST:PORT, UDP).
+func Listen(addr string, tlsConf *tls.Config) (*Listener, error) {
+	ln, err := quic.ListenAddr(addr, tlsConf, quicConfig())
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return &Listener{ln: ln}, nil
+}
+
+// Addr is the address the listener is bound to.
+func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
+
+// Close stops listening and closes every session.
+func (l *Listener) Close() error { return l.ln.Close() }
+
+// Accept waits for a sidecar's connection and its stream. A peer whose TLS handshake
+// fails (no certificate, one of another CA) never reaches Accept.
+func (l *Listener) Accept(ctx context.Context) (*Conn, error) {
+	for {
+		qc, err := l.ln.Accept(ctx)
+		if err != nil {
+			return nil, err
+		}
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, err := qc.AcceptStream(sctx)
+		cancel()
+		if err != nil {
+			qc.CloseWithError(0, "no stream opened")
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			continue
+		}
+		return &Conn{qc: qc, st: st}, nil
+	}
+}
+
+// RefusedError is the reason a peer gave for ending the session.
+type RefusedError struct{ Reason string }
+
+func (e *RefusedError) Error() string { return "refused by peer: " + e.Reason }
+
+// ErrVersion is wrapped when the peers speak different protocol versions.
+var ErrVersion = errors.New("protocol version mismatch")
+
+// Handshake is the sidecar's half of the session start: send hello, return the
+// receiver's welcome, or its refusal as a *RefusedError.
+func Handshake(c *Conn, hello *Hello) (*Welcome, error) {
+	if err := c.Send(hello); err != nil {
+		return nil, err
+	}
+	f, err := c.Recv()
+	if err != nil {
+		return nil, err
+	}
+	switch f := f.(type) {
+	case *Welcome:
+		if f.Version != hello.Version {
+			return nil, fmt.Errorf("%w: receiver speaks version %d, sidecar %d", ErrVersion, f.Version, hello.Version)
+		}
+		return f, nil
+	case *Refuse:
+		return nil, &RefusedError{Reason: f.Reason}
+	default:
+		return nil, fmt.Errorf("handshake with %s: %w: got frame kind %d, want welcome", c.RemoteAddr(), ErrMalformed, f.kind())
+	}
+}
+
+// Read reads raw bytes of the session's stream, for callers that decode frames with
+// ReadFrame into buffers of their own.
+func (c *Conn) Read(p []byte) (int, error) { return c.st.Read(p) }
