@@ -142,26 +142,26 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 	}
 	hello, ok := f.(*transport.Hello)
 	if !ok {
-		c.Refuse("protocol: first frame is not a hello")
+		c.Refuse("protocol: first frame is not a hello", true)
 		return fmt.Errorf("handshake: %w: first frame is not a hello", transport.ErrMalformed)
 	}
 	if hello.Version != transport.Version {
 		err := fmt.Errorf("%w: sidecar speaks version %d, receiver %d", transport.ErrVersion, hello.Version, transport.Version)
-		c.Refuse(err.Error())
+		c.Refuse(err.Error(), true)
 		return err
 	}
 	id := Identity{SysID: hello.SysID, SegSize: uint64(hello.SegSize), BlockSize: uint64(hello.BlockSize), Magic: hello.Magic, ServerVersion: hello.ServerVersion}
 	if err := id.Stream().Validate(); err != nil {
-		c.Refuse(err.Error())
+		c.Refuse(err.Error(), true)
 		return fmt.Errorf("handshake: %w", err)
 	}
 	if err := Bind(r.cfg.Spool, id); err != nil {
-		c.Refuse(err.Error())
+		c.Refuse(err.Error(), errors.Is(err, ErrWrongCluster))
 		return err
 	}
 	contents, err := Recover(r.cfg.Spool, id.Stream(), log)
 	if err != nil {
-		c.Refuse(err.Error())
+		c.Refuse(err.Error(), false)
 		return err
 	}
 	rb := NewRebuild(id.Stream(), contents)
@@ -203,14 +203,14 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 			}
 		}
 		if err := r.apply(f, rb, w, log); err != nil {
-			c.Refuse(err.Error())
+			c.Refuse(err.Error(), false)
 			return err
 		}
 		if len(frames) > 0 {
 			continue // group the fsync and the ack with the frames already waiting
 		}
 		if err := w.sync(); err != nil {
-			c.Refuse(err.Error())
+			c.Refuse(err.Error(), false)
 			return err
 		}
 		pos := rb.Durable()

@@ -109,7 +109,7 @@ func Bind(dir string, id Identity) error {
 
 // Contents is what a scan of a spool found.
 type Contents struct {
-	Segments  []wal.Segment     // published, sorted by timeline then number
+	Segments  []wal.Segment      // published, sorted by timeline then number
 	Partials  map[uint32]Partial // the in-progress segment of each timeline that has one
 	Histories []uint32           // timelines with a history file, ascending
 	Temps     []string           // leftovers of interrupted publishes

@@ -82,8 +82,8 @@ func (c *Conn) Close(reason string) error {
 }
 
 // Refuse sends a Refuse frame and closes the session.
-func (c *Conn) Refuse(reason string) error {
-	_ = c.Send(&Refuse{Reason: reason})
+func (c *Conn) Refuse(reason string, fatal bool) error {
+	_ = c.Send(&Refuse{Fatal: fatal, Reason: reason})
 	// Give the frame a moment to leave before the connection close overtakes it;
 	// CloseWithError discards unsent stream data.
 	c.st.Close()
@@ -149,9 +149,23 @@ func (l *Listener) Accept(ctx context.Context) (*Conn, error) {
 }
 
 // RefusedError is the reason a peer gave for ending the session.
-type RefusedError struct{ Reason string }
+type RefusedError struct {
+	Fatal  bool
+	Reason string
+}
 
-func (e *RefusedError) Error() string { return "refused by peer: " + e.Reason }
+func (e *RefusedError) Error() string { return "refused by receiver: " + e.Reason }
+
+// Retryable says whether a session that failed with err may succeed if started again:
+// network failures, timeouts and refusals for a bad frame are; a fatal refusal (another
+// cluster) and a protocol version mismatch are not.
+func Retryable(err error) bool {
+	var re *RefusedError
+	if errors.As(err, &re) {
+		return !re.Fatal
+	}
+	return !errors.Is(err, ErrVersion)
+}
 
 // ErrVersion is wrapped when the peers speak different protocol versions.
 var ErrVersion = errors.New("protocol version mismatch")
@@ -173,7 +187,7 @@ func Handshake(c *Conn, hello *Hello) (*Welcome, error) {
 		}
 		return f, nil
 	case *Refuse:
-		return nil, &RefusedError{Reason: f.Reason}
+		return nil, &RefusedError{Fatal: f.Fatal, Reason: f.Reason}
 	default:
 		return nil, fmt.Errorf("handshake with %s: %w: got frame kind %d, want welcome", c.RemoteAddr(), ErrMalformed, f.kind())
 	}

@@ -102,8 +102,13 @@ type Ack struct {
 	LSN wal.LSN
 }
 
-// Refuse ends a session with the reason, for the peer to log.
-type Refuse struct{ Reason string }
+// Refuse ends a session with the reason, for the peer to log. Fatal says that trying
+// again cannot help (another cluster, another protocol version): the sidecar stops
+// instead of reconnecting.
+type Refuse struct {
+	Fatal  bool
+	Reason string
+}
 
 func (*Hello) kind() byte   { return kindHello }
 func (*Welcome) kind() byte { return kindWelcome }
@@ -146,11 +151,7 @@ func AppendFrame(dst []byte, f Frame) []byte {
 		dst = le.AppendUint32(dst, f.ServerVersion)
 	case *Welcome:
 		dst = le.AppendUint16(dst, f.Version)
-		var empty byte
-		if f.Empty {
-			empty = 1
-		}
-		dst = append(dst, empty)
+		dst = append(dst, boolByte(f.Empty))
 		dst = le.AppendUint32(dst, f.TLI)
 		dst = le.AppendUint64(dst, uint64(f.LSN))
 	case *Data:
@@ -170,6 +171,7 @@ func AppendFrame(dst []byte, f Frame) []byte {
 		dst = le.AppendUint32(dst, f.TLI)
 		dst = le.AppendUint64(dst, uint64(f.LSN))
 	case *Refuse:
+		dst = append(dst, boolByte(f.Fatal))
 		dst = le.AppendUint16(dst, uint16(len(f.Reason)))
 		dst = append(dst, f.Reason...)
 	}
@@ -214,7 +216,25 @@ func (r *body) take(n int) []byte {
 	r.b = r.b[n:]
 	return v
 }
-func (r *body) u8() byte    { return r.take(1)[0] }
+func (r *body) u8() byte { return r.take(1)[0] }
+
+// flag reads a boolean byte, which must be 0 or 1.
+func (r *body) flag(what string) (bool, error) {
+	switch r.u8() {
+	case 0:
+		return false, nil
+	case 1:
+		return true, nil
+	}
+	return false, fmt.Errorf("%w: %s flag is neither 0 nor 1", ErrMalformed, what)
+}
+
+func boolByte(b bool) byte {
+	if b {
+		return 1
+	}
+	return 0
+}
 func (r *body) u16() uint16 { return le.Uint16(r.take(2)) }
 func (r *body) u32() uint32 { return le.Uint32(r.take(4)) }
 func (r *body) u64() uint64 { return le.Uint64(r.take(8)) }
@@ -227,12 +247,9 @@ func parseBody(kind byte, b []byte) (Frame, error) {
 		f = &Hello{Version: r.u16(), SysID: r.u64(), SegSize: r.u32(), BlockSize: r.u32(), Magic: r.u16(), TLI: r.u32(), ServerVersion: r.u32()}
 	case kindWelcome:
 		w := &Welcome{Version: r.u16()}
-		switch r.u8() {
-		case 0:
-		case 1:
-			w.Empty = true
-		default:
-			return nil, fmt.Errorf("%w: welcome: empty flag is neither 0 nor 1", ErrMalformed)
+		var err error
+		if w.Empty, err = r.flag("welcome: empty"); err != nil {
+			return nil, err
 		}
 		w.TLI, w.LSN = r.u32(), wal.LSN(r.u64())
 		f = w
@@ -257,7 +274,11 @@ func parseBody(kind byte, b []byte) (Frame, error) {
 	case kindAck:
 		f = &Ack{TLI: r.u32(), LSN: wal.LSN(r.u64())}
 	case kindRefuse:
-		f = &Refuse{Reason: string(r.take(int(r.u16())))}
+		fatal, err := r.flag("refuse: fatal")
+		if err != nil {
+			return nil, err
+		}
+		f = &Refuse{Fatal: fatal, Reason: string(r.take(int(r.u16())))}
 	default:
 		return nil, fmt.Errorf("%w: unknown kind %d", ErrMalformed, kind)
 	}

@@ -1,0 +1,36 @@
+# walship: see README.md. `make demo` runs the whole job locally; `make test` runs the tests.
+GO ?= go
+BIN := bin/walship
+# The test suite starts real PostgreSQL clusters; it needs the server binaries
+# (WALSHIP_PG_BINDIR, PATH, pg_config or /usr/lib/postgresql/*/bin).
+TESTFLAGS ?= -count=1 -timeout 15m
+
+.PHONY: build test demo bench lint fuzz clean
+
+build:
+	$(GO) build -o $(BIN) ./cmd/walship
+
+test: lint
+	$(GO) test $(TESTFLAGS) ./...
+
+demo: build
+	$(GO) run ./bench/cmd/demo --walship $(BIN)
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+lint:
+	@unformatted=$$(gofmt -l .); if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+# Run each fuzz target for a while (FUZZTIME=30s by default); `make test` runs their seeds.
+FUZZTIME ?= 30s
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+		for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "$$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+		done; \
+	done
+
+clean:
+	rm -rf bin

@@ -1,0 +1,104 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Proc is a program the lab runs in the background, walship's sidecar or receiver,
+// with its output kept in a log file.
+type Proc struct {
+	Name    string
+	LogFile string
+	cmd     *exec.Cmd
+	done    chan struct{}
+	mu      sync.Mutex
+	err     error
+}
+
+// StartProc starts bin with args, its output appended to logFile.
+func StartProc(name, logFile, bin string, args ...string) (*Proc, error) {
+	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &Proc{Name: name, LogFile: logFile, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		err := cmd.Wait()
+		f.Close()
+		p.mu.Lock()
+		p.err = err
+		p.mu.Unlock()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// Pid is the process id.
+func (p *Proc) Pid() int { return p.cmd.Process.Pid }
+
+// Done is closed when the process has exited.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+// Err is the process's exit error, once Done.
+func (p *Proc) Err() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.err
+}
+
+// Kill sends SIGKILL and waits for the exit.
+func (p *Proc) Kill() {
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	<-p.done
+}
+
+// Stop sends SIGTERM and waits for the exit, killing the process if ctx ends first.
+func (p *Proc) Stop(ctx context.Context) error {
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+		return nil
+	case <-ctx.Done():
+		p.Kill()
+		return fmt.Errorf("%s did not stop on SIGTERM: %w", p.Name, ctx.Err())
+	}
+}
+
+// Running says whether the process has not exited yet.
+func (p *Proc) Running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
+// Log returns the process's output so far.
+func (p *Proc) Log() string {
+	b, _ := os.ReadFile(p.LogFile)
+	return string(b)
+}
+
+// WaitLog waits until the process's output contains s.
+func (p *Proc) WaitLog(ctx context.Context, s string) error {
+	return Wait(ctx, 20*time.Millisecond, fmt.Sprintf("%s to log %q", p.Name, s), func() (bool, error) {
+		if !p.Running() && !strings.Contains(p.Log(), s) {
+			return false, fmt.Errorf("%s exited: %v\n%s", p.Name, p.Err(), p.Log())
+		}
+		return strings.Contains(p.Log(), s), nil
+	})
+}

@@ -1,0 +1,242 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/tail/wal"
+)
+
+// walshipBin is the binary under test, built once by TestMain.
+var walshipBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "walship-bin-")
+	if err != nil {
+		panic(err)
+	}
+	walshipBin = filepath.Join(dir, "walship")
+	if out, err := exec.Command("go", "build", "-o", walshipBin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build walship: %v\n%s", err, out)
+		os.Exit(2)
+	}
+	// Everything must be reachable by the postgres user the lab runs servers as.
+	os.Chmod(dir, 0o755)
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// rig is a primary with archiving into a check directory, a receiver and a sidecar.
+type rig struct {
+	t        *testing.T
+	primary  *lab.Cluster
+	dir      string // holds certs, the spool, the archive and the logs
+	tlsDir   string
+	spool    string
+	archive  string
+	addr     string
+	receiver *lab.Proc
+	sidecar  *lab.Proc
+}
+
+func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "walship-rig-")
+	require.NoError(t, err)
+	require.NoError(t, os.Chmod(dir, 0o755))
+	r := &rig{t: t, dir: dir, tlsDir: filepath.Join(dir, "tls"), spool: filepath.Join(dir, "spool"), archive: filepath.Join(dir, "archive")}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, p := range []*lab.Proc{r.receiver, r.sidecar} {
+				if p != nil {
+					t.Logf("--- %s log:\n%s", p.Name, lastBytes(p.Log(), 6000))
+				}
+			}
+			if r.primary != nil {
+				t.Logf("--- primary log:\n%s", lastBytes(r.primary.Log(), 4000))
+			}
+		}
+		for _, p := range []*lab.Proc{r.receiver, r.sidecar} {
+			if p != nil && p.Running() {
+				p.Kill()
+			}
+		}
+		if r.primary != nil {
+			r.primary.Close()
+		}
+		os.RemoveAll(dir)
+	})
+	require.NoError(t, os.Mkdir(r.archive, 0o755))
+	r.primary, err = lab.NewCluster(ctx, lab.Options{SegSizeMB: segMB, Settings: map[string]string{
+		"archive_mode":    "on",
+		"archive_command": fmt.Sprintf("'test ! -f %[1]s/%%f && cp %%p %[1]s/%%f'", r.archive),
+	}})
+	require.NoError(t, err)
+	require.NoError(t, r.primary.Own(r.archive))
+	require.NoError(t, r.primary.Start(ctx))
+	runOK(t, "certs", "--dir", r.tlsDir)
+	port, err := lab.FreeUDPPort()
+	require.NoError(t, err)
+	r.addr = "127.0.0.1:" + strconv.Itoa(port)
+	return r
+}
+
+func lastBytes(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
+}
+
+// runOK runs the walship binary and requires success.
+func runOK(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(walshipBin, args...).CombinedOutput()
+	require.NoError(t, err, "walship %v:\n%s", args, out)
+	return string(out)
+}
+
+func (r *rig) startReceiver(ctx context.Context) {
+	r.t.Helper()
+	p, err := lab.StartProc("receiver", filepath.Join(r.dir, "receiver.log"), walshipBin,
+		"receive", "--listen", r.addr, "--spool", r.spool, "--tls-dir", r.tlsDir, "--log-level", "debug")
+	require.NoError(r.t, err)
+	r.receiver = p
+	require.NoError(r.t, p.WaitLog(ctx, "receiver ready"))
+}
+
+func (r *rig) startSidecar(ctx context.Context, c *lab.Cluster) *lab.Proc {
+	r.t.Helper()
+	p, err := lab.StartProc("sidecar", filepath.Join(r.dir, "sidecar.log"), walshipBin,
+		"tail", "--dsn", c.DSN(), "--to", r.addr, "--tls-dir", r.tlsDir, "--poll", "10ms", "--log-level", "debug")
+	require.NoError(r.t, err)
+	r.sidecar = p
+	return p
+}
+
+// flush reads the primary's flush position.
+func flushLSN(t *testing.T, ctx context.Context, c *lab.Cluster) wal.LSN {
+	t.Helper()
+	s, err := c.QueryString(ctx, "SELECT pg_current_wal_flush_lsn()::text")
+	require.NoError(t, err)
+	lsn, err := wal.ParseLSN(s)
+	require.NoError(t, err)
+	return lsn
+}
+
+// spoolPosition is where the spool's WAL ends.
+func spoolPosition(t *testing.T, spool string) (receiver.Position, receiver.Contents) {
+	t.Helper()
+	id, ok, err := receiver.ReadIdentity(spool)
+	require.NoError(t, err)
+	if !ok {
+		return receiver.Position{}, receiver.Contents{}
+	}
+	c, err := receiver.Scan(spool, id.SegSize)
+	require.NoError(t, err)
+	pos, _ := c.Position(id.SegSize)
+	return pos, c
+}
+
+// waitSpoolAt waits until the spool holds the primary's WAL up to lsn.
+func (r *rig) waitSpoolAt(ctx context.Context, lsn wal.LSN) {
+	r.t.Helper()
+	err := lab.Wait(ctx, 10*time.Millisecond, "spool at "+lsn.String(), func() (bool, error) {
+		if _, ok, _ := receiver.ReadIdentity(r.spool); !ok {
+			return false, nil
+		}
+		pos, _ := spoolPosition(r.t, r.spool)
+		return pos.LSN >= lsn, nil
+	})
+	require.NoError(r.t, err)
+}
+
+// waitArchived waits until the primary has archived segment name.
+func (r *rig) waitArchived(ctx context.Context, name string) {
+	r.t.Helper()
+	require.NoError(r.t, lab.Wait(ctx, 20*time.Millisecond, "archive of "+name, func() (bool, error) {
+		_, err := os.Stat(filepath.Join(r.archive, name))
+		return err == nil, nil
+	}))
+}
+
+// checkIdentical checks the spool against the primary: every published segment is
+// byte-identical to the primary's archived copy, the published segments have no gap, and
+// the partial equals the primary's current segment up to the flush position, which the
+// spool must have reached. It returns how many segments it compared.
+func (r *rig) checkIdentical(ctx context.Context) int {
+	t := r.t
+	t.Helper()
+	flush := flushLSN(t, ctx, r.primary)
+	r.waitSpoolAt(ctx, flush)
+	id, ok, err := receiver.ReadIdentity(r.spool)
+	require.NoError(t, err)
+	require.True(t, ok, "spool has no identity")
+	pos, c := spoolPosition(t, r.spool)
+	require.Equal(t, flush, pos.LSN, "spool position, want the primary's flush position")
+	for i, seg := range c.Segments {
+		if i > 0 {
+			prev := c.Segments[i-1]
+			require.Equal(t, prev.No+1, seg.No, "gap between published segments %s and %s", prev.Name(id.SegSize), seg.Name(id.SegSize))
+		}
+		name := seg.Name(id.SegSize)
+		r.waitArchived(ctx, name)
+		got, err := os.ReadFile(filepath.Join(r.spool, name))
+		require.NoError(t, err)
+		want, err := os.ReadFile(filepath.Join(r.archive, name))
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(got, want), "segment %s differs from the primary's archived copy", name)
+	}
+	if p, ok := c.Partials[pos.TLI]; ok {
+		name := p.Seg.Name(id.SegSize)
+		got, err := os.ReadFile(filepath.Join(r.spool, name+receiver.PartialSuffix))
+		require.NoError(t, err)
+		f, err := os.Open(filepath.Join(r.primary.Data, "pg_wal", name))
+		require.NoError(t, err)
+		defer f.Close()
+		want := make([]byte, len(got))
+		_, err = f.ReadAt(want, 0)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(got, want), "partial %s differs from the primary's segment in its first %d bytes", name, len(got))
+		_, off := wal.SegmentOf(pos.TLI, flush, id.SegSize)
+		require.Equal(t, off, uint64(len(got)), "partial %s length", name)
+	}
+	return len(c.Segments)
+}
+
+func testContext(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// TestStreamUnderLoad is the foundation: 20 s of load on a primary, and the spool is an
+// exact copy of the primary's WAL.
+func TestStreamUnderLoad(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+
+	load, err := lab.StartLoad(ctx, r.primary.DSN(), 4, 400)
+	require.NoError(t, err)
+	deadline := time.After(20 * time.Second)
+	<-deadline
+	require.NoError(t, load.Stop())
+	n := r.checkIdentical(ctx)
+	t.Logf("%d inserts committed, %d whole segments compared byte for byte", load.Count(), n)
+	require.Greater(t, n, 5, "too few segments to mean anything")
+}

@@ -1,0 +1,146 @@
+// Command walship ships PostgreSQL WAL record by record from a primary to a warm standby.
+//
+// Only this package exits; the packages it calls return errors, which are mapped here
+// to exit statuses.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Exit statuses. restore_command has its own meanings for 1 (see the restore command);
+// everything stays far below 126, which PostgreSQL takes as fatal.
+const (
+	exitOK    = 0
+	exitError = 1
+	exitUsage = 2
+)
+
+type command struct {
+	summary string
+	run     func(args []string) int
+}
+
+var commands = map[string]command{
+	"tail":    {"stream the primary's WAL to a receiver (the sidecar on the primary's host)", runTail},
+	"receive": {"receive WAL into a spool directory (on the standby's host)", runReceive},
+	"certs":   {"make a CA and certificates for a sidecar and a receiver", runCerts},
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(os.Stdout)
+		if len(args) == 0 {
+			return exitUsage
+		}
+		return exitOK
+	}
+	cmd, ok := commands[args[0]]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "walship: unknown command %q\n\n", args[0])
+		usage(os.Stderr)
+		return exitUsage
+	}
+	return cmd.run(args[1:])
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, `walship ships PostgreSQL WAL to a warm standby byte range by byte range, so that a
+failover loses milliseconds of commits instead of a whole archive_timeout.
+
+Usage: walship COMMAND [flags]
+
+Commands:`)
+	names := make([]string, 0, len(commands))
+	for n := range commands {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-9s %s\n", n, commands[n].summary)
+	}
+	fmt.Fprintln(w, "\nRun 'walship COMMAND --help' for a command's flags.")
+}
+
+// newFlags makes a flag set whose --help prints the command's synopsis and text.
+func newFlags(name, synopsis, text string) *flag.FlagSet {
+	fs := flag.NewFlagSet("walship "+name, flag.ContinueOnError)
+	fs.Usage = func() {
+		out := fs.Output()
+		fmt.Fprintf(out, "Usage: walship %s %s\n\n%s\n\nFlags:\n", name, synopsis, strings.TrimSpace(text))
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parse parses args; it returns a non-negative exit status when the command should
+// stop now (help asked for, or a usage error already reported).
+func parse(fs *flag.FlagSet, args []string) int {
+	fs.SetOutput(io.Discard) // errors are reported below, in one line
+	err := fs.Parse(args)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fs.SetOutput(os.Stdout)
+		fs.Usage()
+		return exitOK
+	case err != nil:
+		return usageError(fs, "%v", err)
+	case fs.NArg() > 0:
+		fmt.Fprintf(os.Stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return exitUsage
+	}
+	return -1
+}
+
+func usageError(fs *flag.FlagSet, format string, a ...any) int {
+	fmt.Fprintf(os.Stderr, "%s: %s\nRun '%s --help' for usage.\n", fs.Name(), fmt.Sprintf(format, a...), fs.Name())
+	return exitUsage
+}
+
+// logFlags adds --log-level and --log-format and returns a function that builds the logger.
+func logFlags(fs *flag.FlagSet) func() (zerolog.Logger, error) {
+	level := fs.String("log-level", "info", "log level: debug, info, warn or error")
+	format := fs.String("log-format", "text", "log format: text (for people) or json (for log collectors)")
+	return func() (zerolog.Logger, error) {
+		lvl, err := zerolog.ParseLevel(*level)
+		if err != nil || *level == "" {
+			return zerolog.Nop(), fmt.Errorf("--log-level %q: want debug, info, warn or error", *level)
+		}
+		var w io.Writer
+		switch *format {
+		case "json":
+			w = os.Stderr
+		case "text":
+			w = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339Nano}
+		default:
+			return zerolog.Nop(), fmt.Errorf("--log-format %q: want text or json", *format)
+		}
+		return zerolog.New(w).Level(lvl).With().Timestamp().Logger(), nil
+	}
+}
+
+// signalContext is cancelled by SIGINT or SIGTERM.
+func signalContext() (context.Context, context.CancelFunc) {
+	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+func fail(format string, a ...any) int {
+	fmt.Fprintf(os.Stderr, "walship: "+format+"\n", a...)
+	return exitError
+}

@@ -1,0 +1,95 @@
+package tail
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/walship/walship/tail/wal"
+)
+
+// Server is what the sidecar learns from the primary at connect.
+type Server struct {
+	VersionNum int    // server_version_num, e.g. 150004
+	SysID      uint64 // pg_control_system().system_identifier
+	SegSize    uint64 // wal_segment_size, bytes
+	BlockSize  uint64 // wal_block_size, bytes
+	DataDir    string // data_directory
+	Magic      uint16 // XLOG_PAGE_MAGIC of the major version
+	// flushQuery returns the flush LSN and the WAL file name it falls in; its function
+	// names depend on the version (xlog/location before PostgreSQL 10).
+	flushQuery string
+}
+
+// ErrInRecovery means the server is a standby: it has no flush position of its own to
+// ship until it is promoted.
+var ErrInRecovery = errors.New("server is in recovery")
+
+// ReadServer reads the facts the sidecar needs from a connected server.
+func ReadServer(ctx context.Context, conn *pgx.Conn) (Server, error) {
+	var s Server
+	var v string
+	if err := conn.QueryRow(ctx, "SHOW server_version_num").Scan(&v); err != nil {
+		return s, fmt.Errorf("read server_version_num: %w", err)
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil {
+		return s, fmt.Errorf("read server_version_num %q: %w", v, err)
+	}
+	s.VersionNum = n
+	if s.Magic, err = wal.MagicFor(n); err != nil {
+		return s, err
+	}
+	// Function names before PostgreSQL 10 say xlog and location (the design card).
+	walfn, lsnfn := "wal", "lsn"
+	if n < 100000 {
+		walfn, lsnfn = "xlog", "location"
+	}
+	s.flushQuery = fmt.Sprintf("SELECT pg_current_%[1]s_flush_%[2]s()::text, pg_%[1]sfile_name(pg_current_%[1]s_flush_%[2]s())", walfn, lsnfn)
+	err = conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()),
+		(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
+		(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_block_size'),
+		current_setting('data_directory')`).Scan(&s.SysID, &s.SegSize, &s.BlockSize, &s.DataDir)
+	if err != nil {
+		return s, fmt.Errorf("read system identifier, wal_segment_size, wal_block_size and data_directory (the sidecar's role needs superuser or pg_read_all_settings): %w", err)
+	}
+	if err := wal.CheckSegSize(s.SegSize); err != nil {
+		return s, fmt.Errorf("server: %w", err)
+	}
+	return s, nil
+}
+
+// InRecovery says whether the server is a standby.
+func InRecovery(ctx context.Context, conn *pgx.Conn) (bool, error) {
+	var r bool
+	if err := conn.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&r); err != nil {
+		return false, fmt.Errorf("read pg_is_in_recovery(): %w", err)
+	}
+	return r, nil
+}
+
+// Flush reads the primary's flush position and its timeline. The segment and offset are
+// computed from the LSN by the caller; the file name is used only for its timeline,
+// because pg_walfile_name() names the previous segment at an exact boundary up to
+// PostgreSQL 16.
+func (s Server) Flush(ctx context.Context, conn *pgx.Conn) (wal.LSN, uint32, error) {
+	var lsnText, file string
+	if err := conn.QueryRow(ctx, s.flushQuery).Scan(&lsnText, &file); err != nil {
+		return 0, 0, fmt.Errorf("read flush position: %w", err)
+	}
+	lsn, err := wal.ParseLSN(lsnText)
+	if err != nil {
+		return 0, 0, fmt.Errorf("read flush position: %w", err)
+	}
+	if len(file) != 24 {
+		return 0, 0, fmt.Errorf("read flush position: wal file name %q is not 24 characters", file)
+	}
+	tli, err := strconv.ParseUint(file[:8], 16, 32)
+	if err != nil || tli == 0 {
+		return 0, 0, fmt.Errorf("read flush position: timeline of wal file name %q: bad hex", file)
+	}
+	return lsn, uint32(tli), nil
+}

@@ -1,0 +1,369 @@
+package tail
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
+)
+
+// Defaults of Config.
+const (
+	DefaultPoll  = 10 * time.Millisecond
+	defaultChunk = 256 << 10
+	maxBackoff   = 5 * time.Second
+)
+
+// Config configures a Tailer.
+type Config struct {
+	// DSN is the primary's connection string. Required. The role needs to read
+	// data_directory and pg_control_system(): a superuser or pg_read_all_settings plus
+	// pg_monitor.
+	DSN string
+	// PGData is the primary's data directory as this process sees it. Empty means the
+	// server's data_directory setting.
+	PGData string
+	// To is the receiver's address, HOST:PORT. Required.
+	To string
+	// TLS is the client configuration (transport.ClientTLS). Required.
+	TLS *tls.Config
+	// Poll is how often the flush position is read. Zero means DefaultPoll. Each poll is
+	// one trivial query on the primary; the poll interval bounds how late a flushed byte
+	// leaves for the standby.
+	Poll time.Duration
+	// Logger receives progress and errors. The zero value logs nothing.
+	Logger zerolog.Logger
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.DSN == "":
+		return errors.New("tail: no --dsn")
+	case c.To == "":
+		return errors.New("tail: no receiver address (--to)")
+	case c.TLS == nil:
+		return errors.New("tail: no tls configuration")
+	case c.Poll < 0:
+		return fmt.Errorf("tail: poll interval %s is negative", c.Poll)
+	case c.Poll == 0:
+		c.Poll = DefaultPoll
+	}
+	return nil
+}
+
+// Tailer ships a primary's WAL to one receiver.
+type Tailer struct {
+	cfg Config
+	log zerolog.Logger
+
+	shipped atomic.Uint64 // LSN after the last byte sent
+	acked   atomic.Uint64 // LSN the receiver last acked as durable
+}
+
+// New checks cfg and returns a Tailer.
+func New(cfg Config) (*Tailer, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	return &Tailer{cfg: cfg, log: cfg.Logger}, nil
+}
+
+// Shipped is the position after the last byte sent; Acked the receiver's durable one.
+func (t *Tailer) Shipped() wal.LSN { return wal.LSN(t.shipped.Load()) }
+
+// Acked is the position the receiver last reported durable.
+func (t *Tailer) Acked() wal.LSN { return wal.LSN(t.acked.Load()) }
+
+// Run ships WAL until ctx is done or a fatal error: a receiver bound to another cluster,
+// another protocol version, a spool ahead of the primary. Lost connections to the
+// server or the receiver are retried with a growing pause.
+func (t *Tailer) Run(ctx context.Context) error {
+	backoff := 100 * time.Millisecond
+	for {
+		start := time.Now()
+		err := t.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if !transport.Retryable(err) || errors.Is(err, errFatal) {
+			return err
+		}
+		if time.Since(start) > 10*time.Second {
+			backoff = 100 * time.Millisecond
+		}
+		t.log.Warn().Err(err).Dur("retry_in", backoff).Msg("session lost")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+// errFatal marks errors that reconnecting cannot mend.
+var errFatal = errors.New("fatal")
+
+func (t *Tailer) session(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	pg, err := pgx.Connect(ctx, t.cfg.DSN)
+	if err != nil {
+		return fmt.Errorf("connect to the primary: %w", err)
+	}
+	defer pg.Close(context.Background())
+	srv, err := ReadServer(ctx, pg)
+	if err != nil {
+		return err
+	}
+	if err := t.waitPrimary(ctx, pg); err != nil {
+		return err
+	}
+	flush, tli, err := srv.Flush(ctx, pg)
+	if err != nil {
+		return err
+	}
+	pgwal := filepath.Join(srv.DataDir, "pg_wal")
+	if t.cfg.PGData != "" {
+		pgwal = filepath.Join(t.cfg.PGData, "pg_wal")
+	}
+	// The magic of the WAL on disk must be the version's: a wrong --pgdata shows here.
+	if err := checkWALDir(pgwal, srv, tli, flush); err != nil {
+		return fmt.Errorf("%w: %w", errFatal, err)
+	}
+
+	c, err := transport.Dial(ctx, t.cfg.To, t.cfg.TLS)
+	if err != nil {
+		return err
+	}
+	defer c.Close("sidecar stopping")
+	hello := &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
+		BlockSize: uint32(srv.BlockSize), Magic: srv.Magic, TLI: tli, ServerVersion: uint32(srv.VersionNum)}
+	welcome, err := transport.Handshake(c, hello)
+	if err != nil {
+		return err
+	}
+	from, err := t.startAt(welcome, tli, flush, pgwal, srv.SegSize)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errFatal, err)
+	}
+	if tli > 1 {
+		// The history file goes first: a receiver takes no segment of a timeline
+		// without it, and recovery asks for it at promotion.
+		name := wal.HistoryName(tli)
+		content, err := os.ReadFile(filepath.Join(pgwal, name))
+		if err != nil {
+			return fmt.Errorf("read history file of timeline %d: %w", tli, err)
+		}
+		if err := c.Send(transport.NewFile(name, content)); err != nil {
+			return err
+		}
+	}
+	t.log.Info().Str("receiver", t.cfg.To).Uint64("system_identifier", srv.SysID).Uint32("timeline", tli).
+		Stringer("from", from).Stringer("flush", flush).Msg("streaming")
+	t.shipped.Store(uint64(from))
+
+	acks := make(chan error, 1)
+	go func() { acks <- t.readAcks(c) }()
+	sh := &shipper{dir: pgwal, stream: hello.Stream(), tli: tli, conn: c}
+	defer sh.close()
+	tick := time.NewTicker(t.cfg.Poll)
+	defer tick.Stop()
+	for {
+		if flush > from {
+			if err := sh.ship(from, flush); err != nil {
+				return err
+			}
+			from = flush
+			t.shipped.Store(uint64(from))
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-acks:
+			return err
+		case <-tick.C:
+		}
+		var now uint32
+		flush, now, err = srv.Flush(ctx, pg)
+		if err != nil {
+			return err
+		}
+		if now != tli {
+			return fmt.Errorf("the primary moved from timeline %d to %d", tli, now)
+		}
+	}
+}
+
+// waitPrimary waits while the server is a standby, so that a sidecar can be started
+// beside a standby ahead of its promotion.
+func (t *Tailer) waitPrimary(ctx context.Context, pg *pgx.Conn) error {
+	logged := false
+	for {
+		rec, err := InRecovery(ctx, pg)
+		if err != nil || !rec {
+			return err
+		}
+		if !logged {
+			t.log.Info().Msg("server is in recovery; waiting for its promotion")
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(t.cfg.Poll * 10):
+		}
+	}
+}
+
+// startAt decides where shipping starts from the receiver's welcome.
+func (t *Tailer) startAt(w *transport.Welcome, tli uint32, flush wal.LSN, pgwal string, segSize uint64) (wal.LSN, error) {
+	flushSeg, _ := wal.SegmentOf(tli, flush, segSize)
+	switch {
+	case w.Empty:
+		// A new spool starts with the segment being written.
+		return flushSeg.Start(segSize), nil
+	case w.TLI == tli:
+		if w.LSN > flush {
+			return 0, fmt.Errorf("the receiver holds WAL up to %s on timeline %d, past this primary's flush position %s: the spool is not this server's past", w.LSN, tli, flush)
+		}
+		return w.LSN, nil
+	case w.TLI > tli:
+		return 0, fmt.Errorf("the receiver is on timeline %d, newer than this primary's %d", w.TLI, tli)
+	}
+	// A newer timeline than the spool's: start with the segment where it branched off,
+	// which the new timeline's first file holds whole.
+	content, err := os.ReadFile(filepath.Join(pgwal, wal.HistoryName(tli)))
+	if err != nil {
+		return 0, fmt.Errorf("read history file of timeline %d: %w", tli, err)
+	}
+	hist, err := wal.ParseHistory(content)
+	if err != nil {
+		return 0, fmt.Errorf("history file of timeline %d: %w", tli, err)
+	}
+	sw := hist[len(hist)-1].Switch
+	start, _ := wal.SegmentOf(tli, sw, segSize)
+	if w.LSN < start.Start(segSize) {
+		t.log.Warn().Stringer("spool_end", w.LSN).Stringer("branch", sw).Uint32("spool_timeline", w.TLI).
+			Msg("the spool lacks WAL of the old timeline before the segment where this timeline branched off")
+	}
+	return start.Start(segSize), nil
+}
+
+func (t *Tailer) readAcks(c *transport.Conn) error {
+	for {
+		f, err := c.Recv()
+		if err != nil {
+			return err
+		}
+		switch f := f.(type) {
+		case *transport.Ack:
+			t.acked.Store(uint64(f.LSN))
+		case *transport.Refuse:
+			return &transport.RefusedError{Fatal: f.Fatal, Reason: f.Reason}
+		default:
+			return fmt.Errorf("%w: unexpected %T from the receiver", transport.ErrMalformed, f)
+		}
+	}
+}
+
+// checkWALDir checks that the segment holding flush is readable in pgwal and starts
+// with a page of this server's version and cluster.
+func checkWALDir(pgwal string, srv Server, tli uint32, flush wal.LSN) error {
+	seg, _ := wal.SegmentOf(tli, flush, srv.SegSize)
+	name := filepath.Join(pgwal, seg.Name(srv.SegSize))
+	f, err := os.Open(name)
+	if err != nil {
+		return fmt.Errorf("open the primary's current segment (is --pgdata right?): %w", err)
+	}
+	defer f.Close()
+	head := make([]byte, wal.LongHeaderSize)
+	if _, err := io.ReadFull(f, head); err != nil {
+		return fmt.Errorf("read %s: %w", name, err)
+	}
+	st := wal.Stream{SysID: srv.SysID, SegSize: srv.SegSize, BlockSize: srv.BlockSize, Magic: srv.Magic}
+	if err := st.CheckPage(head, seg.Start(srv.SegSize), tli); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// shipper reads byte ranges of the primary's segments and sends them.
+type shipper struct {
+	dir    string
+	stream wal.Stream
+	tli    uint32
+	conn   *transport.Conn
+	f      *os.File
+	seg    wal.Segment
+	buf    []byte
+}
+
+// ship sends [from, to). It never reads a byte at or past to, the flush position:
+// beyond it a recycled segment holds stale pages of an older one.
+func (s *shipper) ship(from, to wal.LSN) error {
+	segSize := s.stream.SegSize
+	for from < to {
+		seg, off := wal.SegmentOf(s.tli, from, segSize)
+		end := min(uint64(to)-uint64(seg.Start(segSize)), segSize)
+		if err := s.open(seg); err != nil {
+			return err
+		}
+		for off < end {
+			n := min(end-off, defaultChunk)
+			if off+n < end {
+				// Cut chunks at page boundaries, so that no frame ends inside a page header.
+				n = (off+n)/s.stream.BlockSize*s.stream.BlockSize - off
+			}
+			if cap(s.buf) < int(n) {
+				s.buf = make([]byte, defaultChunk)
+			}
+			b := s.buf[:n]
+			if _, err := s.f.ReadAt(b, int64(off)); err != nil {
+				return fmt.Errorf("read segment %s at %d: %w", seg.Name(segSize), off, err)
+			}
+			lsn := seg.Start(segSize) + wal.LSN(off)
+			if err := s.stream.CheckPages(b, lsn, s.tli); err != nil {
+				return fmt.Errorf("segment %s in %s: %w", seg.Name(segSize), s.dir, err)
+			}
+			if err := s.conn.Send(transport.NewData(s.tli, seg.No, uint32(off), b)); err != nil {
+				return err
+			}
+			off += n
+		}
+		from = seg.Start(segSize) + wal.LSN(end)
+	}
+	return nil
+}
+
+func (s *shipper) open(seg wal.Segment) error {
+	if s.f != nil && s.seg == seg {
+		return nil
+	}
+	s.close()
+	name := filepath.Join(s.dir, seg.Name(s.stream.SegSize))
+	f, err := os.Open(name)
+	if err != nil {
+		return fmt.Errorf("open segment: %w (recycled or removed before it was shipped?)", err)
+	}
+	s.f, s.seg = f, seg
+	return nil
+}
+
+func (s *shipper) close() {
+	if s.f != nil {
+		s.f.Close()
+		s.f = nil
+	}
+}
