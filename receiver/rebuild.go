@@ -27,7 +27,10 @@ var (
 //     ErrConflict if they differ;
 //  3. write Step.Write at Step.WriteAt;
 //  4. if Step.Complete, fsync the file and publish it under its final name;
-//  5. ack only Durable(), after an fsync of everything written so far.
+//  5. Commit the step, only once all of the above succeeded;
+//  6. ack only Durable(), after an fsync of everything written so far.
+//
+// A step that fails is not committed, and the state stays where the spool is.
 //
 // The current segment is held as one contiguous prefix: a QUIC stream is ordered and the
 // sidecar resumes at the durable position, so the only legitimate frame that does not
@@ -38,6 +41,7 @@ type Rebuild struct {
 	seg    uint64 // the segment being rebuilt, or the next one when !open
 	have   uint64 // bytes of seg held, from offset 0
 	open   bool   // seg has a .partial file
+	padAt  uint64 // offset in seg where switch padding began; 0 for none
 	// histories are the timelines whose history file the spool holds.
 	histories map[uint32]bool
 }
@@ -78,6 +82,7 @@ func (r *Rebuild) AddHistory(tli uint32) { r.histories[tli] = true }
 
 // Step is what the caller must do for one frame; see Rebuild.
 type Step struct {
+	next     Rebuild // the state once the step is done
 	Seg      wal.Segment
 	Open     bool
 	HeldAt   uint64
@@ -88,8 +93,12 @@ type Step struct {
 }
 
 // Offer takes one Data frame (whose hash the caller has checked) and returns the step
-// that applies it. On error the state is unchanged.
-func (r *Rebuild) Offer(tli uint32, segNo uint64, off uint64, payload []byte) (Step, error) {
+// that applies it. It changes nothing; Commit does, once the step is done.
+//
+// padding marks bytes after an XLOG_SWITCH record (transport.Data.Padding): their page
+// headers are not checked, and once padding has begun in a segment, every later byte of
+// that segment must be padding too.
+func (r *Rebuild) Offer(tli uint32, segNo uint64, off uint64, payload []byte, padding bool) (Step, error) {
 	segSize := r.stream.SegSize
 	seg := wal.Segment{TLI: tli, No: segNo}
 	end := off + uint64(len(payload))
@@ -97,7 +106,7 @@ func (r *Rebuild) Offer(tli uint32, segNo uint64, off uint64, payload []byte) (S
 		return Step{}, fmt.Errorf("frame for %s at offset %d length %d runs past the %d-byte segment: %w", seg, off, len(payload), segSize, ErrGap)
 	}
 	st := Step{Seg: seg}
-	next := *r
+	next := *r // histories is shared: AddHistory is the only writer
 	switch {
 	case r.tli == 0 || tli > r.tli:
 		if tli > 1 && !r.histories[tli] {
@@ -106,13 +115,13 @@ func (r *Rebuild) Offer(tli uint32, segNo uint64, off uint64, payload []byte) (S
 		if off != 0 {
 			return Step{}, fmt.Errorf("first frame of timeline %d starts at offset %d of %s, want 0: %w", tli, off, seg, ErrGap)
 		}
-		next.tli, next.seg, next.have, next.open = tli, segNo, 0, true
+		next.tli, next.seg, next.have, next.open, next.padAt = tli, segNo, 0, true, 0
 		st.Open = true
 	case tli < r.tli:
 		return Step{}, fmt.Errorf("frame for %s, but the spool has moved on to timeline %d: %w", seg, r.tli, ErrTimeline)
 	case segNo == r.seg && r.open:
 	case segNo == r.seg && !r.open && off == 0:
-		next.open = true
+		next.open, next.padAt = true, 0
 		st.Open = true
 	default:
 		return Step{}, fmt.Errorf("frame for %s offset %d, but the spool holds up to %s: %w", seg, off, r.Durable().LSN, ErrGap)
@@ -124,16 +133,29 @@ func (r *Rebuild) Offer(tli uint32, segNo uint64, off uint64, payload []byte) (S
 	st.HeldAt, st.Held = off, payload[:held]
 	st.WriteAt, st.Write = off+held, payload[held:]
 	if len(st.Write) > 0 {
-		lsn := seg.Start(segSize) + wal.LSN(st.WriteAt)
-		if err := r.stream.CheckPages(st.Write, lsn, tli); err != nil {
-			return Step{}, fmt.Errorf("frame for %s: %w", seg, err)
+		switch {
+		case padding && next.padAt == 0:
+			if st.WriteAt == 0 {
+				return Step{}, fmt.Errorf("frame for %s: a segment cannot start with switch padding: %w", seg, ErrGap)
+			}
+			next.padAt = st.WriteAt
+		case !padding && next.padAt != 0:
+			return Step{}, fmt.Errorf("frame for %s at offset %d: WAL after the switch padding that began at %d: %w", seg, st.WriteAt, next.padAt, ErrGap)
+		case !padding:
+			lsn := seg.Start(segSize) + wal.LSN(st.WriteAt)
+			if err := r.stream.CheckPages(st.Write, lsn, tli); err != nil {
+				return Step{}, fmt.Errorf("frame for %s: %w", seg, err)
+			}
 		}
 	}
 	next.have = max(next.have, end)
 	if next.have == segSize && len(st.Write) > 0 {
 		st.Complete = true
-		next.seg, next.have, next.open = next.seg+1, 0, false
+		next.seg, next.have, next.open, next.padAt = next.seg+1, 0, false, 0
 	}
-	*r = next
+	st.next = next
 	return st, nil
 }
+
+// Commit moves the state past a step the caller has carried out.
+func (r *Rebuild) Commit(st Step) { *r = st.next }

@@ -105,14 +105,10 @@ func (r *Receiver) Run(ctx context.Context) error {
 
 // takeOver ends the running session, if any, and runs c in its place.
 func (r *Receiver) takeOver(ctx context.Context, c *transport.Conn) {
-	r.mu.Lock()
-	if r.cancel != nil {
-		r.log.Info().Str("peer", c.RemoteAddr().String()).Msg("new sidecar session replaces the running one")
-		r.cancel()
-		<-r.session
-	}
 	sctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
+	r.mu.Lock()
+	prevCancel, prevDone := r.cancel, r.session
 	r.cancel, r.session = cancel, done
 	r.mu.Unlock()
 
@@ -126,6 +122,13 @@ func (r *Receiver) takeOver(ctx context.Context, c *transport.Conn) {
 		close(done)
 	}()
 	log := r.log.With().Str("peer", c.RemoteAddr().String()).Logger()
+	if prevCancel != nil {
+		// Wait for the old session to let go of the spool, without holding the lock
+		// that its own ending needs.
+		log.Info().Msg("new sidecar session replaces the running one")
+		prevCancel()
+		<-prevDone
+	}
 	if err := r.serve(sctx, c, log); err != nil && sctx.Err() == nil {
 		log.Error().Err(err).Msg("session ended")
 		return
@@ -232,13 +235,14 @@ func (r *Receiver) apply(f transport.Frame, rb *Rebuild, w *writer, log zerolog.
 		if err := f.CheckHash(); err != nil {
 			return err
 		}
-		st, err := rb.Offer(f.TLI, f.Seg, uint64(f.Offset), f.Payload)
+		st, err := rb.Offer(f.TLI, f.Seg, uint64(f.Offset), f.Payload, f.Padding)
 		if err != nil {
 			return err
 		}
 		if err := w.do(st); err != nil {
 			return err
 		}
+		rb.Commit(st)
 		if st.Complete {
 			log.Debug().Str("segment", st.Seg.Name(w.segSize)).Msg("segment published")
 		}

@@ -123,8 +123,19 @@ type Partial struct {
 
 // Scan lists a spool's WAL files. A published segment of the wrong size, a partial
 // longer than a segment, or two partials of one timeline are errors: the spool is damaged
-// and nothing should guess around it.
+// and nothing should guess around it. A receiver may publish while Scan reads; a file
+// that vanishes between the listing and its stat makes Scan look again.
 func Scan(dir string, segSize uint64) (Contents, error) {
+	for attempt := 0; ; attempt++ {
+		c, err := scanOnce(dir, segSize)
+		if errors.Is(err, fs.ErrNotExist) && attempt < 100 {
+			continue
+		}
+		return c, err
+	}
+}
+
+func scanOnce(dir string, segSize uint64) (Contents, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return Contents{}, fmt.Errorf("scan spool: %w", err)

@@ -150,7 +150,9 @@ func (t *Tailer) session(ctx context.Context) error {
 	defer c.Close("sidecar stopping")
 	hello := &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
 		BlockSize: uint32(srv.BlockSize), Magic: srv.Magic, TLI: tli, ServerVersion: uint32(srv.VersionNum)}
-	welcome, err := transport.Handshake(c, hello)
+	hctx, hcancel := context.WithTimeout(ctx, transport.IdleTimeout)
+	welcome, err := transport.Handshake(hctx, c, hello)
+	hcancel()
 	if err != nil {
 		return err
 	}
@@ -307,6 +309,7 @@ type shipper struct {
 	conn   *transport.Conn
 	f      *os.File
 	seg    wal.Segment
+	padAt  uint64 // where switch padding begins in seg; 0 for none found
 	buf    []byte
 }
 
@@ -333,11 +336,24 @@ func (s *shipper) ship(from, to wal.LSN) error {
 			if _, err := s.f.ReadAt(b, int64(off)); err != nil {
 				return fmt.Errorf("read segment %s at %d: %w", seg.Name(segSize), off, err)
 			}
-			lsn := seg.Start(segSize) + wal.LSN(off)
-			if err := s.stream.CheckPages(b, lsn, s.tli); err != nil {
-				return fmt.Errorf("segment %s in %s: %w", seg.Name(segSize), s.dir, err)
+			padding := s.padAt != 0 && off >= s.padAt
+			if !padding {
+				lsn := seg.Start(segSize) + wal.LSN(off)
+				if err := s.stream.CheckPages(b, lsn, s.tli); err != nil {
+					padAt, ok := s.switchPadding(seg, err, end == segSize)
+					if !ok {
+						return fmt.Errorf("segment %s in %s: %w", seg.Name(segSize), s.dir, err)
+					}
+					s.padAt = padAt
+					if n = padAt - off; n == 0 {
+						continue // the whole chunk is padding: read it again as such
+					}
+					b = b[:n]
+				}
 			}
-			if err := s.conn.Send(transport.NewData(s.tli, seg.No, uint32(off), b)); err != nil {
+			d := transport.NewData(s.tli, seg.No, uint32(off), b)
+			d.Padding = padding
+			if err := s.conn.Send(d); err != nil {
 				return err
 			}
 			off += n
@@ -345,6 +361,31 @@ func (s *shipper) ship(from, to wal.LSN) error {
 		from = seg.Start(segSize) + wal.LSN(end)
 	}
 	return nil
+}
+
+// switchPadding decides whether a page check failure is the unwritten rest of a
+// segment after pg_switch_wal(): only in a segment the flush position has left, on a
+// page whose predecessor ends with an XLOG_SWITCH record. It returns the offset where
+// the padding starts.
+func (s *shipper) switchPadding(seg wal.Segment, err error, segDone bool) (uint64, bool) {
+	var pe *wal.PageError
+	if !segDone || !errors.As(err, &pe) {
+		return 0, false
+	}
+	segSize, bs := s.stream.SegSize, s.stream.BlockSize
+	at := uint64(pe.At - seg.Start(segSize))
+	if at == 0 || at%bs != 0 {
+		return 0, false
+	}
+	prev := make([]byte, bs)
+	if _, err := s.f.ReadAt(prev, int64(at-bs)); err != nil {
+		return 0, false
+	}
+	end, ok := wal.SwitchEnd(prev, pe.At-wal.LSN(bs), segSize)
+	if !ok || end > pe.At {
+		return 0, false
+	}
+	return at, true
 }
 
 func (s *shipper) open(seg wal.Segment) error {
@@ -357,7 +398,7 @@ func (s *shipper) open(seg wal.Segment) error {
 	if err != nil {
 		return fmt.Errorf("open segment: %w (recycled or removed before it was shipped?)", err)
 	}
-	s.f, s.seg = f, seg
+	s.f, s.seg, s.padAt = f, seg, 0
 	return nil
 }
 

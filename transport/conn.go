@@ -2,7 +2,9 @@ package transport
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -109,22 +111,59 @@ func Dial(ctx context.Context, addr string, tlsConf *tls.Config) (*Conn, error) 
 }
 
 // Listener accepts sessions from sidecars.
-type Listener struct{ ln *quic.Listener }
+type Listener struct {
+	ln *quic.Listener
+	tr *quic.Transport
+}
 
 // Listen listens on addr (HOST:PORT, UDP).
+//
+// The listener answers packets of connections it does not know with a QUIC stateless
+// reset, keyed from its certificate's private key so that the key survives a restart:
+// a sidecar whose receiver restarted learns it at its next packet instead of after the
+// idle timeout.
 func Listen(addr string, tlsConf *tls.Config) (*Listener, error) {
-	ln, err := quic.ListenAddr(addr, tlsConf, quicConfig())
+	udpAddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	return &Listener{ln: ln}, nil
+	udp, err := net.ListenUDP("udp", udpAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	tr := &quic.Transport{Conn: udp}
+	if key, ok := resetKey(tlsConf); ok {
+		tr.StatelessResetKey = &key
+	}
+	ln, err := tr.Listen(tlsConf, quicConfig())
+	if err != nil {
+		udp.Close()
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return &Listener{ln: ln, tr: tr}, nil
+}
+
+// resetKey derives the stateless reset key from the server's private key.
+func resetKey(tlsConf *tls.Config) (quic.StatelessResetKey, bool) {
+	if len(tlsConf.Certificates) == 0 {
+		return quic.StatelessResetKey{}, false
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(tlsConf.Certificates[0].PrivateKey)
+	if err != nil {
+		return quic.StatelessResetKey{}, false
+	}
+	return quic.StatelessResetKey(sha256.Sum256(append([]byte("walship stateless reset key\x00"), der...))), true
 }
 
 // Addr is the address the listener is bound to.
 func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
 
 // Close stops listening and closes every session.
-func (l *Listener) Close() error { return l.ln.Close() }
+func (l *Listener) Close() error {
+	err := l.ln.Close()
+	l.tr.Close()
+	return err
+}
 
 // Accept waits for a sidecar's connection and its stream. A peer whose TLS handshake
 // fails (no certificate, one of another CA) never reaches Accept.
@@ -171,8 +210,14 @@ func Retryable(err error) bool {
 var ErrVersion = errors.New("protocol version mismatch")
 
 // Handshake is the sidecar's half of the session start: send hello, return the
-// receiver's welcome, or its refusal as a *RefusedError.
-func Handshake(c *Conn, hello *Hello) (*Welcome, error) {
+// receiver's welcome, or its refusal as a *RefusedError. It gives up when ctx ends.
+func Handshake(ctx context.Context, c *Conn, hello *Hello) (*Welcome, error) {
+	if dl, ok := ctx.Deadline(); ok {
+		c.st.SetDeadline(dl)
+		defer c.st.SetDeadline(time.Time{})
+	}
+	stop := context.AfterFunc(ctx, func() { c.st.SetDeadline(time.Now()) })
+	defer stop()
 	if err := c.Send(hello); err != nil {
 		return nil, err
 	}

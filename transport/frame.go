@@ -69,11 +69,15 @@ type Welcome struct {
 }
 
 // Data carries bytes of one WAL segment: Payload goes at Offset of segment Seg on
-// timeline TLI. Hash is the xxhash64 of Payload.
+// timeline TLI. Hash is the xxhash64 of Payload. Padding marks the rest of a segment
+// after an XLOG_SWITCH record, which the server never wrote pages into (zeros or stale
+// bytes of a recycled file): the receiver keeps those bytes but checks no page header
+// in them.
 type Data struct {
 	TLI     uint32
 	Seg     uint64
 	Offset  uint32
+	Padding bool
 	Hash    uint64
 	Payload []byte
 }
@@ -158,6 +162,7 @@ func AppendFrame(dst []byte, f Frame) []byte {
 		dst = le.AppendUint32(dst, f.TLI)
 		dst = le.AppendUint64(dst, f.Seg)
 		dst = le.AppendUint32(dst, f.Offset)
+		dst = append(dst, boolByte(f.Padding))
 		dst = le.AppendUint32(dst, uint32(len(f.Payload)))
 		dst = le.AppendUint64(dst, f.Hash)
 		dst = append(dst, f.Payload...)
@@ -255,6 +260,10 @@ func parseBody(kind byte, b []byte) (Frame, error) {
 		f = w
 	case kindData:
 		d := &Data{TLI: r.u32(), Seg: r.u64(), Offset: r.u32()}
+		var err error
+		if d.Padding, err = r.flag("data: padding"); err != nil {
+			return nil, err
+		}
 		n := r.u32()
 		d.Hash = r.u64()
 		if n > MaxPayload {

@@ -16,6 +16,7 @@ import (
 type Proc struct {
 	Name    string
 	LogFile string
+	logFrom int64 // where this process's output starts in LogFile
 	cmd     *exec.Cmd
 	done    chan struct{}
 	mu      sync.Mutex
@@ -28,13 +29,18 @@ func StartProc(name, logFile, bin string, args ...string) (*Proc, error) {
 	if err != nil {
 		return nil, err
 	}
+	info, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	p := &Proc{Name: name, LogFile: logFile, cmd: cmd, done: make(chan struct{})}
+	p := &Proc{Name: name, LogFile: logFile, logFrom: info.Size(), cmd: cmd, done: make(chan struct{})}
 	go func() {
 		err := cmd.Wait()
 		f.Close()
@@ -87,10 +93,13 @@ func (p *Proc) Running() bool {
 	}
 }
 
-// Log returns the process's output so far.
+// Log returns this process's output so far (the log file may hold earlier runs too).
 func (p *Proc) Log() string {
 	b, _ := os.ReadFile(p.LogFile)
-	return string(b)
+	if int64(len(b)) < p.logFrom {
+		return ""
+	}
+	return string(b[p.logFrom:])
 }
 
 // WaitLog waits until the process's output contains s.

@@ -127,12 +127,17 @@ func logFlags(fs *flag.FlagSet) func() (zerolog.Logger, error) {
 		case "json":
 			w = os.Stderr
 		case "text":
-			w = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339Nano}
+			w = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339Nano, NoColor: !isTerminal(os.Stderr)}
 		default:
 			return zerolog.Nop(), fmt.Errorf("--log-format %q: want text or json", *format)
 		}
 		return zerolog.New(w).Level(lvl).With().Timestamp().Logger(), nil
 	}
+}
+
+func isTerminal(f *os.File) bool {
+	info, err := f.Stat()
+	return err == nil && info.Mode()&os.ModeCharDevice != 0
 }
 
 // signalContext is cancelled by SIGINT or SIGTERM.

@@ -1,0 +1,186 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
+)
+
+// snapshot maps every file of a directory to a digest of its content.
+func snapshot(t *testing.T, dir string) map[string][32]byte {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	m := map[string][32]byte{}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		require.NoError(t, err)
+		m[e.Name()] = sha256.Sum256(b)
+	}
+	return m
+}
+
+// waitSpoolGrows waits until the spool's position is n bytes past where it is now.
+func (r *rig) waitSpoolGrows(ctx context.Context, n uint64) {
+	r.t.Helper()
+	from, _ := spoolPosition(r.t, r.spool)
+	r.waitSpoolAt(ctx, from.LSN+wal.LSN(n))
+}
+
+// TestRestarts kills the receiver, then the sidecar, with SIGKILL under load: after
+// each restart the stream resumes where the spool ends, with no gap and nothing sent
+// again from a segment's start.
+func TestRestarts(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	load, err := lab.StartLoad(ctx, r.primary.DSN(), 2, 400)
+	require.NoError(t, err)
+	defer load.Stop()
+	r.waitSpoolGrows(ctx, 3<<20)
+
+	r.receiver.Kill()
+	// The primary goes on while the receiver is down.
+	before := flushLSN(t, ctx, r.primary)
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "primary to write 2 MB more", func() (bool, error) {
+		return flushLSN(t, ctx, r.primary) > before+2<<20, nil
+	}))
+	r.startReceiver(ctx)
+	r.waitSpoolGrows(ctx, 3<<20)
+
+	r.sidecar.Kill()
+	pos, _ := spoolPosition(t, r.spool)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	require.Contains(t, r.sidecar.Log(), "from="+pos.LSN.String(), "the restarted sidecar must resume at the spool's end")
+	r.waitSpoolGrows(ctx, 3<<20)
+
+	require.NoError(t, load.Stop())
+	n := r.checkIdentical(ctx)
+	t.Logf("%d inserts, %d segments identical after a receiver and a sidecar SIGKILL", load.Count(), n)
+}
+
+// TestSwitchBoundary leaves the flush position exactly on a segment boundary with
+// pg_switch_wal(), with 1 MB and with the default 16 MB segments.
+func TestSwitchBoundary(t *testing.T) {
+	for _, segMB := range []int{1, 16} {
+		t.Run(strings.Repeat("x", 0)+map[int]string{1: "1MB", 16: "16MB"}[segMB], func(t *testing.T) {
+			ctx := testContext(t, 3*time.Minute)
+			r := newRig(t, ctx, segMB)
+			r.startReceiver(ctx)
+			r.startSidecar(ctx, r.primary)
+			require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+			require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g"))
+			require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+			flush := flushLSN(t, ctx, r.primary)
+			segSize := uint64(segMB) << 20
+			require.Zero(t, uint64(flush)%segSize, "after pg_switch_wal() the flush position %s should sit on a segment boundary", flush)
+			r.checkIdentical(ctx)
+			_, c := spoolPosition(t, r.spool)
+			require.Empty(t, c.Partials, "nothing past the boundary was flushed, so there is no partial")
+			last := c.Segments[len(c.Segments)-1]
+			require.Equal(t, uint64(flush)/segSize-1, last.No, "the switched segment is the last one published")
+
+			// And it goes on into the next segment.
+			require.NoError(t, r.primary.Exec(ctx, "INSERT INTO t SELECT g, 'after' FROM generate_series(1, 100) g"))
+			r.checkIdentical(ctx)
+			_, c = spoolPosition(t, r.spool)
+			require.Len(t, c.Partials, 1, "the next segment is in progress")
+		})
+	}
+}
+
+// TestRefusals: peers without a certificate or with one of another CA never reach the
+// spool; a frame with a wrong hash and a sidecar of another cluster are refused with a
+// clear reason, and the spool does not change.
+func TestRefusals(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g"))
+	r.checkIdentical(ctx)
+	r.sidecar.Kill()
+	before := snapshot(t, r.spool)
+	id, _, err := receiver.ReadIdentity(r.spool)
+	require.NoError(t, err)
+	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
+		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: 1, ServerVersion: id.ServerVersion}
+
+	good, err := transport.ClientTLS(r.tlsDir, "127.0.0.1")
+	require.NoError(t, err)
+	noCert := good.Clone()
+	noCert.Certificates = nil
+	otherDir := filepath.Join(r.dir, "other-ca")
+	runOK(t, "certs", "--dir", otherDir)
+	otherCA, err := transport.ClientTLS(otherDir, "127.0.0.1")
+	require.NoError(t, err)
+	otherCA.RootCAs = good.RootCAs // trusts the receiver, but its own certificate is of another CA
+	for name, conf := range map[string]*tls.Config{"no certificate": noCert, "certificate of another CA": otherCA} {
+		t.Run(name, func(t *testing.T) {
+			dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			c, err := transport.Dial(dctx, r.addr, conf)
+			if err == nil {
+				// TLS 1.3 lets the client finish before the server checks its certificate;
+				// the refusal then arrives on the first exchange.
+				_, err = transport.Handshake(dctx, c, hello)
+				c.Close("")
+			}
+			require.Error(t, err, "the receiver must refuse a peer with %s", name)
+			require.NoError(t, dctx.Err(), "the refusal must come at once, not by a timeout")
+			t.Logf("refused as expected: %v", err)
+		})
+	}
+	// Another CA's client also may not learn anything: the receiver never logged a session.
+	require.Equal(t, 0, strings.Count(r.receiver.Log(), "sidecar session started")-1, "only the real sidecar's session may have started")
+
+	t.Run("frame with a wrong hash", func(t *testing.T) {
+		c, err := transport.Dial(ctx, r.addr, good)
+		require.NoError(t, err)
+		defer c.Close("")
+		w, err := transport.Handshake(ctx, c, hello)
+		require.NoError(t, err)
+		seg, off := wal.SegmentOf(w.TLI, w.LSN, id.SegSize)
+		d := transport.NewData(w.TLI, seg.No, uint32(off), make([]byte, 100))
+		d.Hash ^= 1
+		require.NoError(t, c.Send(d))
+		f, err := c.Recv()
+		require.NoError(t, err)
+		refuse, ok := f.(*transport.Refuse)
+		require.True(t, ok, "got %T, want a refusal", f)
+		require.Contains(t, refuse.Reason, "checksum mismatch")
+		require.False(t, refuse.Fatal, "a damaged frame is worth a retry")
+	})
+	require.Equal(t, before, snapshot(t, r.spool), "a refused frame must not change the spool")
+
+	t.Run("sidecar of another cluster", func(t *testing.T) {
+		other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
+		require.NoError(t, err)
+		defer other.Close()
+		require.NoError(t, other.Start(ctx))
+		p := r.startSidecar(ctx, other)
+		select {
+		case <-p.Done():
+		case <-ctx.Done():
+			t.Fatal("the sidecar of another cluster kept running")
+		}
+		require.Error(t, p.Err(), "the sidecar must exit with an error")
+		require.Contains(t, p.Log(), "spool belongs to another cluster")
+		require.Contains(t, r.receiver.Log(), "spool belongs to another cluster")
+	})
+	require.Equal(t, before, snapshot(t, r.spool), "a refused cluster must not change the spool")
+}
