@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -65,7 +66,7 @@ func New(cfg Config) (*Receiver, error) {
 	if err := os.MkdirAll(cfg.Spool, 0o755); err != nil {
 		return nil, fmt.Errorf("receiver: create spool: %w", err)
 	}
-	lock, err := Lock(cfg.Spool)
+	lock, err := LockReceiver(cfg.Spool)
 	if err != nil {
 		return nil, err
 	}
@@ -162,6 +163,21 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 		c.Refuse(err.Error(), errors.Is(err, ErrWrongCluster))
 		return err
 	}
+	// The writer lock first, the freeze marker second: walship promote makes the
+	// marker first and takes the lock second, so one of us sees the other.
+	wlock, err := LockWriter(r.cfg.Spool)
+	if err != nil {
+		c.Refuse(err.Error(), false)
+		return err
+	}
+	defer wlock.Close()
+	if frozen, err := Frozen(r.cfg.Spool); err != nil || frozen {
+		if err == nil {
+			err = ErrFrozen
+		}
+		c.Refuse(err.Error(), true)
+		return err
+	}
 	contents, err := Recover(r.cfg.Spool, id.Stream(), log)
 	if err != nil {
 		c.Refuse(err.Error(), false)
@@ -195,15 +211,32 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 		}
 	}()
 
+	// The freeze marker is checked between frames and, while none come, every
+	// freezeCheck, so that a promotion waits for this session at most that long.
+	tick := time.NewTicker(freezeCheck)
+	defer tick.Stop()
+	lastCheck := time.Now()
 	for {
 		var f transport.Frame
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-tick.C:
+			if err := checkFrozen(r.cfg.Spool, c, w); err != nil {
+				return err
+			}
+			lastCheck = time.Now()
+			continue
 		case f, ok = <-frames:
 			if !ok {
 				return fmt.Errorf("receive: %w", <-recvErr)
 			}
+		}
+		if time.Since(lastCheck) >= freezeCheck {
+			if err := checkFrozen(r.cfg.Spool, c, w); err != nil {
+				return err
+			}
+			lastCheck = time.Now()
 		}
 		if err := r.apply(f, rb, w, log); err != nil {
 			c.Refuse(err.Error(), false)
@@ -221,6 +254,26 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 			return err
 		}
 	}
+}
+
+// freezeCheck is how often a session looks for the freeze marker.
+const freezeCheck = 50 * time.Millisecond
+
+// checkFrozen ends the session when the spool has been frozen for a promotion; what is
+// written so far is fsynced first, so that the partial the promotion reads is durable.
+func checkFrozen(dir string, c *transport.Conn, w *writer) error {
+	frozen, err := Frozen(dir)
+	if err == nil && !frozen {
+		return nil
+	}
+	if err == nil {
+		err = ErrFrozen
+	}
+	if serr := w.sync(); serr != nil {
+		err = errors.Join(err, serr)
+	}
+	c.Refuse(err.Error(), true)
+	return err
 }
 
 // streamReader lets ReadFrame read from a Conn's stream without the Conn's buffer.

@@ -18,9 +18,29 @@ import (
 // Names in a spool directory besides WAL files.
 const (
 	IdentityFile  = "walship.json" // the cluster the spool belongs to
-	lockFile      = ".walship.lock"
 	PartialSuffix = ".partial"
+	// FreezeFile stops every receiver from writing the spool: walship promote makes it
+	// before it takes the writer lock, so that what recovery is handed cannot change.
+	FreezeFile = "walship.freeze"
+	// TriggerFile is the promotion trigger: it names the frozen partial segment and how
+	// many of its bytes recovery gets (see feeder).
+	TriggerFile = "walship.promote"
+
+	receiverLockFile = ".walship.receiver.lock" // one receiver process per spool
+	writerLockFile   = ".walship.lock"          // held while a session may write
 )
+
+// ErrFrozen means the spool was frozen for a promotion and takes no more WAL.
+var ErrFrozen = errors.New("spool is frozen for promotion")
+
+// Frozen says whether the spool has been frozen for a promotion.
+func Frozen(dir string) (bool, error) {
+	_, err := os.Stat(filepath.Join(dir, FreezeFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
 
 // ErrWrongCluster means WAL of one cluster was offered to a spool of another.
 var ErrWrongCluster = errors.New("spool belongs to another cluster")
@@ -66,18 +86,35 @@ func ReadIdentity(dir string) (id Identity, ok bool, err error) {
 	return id, true, nil
 }
 
-// Lock takes the spool's exclusive lock, so that two receivers never write one spool.
-// The lock goes with the process; Close of the returned file releases it.
-func Lock(dir string) (*os.File, error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR|os.O_CREATE, 0o644)
+// ErrLocked means another process holds a spool lock.
+var ErrLocked = errors.New("spool is locked by another process")
+
+// lock takes an exclusive lock on a file of the spool without waiting. The lock goes
+// with the process; Close of the returned file releases it.
+func lock(dir, name, who string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("lock spool %s: %w", dir, err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("lock spool %s: another walship receiver is using it (%w)", dir, err)
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("lock spool %s: %w (%s)", dir, ErrLocked, who)
+		}
+		return nil, fmt.Errorf("lock spool %s: %w", dir, err)
 	}
 	return f, nil
+}
+
+// LockReceiver takes the lock that keeps a second receiver process off the spool.
+func LockReceiver(dir string) (*os.File, error) {
+	return lock(dir, receiverLockFile, "another walship receiver runs on it")
+}
+
+// LockWriter takes the lock that anyone writing WAL into the spool holds: a receiver's
+// session, or walship promote while it freezes the spool.
+func LockWriter(dir string) (*os.File, error) {
+	return lock(dir, writerLockFile, "a receiver session or a promotion is writing it")
 }
 
 // Bind makes the spool belong to id, or checks that it already does. A mismatch is

@@ -37,6 +37,8 @@ var commands = map[string]command{
 	"tail":    {"stream the primary's WAL to a receiver (the sidecar on the primary's host)", runTail},
 	"receive": {"receive WAL into a spool directory (on the standby's host)", runReceive},
 	"certs":   {"make a CA and certificates for a sidecar and a receiver", runCerts},
+	"restore": {"the standby's restore_command: hand spool segments to recovery", runRestore},
+	"promote": {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
 }
 
 func main() {
@@ -89,9 +91,20 @@ func newFlags(name, synopsis, text string) *flag.FlagSet {
 	return fs
 }
 
-// parse parses args; it returns a non-negative exit status when the command should
-// stop now (help asked for, or a usage error already reported).
+// parse parses args, which must be flags only; it returns a non-negative exit status
+// when the command should stop now (help asked for, or a usage error already reported).
 func parse(fs *flag.FlagSet, args []string) int {
+	if rc := parseWithArgs(fs, args); rc >= 0 {
+		return rc
+	}
+	if fs.NArg() > 0 {
+		return usageError(fs, "unexpected argument %q", fs.Arg(0))
+	}
+	return -1
+}
+
+// parseWithArgs is parse for commands that take arguments after their flags.
+func parseWithArgs(fs *flag.FlagSet, args []string) int {
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
 	err := fs.Parse(args)
 	switch {
@@ -101,9 +114,6 @@ func parse(fs *flag.FlagSet, args []string) int {
 		return exitOK
 	case err != nil:
 		return usageError(fs, "%v", err)
-	case fs.NArg() > 0:
-		fmt.Fprintf(os.Stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
-		return exitUsage
 	}
 	return -1
 }

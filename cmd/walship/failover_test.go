@@ -1,0 +1,177 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/tail/wal"
+)
+
+// lossBound is how long before the kill a commit must have been acknowledged to be
+// required on the promoted standby. The sidecar polls every 10ms; a commit acked at t
+// was flushed at t, the next poll (by t+10ms) sees it, and sending it and fsyncing it
+// at the receiver take a few ms more. The rest is slack for scheduling on a 2-core
+// machine that runs two servers, the sidecar, the receiver and the load at once.
+const lossBound = 250 * time.Millisecond
+
+// standby makes a standby of the rig's primary from a base backup without WAL, fed
+// only by walship restore from the rig's spool.
+func (r *rig) standby(ctx context.Context, archiveMode bool) *lab.Cluster {
+	t := r.t
+	t.Helper()
+	sb, err := r.primary.BaseBackup(ctx, "none")
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("--- standby log:\n%s", lastBytes(sb.Log(), 6000))
+		}
+		sb.Close()
+	})
+	restore := fmt.Sprintf("%s restore --spool %s %%f %%p %%r", walshipBin, r.spool)
+	signal := "standby.signal"
+	if archiveMode {
+		restore = fmt.Sprintf("%s restore --wait --spool %s %%f %%p %%r", walshipBin, r.spool)
+		signal = "recovery.signal"
+	}
+	conf := map[string]string{
+		"restore_command":             "'" + restore + "'",
+		"archive_mode":                "off",
+		"wal_retrieve_retry_interval": "'100ms'",
+	}
+	if archiveMode {
+		// The WAL prefetcher reads ahead of replay; while a waiting restore_command
+		// blocks, it would hold back the replay of the records it already read.
+		conf["recovery_prefetch"] = "off"
+	}
+	require.NoError(t, sb.Configure(conf))
+	require.NoError(t, sb.WriteFile(signal, nil))
+	// The backup ends in the segment being written; publish it, so that the standby
+	// can reach consistency from whole segments.
+	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+	require.NoError(t, sb.Start(ctx))
+	return sb
+}
+
+// crashAndPromote runs the load, kills the primary's postmaster at a random moment,
+// promotes the standby with walship promote and checks what the standby has.
+func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster) {
+	load, err := lab.StartLoad(ctx, r.primary.DSN(), 1, 100)
+	require.NoError(t, err)
+	run := time.Duration(2000+rand.IntN(2000)) * time.Millisecond
+	time.Sleep(run) // the moment of the crash is the experiment's random input, not a wait
+	killAt := time.Now()
+	require.NoError(t, r.primary.Kill())
+	load.Stop() // the client's error is expected: its server died
+	acks := load.Acks()
+	require.NotEmpty(t, acks)
+
+	out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN(), "--timeout", "90s").CombinedOutput()
+	require.NoError(t, err, "walship promote:\n%s", out)
+	t.Logf("walship promote: %s", strings.TrimSpace(string(out)))
+	require.Contains(t, string(out), "promoted: timeline 2")
+
+	have := map[int64]bool{}
+	conn, err := sb.Connect(ctx)
+	require.NoError(t, err)
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(ctx, "SELECT id FROM "+lab.LoadTable)
+	require.NoError(t, err)
+	for rows.Next() {
+		var id int64
+		require.NoError(t, rows.Scan(&id))
+		have[id] = true
+	}
+	require.NoError(t, rows.Err())
+	var lost []int64
+	var newest time.Time
+	for _, a := range acks {
+		if !have[a.ID] {
+			lost = append(lost, a.ID)
+			require.False(t, a.At.Before(killAt.Add(-lossBound)),
+				"id %d was acknowledged %s before the kill and is missing on the promoted standby", a.ID, killAt.Sub(a.At))
+		} else if a.At.After(newest) {
+			newest = a.At
+		}
+	}
+	sort.Slice(lost, func(i, j int) bool { return lost[i] < lost[j] })
+	t.Logf("%d commits acknowledged in %s; %d lost %v; window (kill time minus the ack of the newest surviving commit): %s",
+		len(acks), run, len(lost), lost, killAt.Sub(newest).Round(time.Microsecond))
+	_, err = conn.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) VALUES (-1, 'written on the new primary')")
+	require.NoError(t, err, "the promoted standby must accept writes")
+
+	// A second run is harmless and reports the same promotion.
+	out2, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN()).CombinedOutput()
+	require.NoError(t, err, "second walship promote:\n%s", out2)
+	require.Contains(t, string(out2), "already promoted")
+}
+
+// TestFailoverStandbyMode is the crash test in standby mode, followed by a sidecar on
+// the promoted server that streams timeline 2, history file first, to a fresh spool.
+func TestFailoverStandbyMode(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	sb := r.standby(ctx, false)
+	crashAndPromote(t, ctx, r, sb)
+
+	// The roles swap: the promoted standby is the new primary; ship its timeline.
+	r2 := &rig{t: t, dir: filepath.Join(r.dir, "second"), primary: sb}
+	require.NoError(t, os.Mkdir(r2.dir, 0o755))
+	r2.tlsDir, r2.spool = r.tlsDir, filepath.Join(r2.dir, "spool")
+	port, err := lab.FreeUDPPort()
+	require.NoError(t, err)
+	r2.addr = "127.0.0.1:" + strconv.Itoa(port)
+	r2.startReceiver(ctx)
+	defer r2.receiver.Kill()
+	r2.startSidecar(ctx, sb)
+	defer r2.sidecar.Kill()
+	require.NoError(t, r2.sidecar.WaitLog(ctx, "streaming"))
+	require.NoError(t, sb.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT -2, 'tl2' FROM generate_series(1, 2000)"))
+	flush := flushLSN(t, ctx, sb)
+	r2.waitSpoolAt(ctx, flush)
+	hist, err := os.ReadFile(filepath.Join(r2.spool, "00000002.history"))
+	require.NoError(t, err, "the history file comes first")
+	want, err := os.ReadFile(filepath.Join(sb.Data, "pg_wal", "00000002.history"))
+	require.NoError(t, err)
+	require.Equal(t, want, hist)
+	pos, c := spoolPosition(t, r2.spool)
+	require.Equal(t, receiver.Position{TLI: 2, LSN: flush}, pos)
+	p, ok := c.Partials[2]
+	require.True(t, ok, "timeline 2's segment in progress is in the spool")
+	got, err := os.ReadFile(filepath.Join(r2.spool, p.Seg.Name(1<<20)+receiver.PartialSuffix))
+	require.NoError(t, err)
+	f, err := os.ReadFile(filepath.Join(sb.Data, "pg_wal", p.Seg.Name(1<<20)))
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(f[:len(got)], got), "timeline 2's partial differs from the new primary's segment")
+	_, off := wal.SegmentOf(2, flush, 1<<20)
+	require.Equal(t, off, uint64(len(got)))
+}
+
+// TestFailoverArchiveRecovery is the crash test in archive recovery: restore --wait
+// waits inside restore_command, the pg_standby way, until the trigger.
+func TestFailoverArchiveRecovery(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	sb := r.standby(ctx, true)
+	crashAndPromote(t, ctx, r, sb)
+}

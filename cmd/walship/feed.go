@@ -1,0 +1,131 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/walship/walship/feeder"
+)
+
+// restore_command exit statuses: PostgreSQL reads 1 as "not available", anything
+// above 125 or a death by a signal other than SIGTERM as fatal. Errors get their own
+// small code so that the server log tells them from a missing file.
+const (
+	exitRestoreNotAvailable = 1
+	exitRestoreError        = 3
+)
+
+func runRestore(args []string) int {
+	fs := newFlags("restore", "--spool DIR [--wait] [--cleanup] %f %p [%r]", `
+The restore_command of a standby fed by walship:
+
+  restore_command = 'walship restore --spool /var/lib/walship/spool %f %p %r'
+
+Copies a published segment or history file from the spool to %p, after checking its
+size and page headers; nothing short or half-written ever reaches %p. After 'walship
+promote' it hands the frozen partial segment, zero-padded, and answers "not available"
+for any later segment, so that recovery ends after the last byte received.
+
+Exit status: 0 restored; 1 not available (yet); 3 an error (bad file name, a corrupt
+or short segment, a spool of another cluster); 2 a usage error.
+
+Standby mode (standby.signal): leave --wait off; a missing segment answers 1 at once
+and the server retries every wal_retrieve_retry_interval. Archive recovery
+(recovery.signal only, the pg_standby way): add --wait, so that a missing segment waits
+until it is published or the promotion trigger appears, and set recovery_prefetch = off
+(PostgreSQL 15 and later): the prefetcher reads ahead of replay, and while the restore
+waits it would hold back the replay of records the standby already has.`)
+	spool := fs.String("spool", "", "the receiver's spool directory (required)")
+	wait := fs.Bool("wait", false, "wait for a missing segment (archive recovery) instead of answering 1 at once")
+	clean := fs.Bool("cleanup", false, "remove published spool segments older than %r, as pg_archivecleanup does")
+	pgdata := fs.String("pgdata", "", "the standby's data directory, for the cluster check (default: the working directory, as PostgreSQL runs restore_command)")
+	logger := logFlags(fs)
+	if rc := parseWithArgs(fs, args); rc >= 0 {
+		return rc
+	}
+	if *spool == "" {
+		return usageError(fs, "--spool is required")
+	}
+	if fs.NArg() < 2 || fs.NArg() > 3 {
+		return usageError(fs, "want %%f %%p and optionally %%r, got %d arguments", fs.NArg())
+	}
+	if *clean && fs.NArg() < 3 {
+		return usageError(fs, "--cleanup needs %%r")
+	}
+	log, err := logger()
+	if err != nil {
+		return usageError(fs, "%v", err)
+	}
+	cfg := feeder.RestoreConfig{Spool: *spool, File: fs.Arg(0), Target: fs.Arg(1), RestartFile: fs.Arg(2), Wait: *wait, Cleanup: *clean, PGData: *pgdata, Logger: log}
+
+	// SIGTERM comes when the server shuts down: stop waiting and die by the same
+	// signal, which PostgreSQL takes as a shutdown rather than as "not available"
+	// (in archive recovery, "not available" would end recovery).
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	err = feeder.Restore(ctx, cfg)
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.Is(err, feeder.ErrNotAvailable):
+		log.Debug().Err(err).Msg("not available")
+		return exitRestoreNotAvailable
+	case ctx.Err() != nil:
+		stop()
+		signal.Reset(syscall.SIGTERM)
+		syscall.Kill(os.Getpid(), syscall.SIGTERM)
+		time.Sleep(time.Second)
+		return exitRestoreError
+	}
+	fmt.Fprintf(os.Stderr, "walship restore: %v\n", err)
+	return exitRestoreError
+}
+
+func runPromote(args []string) int {
+	fs := newFlags("promote", "--spool DIR [--pgdata DIR | --dsn DSN] [--timeout DURATION]", `
+Fail over to the standby with everything the spool holds, the partial tail included:
+
+  1. freeze the spool: the receiver stops writing it (running or dead, now or later);
+  2. set the trigger, so that the next restore of the in-progress segment gets the
+     frozen partial, zero-padded;
+  3. promote the server: pg_promote() in standby mode; in archive recovery the waiting
+     'walship restore --wait' sees the trigger;
+  4. wait until the server accepts writes, and print the timeline it chose, where
+     recovery ended and how much of it came from the partial segment.
+
+Running it twice is harmless. If the standby cannot be promoted, it says why and
+leaves the spool as it was.`)
+	spool := fs.String("spool", "", "the standby's spool directory (required)")
+	dsn := fs.String("dsn", "", "connection string of the standby")
+	pgdata := fs.String("pgdata", "", "the standby's data directory (default: its data_directory setting)")
+	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
+	logger := logFlags(fs)
+	if rc := parse(fs, args); rc >= 0 {
+		return rc
+	}
+	switch {
+	case *spool == "":
+		return usageError(fs, "--spool is required")
+	case *dsn == "" && *pgdata == "":
+		return usageError(fs, "give --dsn or --pgdata")
+	case *timeout <= 0:
+		return usageError(fs, "--timeout %s: want a positive duration", *timeout)
+	}
+	log, err := logger()
+	if err != nil {
+		return usageError(fs, "%v", err)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	rep, err := feeder.Promote(ctx, feeder.PromoteConfig{Spool: *spool, DSN: *dsn, PGData: *pgdata, Timeout: *timeout, Logger: log})
+	if err != nil {
+		return fail("%v", err)
+	}
+	fmt.Println(rep)
+	return exitOK
+}

@@ -1,0 +1,316 @@
+package feeder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/tail/wal"
+)
+
+// PromoteConfig configures a promotion.
+type PromoteConfig struct {
+	// Spool is the standby's spool. Required.
+	Spool string
+	// DSN reaches the standby. Empty: built from PGData's postmaster.pid (its socket
+	// directory and port, user postgres).
+	DSN string
+	// PGData is the standby's data directory. Empty: the server's data_directory.
+	PGData string
+	// Timeout bounds the whole promotion. Zero means one minute.
+	Timeout time.Duration
+	// Logger receives progress. The zero value logs nothing.
+	Logger zerolog.Logger
+}
+
+// Report says what a promotion did.
+type Report struct {
+	TLI          uint32  // the timeline the server chose
+	End          wal.LSN // where recovery ended: the switch point in the new history file
+	Segment      string  // the frozen partial segment, "" if there was none
+	FrozenBytes  uint64  // how many bytes of it the spool held at the freeze
+	FromPartial  uint64  // how many of them recovery used
+	AlreadyDone  bool    // a previous run had promoted it
+	StandbyMode  bool    // standby.signal (pg_promote) rather than archive recovery
+	PartialStart wal.LSN // the LSN of the partial segment's first byte
+}
+
+func (r Report) String() string {
+	var b strings.Builder
+	if r.AlreadyDone {
+		b.WriteString("already promoted; ")
+	}
+	fmt.Fprintf(&b, "promoted: timeline %d, recovery ended at %s", r.TLI, r.End)
+	if r.Segment != "" {
+		fmt.Fprintf(&b, "; %d of the %d bytes of the partial segment %s came from the spool's tail", r.FromPartial, r.FrozenBytes, r.Segment)
+	}
+	return b.String()
+}
+
+// Promote freezes the spool, sets the trigger and promotes the standby. See the
+// package documentation for the steps. Running it again after a success reports the
+// same promotion and changes nothing.
+func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
+	if cfg.Spool == "" {
+		return Report{}, errors.New("promote: no spool")
+	}
+	if cfg.DSN == "" && cfg.PGData == "" {
+		return Report{}, errors.New("promote: give the standby's --dsn or --pgdata")
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	log := cfg.Logger
+	id, ok, err := receiver.ReadIdentity(cfg.Spool)
+	if err != nil {
+		return Report{}, err
+	}
+	if !ok {
+		return Report{}, fmt.Errorf("promote: spool %s has received nothing yet", cfg.Spool)
+	}
+	dsn := cfg.DSN
+	if dsn == "" {
+		if dsn, err = dsnFromPGData(cfg.PGData); err != nil {
+			return Report{}, err
+		}
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return Report{}, fmt.Errorf("promote: connect to the standby: %w", err)
+	}
+	defer func() { conn.Close(context.Background()) }()
+	var sysid uint64
+	var inRecovery bool
+	var dataDir string
+	err = conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery(),
+		current_setting('data_directory')`).Scan(&sysid, &inRecovery, &dataDir)
+	if err != nil {
+		return Report{}, fmt.Errorf("promote: read the standby's state: %w", err)
+	}
+	if cfg.PGData == "" {
+		cfg.PGData = dataDir
+	}
+	if sysid != id.SysID {
+		return Report{}, fmt.Errorf("promote: %w: spool %s holds system identifier %d, the standby is %d", receiver.ErrWrongCluster, cfg.Spool, id.SysID, sysid)
+	}
+	_, err = os.Stat(filepath.Join(cfg.PGData, "standby.signal"))
+	rep := Report{StandbyMode: err == nil}
+
+	trig, triggered, err := ReadTrigger(cfg.Spool)
+	if err != nil {
+		return Report{}, err
+	}
+	if !triggered {
+		if !inRecovery {
+			return Report{}, errors.New("promote: the server is not in recovery and this spool was never promoted: nothing to do")
+		}
+		if trig, err = freeze(ctx, cfg.Spool, id, log); err != nil {
+			return Report{}, err
+		}
+		log.Info().Str("segment", trig.Segment).Uint64("bytes", trig.Bytes).Msg("spool frozen; trigger set")
+		if rep.StandbyMode {
+			if _, err := conn.Exec(ctx, "SELECT pg_promote(false)"); err != nil {
+				undo(cfg.Spool, log)
+				return Report{}, fmt.Errorf("promote: pg_promote(): %w (the spool was unfrozen)", err)
+			}
+		}
+	} else {
+		rep.AlreadyDone = !inRecovery
+		if inRecovery && rep.StandbyMode {
+			// An earlier run froze the spool; asking again is harmless.
+			if _, err := conn.Exec(ctx, "SELECT pg_promote(false)"); err != nil {
+				return Report{}, fmt.Errorf("promote: pg_promote(): %w", err)
+			}
+		}
+	}
+	rep.Segment, rep.FrozenBytes = trig.Segment, trig.Bytes
+	if trig.Segment != "" {
+		seg, err := wal.ParseSegmentName(trig.Segment, id.SegSize)
+		if err != nil {
+			return Report{}, fmt.Errorf("promotion trigger: %w", err)
+		}
+		rep.PartialStart = seg.Start(id.SegSize)
+	}
+
+	// Wait for the end of recovery. In archive recovery the server may refuse
+	// connections until then, so reconnect as needed.
+	err = waitPromoted(ctx, dsn)
+	if err != nil {
+		return rep, fmt.Errorf("promote: the server did not finish recovery within %s: %w (the spool stays frozen; the server may still be promoting)", cfg.Timeout, err)
+	}
+	return report(ctx, dsn, cfg.PGData, rep)
+}
+
+// freeze stops the receivers and writes the trigger.
+func freeze(ctx context.Context, spool string, id receiver.Identity, log zerolog.Logger) (Trigger, error) {
+	if err := durable.WriteFile(filepath.Join(spool, receiver.FreezeFile), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o644); err != nil {
+		return Trigger{}, err
+	}
+	var lock *os.File
+	err := waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
+		var err error
+		lock, err = receiver.LockWriter(spool)
+		if errors.Is(err, receiver.ErrLocked) {
+			return false, nil
+		}
+		return err == nil, err
+	})
+	if err != nil {
+		undo(spool, log)
+		return Trigger{}, fmt.Errorf("promote: freeze the spool: wait for the receiver to stop writing: %w (the spool was unfrozen)", err)
+	}
+	defer lock.Close()
+	c, err := receiver.Scan(spool, id.SegSize)
+	if err != nil {
+		undo(spool, log)
+		return Trigger{}, err
+	}
+	pos, _ := c.Position(id.SegSize)
+	trig := Trigger{TLI: pos.TLI, At: time.Now().UTC().Format(time.RFC3339Nano)}
+	if p, ok := c.Partials[pos.TLI]; ok {
+		b, err := os.ReadFile(filepath.Join(spool, p.Seg.Name(id.SegSize)+receiver.PartialSuffix))
+		if err != nil {
+			undo(spool, log)
+			return Trigger{}, err
+		}
+		// Hand recovery only pages that check: a host crash can leave a partial longer
+		// than what was fsynced.
+		if err := id.Stream().CheckPages(b, p.Seg.Start(id.SegSize), p.Seg.TLI); err != nil {
+			var pe *wal.PageError
+			if !errors.As(err, &pe) {
+				undo(spool, log)
+				return Trigger{}, err
+			}
+			b = b[:pe.At-p.Seg.Start(id.SegSize)]
+			log.Warn().Err(err).Int("kept_bytes", len(b)).Msg("the partial segment ends with pages that do not check; recovery gets the bytes before them")
+		}
+		trig.Segment, trig.Bytes, trig.Hash = p.Seg.Name(id.SegSize), uint64(len(b)), fmt.Sprintf("%016x", xxhash.Sum64(b))
+	} else {
+		next, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
+		trig.Segment = next.Name(id.SegSize)
+	}
+	content := fmt.Sprintf("{\n  \"timeline\": %d,\n  \"segment\": %q,\n  \"bytes\": %d,\n  \"xxhash64\": %q,\n  \"frozen_at\": %q\n}\n",
+		trig.TLI, trig.Segment, trig.Bytes, trig.Hash, trig.At)
+	if err := durable.WriteFile(filepath.Join(spool, receiver.TriggerFile), []byte(content), 0o644); err != nil {
+		undo(spool, log)
+		return Trigger{}, err
+	}
+	return trig, nil
+}
+
+// undo removes the freeze marker and the trigger, for a promotion that did not start.
+func undo(spool string, log zerolog.Logger) {
+	for _, f := range []string{receiver.TriggerFile, receiver.FreezeFile} {
+		if err := os.Remove(filepath.Join(spool, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			log.Error().Err(err).Str("file", f).Msg("could not undo the freeze; remove the file by hand")
+		}
+	}
+	if err := durable.SyncDir(spool); err != nil {
+		log.Error().Err(err).Msg("could not fsync the spool after undoing the freeze")
+	}
+}
+
+func waitPromoted(ctx context.Context, dsn string) error {
+	var conn *pgx.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close(context.Background())
+		}
+	}()
+	return waitFor(ctx, 20*time.Millisecond, func() (bool, error) {
+		if conn == nil {
+			c, err := pgx.Connect(ctx, dsn)
+			if err != nil {
+				return false, nil // not accepting connections yet
+			}
+			conn = c
+		}
+		var rec bool
+		if err := conn.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&rec); err != nil {
+			conn.Close(context.Background())
+			conn = nil
+			return false, nil
+		}
+		return !rec, nil
+	})
+}
+
+// report reads the new timeline and where recovery ended.
+func report(ctx context.Context, dsn, pgdata string, rep Report) (Report, error) {
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return rep, fmt.Errorf("promote: connect to the promoted server: %w", err)
+	}
+	defer conn.Close(context.Background())
+	var file string
+	if err := conn.QueryRow(ctx, "SELECT pg_walfile_name(pg_current_wal_lsn())").Scan(&file); err != nil {
+		return rep, fmt.Errorf("promote: read the new timeline: %w", err)
+	}
+	tli, err := strconv.ParseUint(file[:8], 16, 32)
+	if err != nil {
+		return rep, fmt.Errorf("promote: timeline of %q: %w", file, err)
+	}
+	rep.TLI = uint32(tli)
+	b, err := os.ReadFile(filepath.Join(pgdata, "pg_wal", wal.HistoryName(rep.TLI)))
+	if err != nil {
+		return rep, fmt.Errorf("promote: read the new timeline's history: %w", err)
+	}
+	hist, err := wal.ParseHistory(b)
+	if err != nil {
+		return rep, fmt.Errorf("promote: %s: %w", wal.HistoryName(rep.TLI), err)
+	}
+	rep.End = hist[len(hist)-1].Switch
+	if rep.Segment != "" && rep.End > rep.PartialStart {
+		rep.FromPartial = min(uint64(rep.End-rep.PartialStart), rep.FrozenBytes)
+	}
+	return rep, nil
+}
+
+// dsnFromPGData builds a DSN from postmaster.pid: line 4 is the port, line 5 the
+// socket directory (pidfile.h).
+func dsnFromPGData(pgdata string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(pgdata, "postmaster.pid"))
+	if err != nil {
+		return "", fmt.Errorf("promote: is the standby running? %w", err)
+	}
+	lines := strings.Split(string(b), "\n")
+	if len(lines) < 5 {
+		return "", fmt.Errorf("promote: %s: too few lines", filepath.Join(pgdata, "postmaster.pid"))
+	}
+	port, sock := strings.TrimSpace(lines[3]), strings.TrimSpace(lines[4])
+	if sock == "" {
+		sock = "127.0.0.1"
+	}
+	return fmt.Sprintf("host=%s port=%s user=postgres dbname=postgres", sock, port), nil
+}
+
+func waitFor(ctx context.Context, every time.Duration, cond func() (bool, error)) error {
+	for {
+		ok, err := cond()
+		if err != nil {
+			return err
+		}
+		if ok {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(every):
+		}
+	}
+}

@@ -1,0 +1,285 @@
+package feeder
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/tail/wal"
+)
+
+var (
+	// ErrNotAvailable means the file is not in the spool (yet): restore_command's exit 1.
+	ErrNotAvailable = errors.New("not available")
+	// ErrCorrupt means a file in the spool must not be handed to recovery.
+	ErrCorrupt = errors.New("corrupt file in the spool")
+)
+
+// DefaultWaitInterval is how often a waiting restore looks at the spool.
+const DefaultWaitInterval = 50 * time.Millisecond
+
+// RestoreConfig is one restore_command call.
+type RestoreConfig struct {
+	// Spool is the receiver's spool directory. Required.
+	Spool string
+	// File is %f, the name recovery asks for. Required.
+	File string
+	// Target is %p, where recovery wants it. Required.
+	Target string
+	// RestartFile is %r, the oldest file recovery still needs. Used by Cleanup.
+	RestartFile string
+	// Wait makes a missing segment wait until it is published or the promotion trigger
+	// appears (archive recovery, the pg_standby way). Off: answer ErrNotAvailable at once
+	// (standby mode, where the server retries).
+	Wait bool
+	// WaitInterval is how often a waiting restore looks again. Zero: DefaultWaitInterval.
+	WaitInterval time.Duration
+	// Cleanup removes published segments older than RestartFile, as pg_archivecleanup
+	// would; never a partial, history file or anything of the promotion.
+	Cleanup bool
+	// PGData is the standby's data directory, for the check that the spool is its
+	// cluster's. Empty: the working directory, which is the data directory when
+	// PostgreSQL runs restore_command; the check is skipped if it holds no pg_control.
+	PGData string
+	// Logger receives what was done. The zero value logs nothing.
+	Logger zerolog.Logger
+}
+
+var (
+	backupName = regexp.MustCompile(`^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$`)
+)
+
+// Trigger is the content of receiver.TriggerFile.
+type Trigger struct {
+	TLI     uint32 `json:"timeline"`
+	Segment string `json:"segment"`
+	Bytes   uint64 `json:"bytes"` // how many bytes of the partial recovery gets
+	Hash    string `json:"xxhash64"`
+	At      string `json:"frozen_at"`
+}
+
+// ReadTrigger reads the promotion trigger; ok is false when there is none.
+func ReadTrigger(spool string) (t Trigger, ok bool, err error) {
+	b, err := os.ReadFile(filepath.Join(spool, receiver.TriggerFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Trigger{}, false, nil
+	}
+	if err != nil {
+		return Trigger{}, false, fmt.Errorf("read promotion trigger: %w", err)
+	}
+	if err := json.Unmarshal(b, &t); err != nil {
+		return Trigger{}, false, fmt.Errorf("read promotion trigger %s: %w", filepath.Join(spool, receiver.TriggerFile), err)
+	}
+	return t, true, nil
+}
+
+// Restore answers one restore_command call: nil when the file was restored to Target,
+// ErrNotAvailable when it is not there, another error when something is wrong.
+func Restore(ctx context.Context, cfg RestoreConfig) error {
+	if cfg.Spool == "" || cfg.File == "" || cfg.Target == "" {
+		return errors.New("restore: the spool, %f and %p are required")
+	}
+	if cfg.WaitInterval <= 0 {
+		cfg.WaitInterval = DefaultWaitInterval
+	}
+	if info, err := os.Stat(cfg.Spool); err != nil || !info.IsDir() {
+		if err == nil {
+			err = errors.New("not a directory")
+		}
+		return fmt.Errorf("restore: spool %s: %w", cfg.Spool, err)
+	}
+	name := cfg.File
+	id, haveID, err := receiver.ReadIdentity(cfg.Spool)
+	if err != nil {
+		return err
+	}
+	segSize := id.SegSize
+	if !haveID {
+		segSize = 16 << 20 // only to parse the name; an empty spool has nothing to give
+	}
+	seg, segErr := wal.ParseSegmentName(name, segSize)
+	_, histErr := wal.ParseHistoryName(name)
+	isPartial := strings.HasSuffix(name, receiver.PartialSuffix)
+	if isPartial {
+		_, err := wal.ParseSegmentName(strings.TrimSuffix(name, receiver.PartialSuffix), segSize)
+		isPartial = err == nil
+	}
+	if segErr != nil && histErr != nil && !isPartial && !backupName.MatchString(name) {
+		return fmt.Errorf("restore %q: %w: want a WAL segment, history, backup or partial file name", name, wal.ErrBadName)
+	}
+	if haveID {
+		if err := checkCluster(cfg.PGData, id); err != nil {
+			return err
+		}
+	}
+	if cfg.Cleanup && cfg.RestartFile != "" && haveID {
+		defer cleanup(cfg, segSize)
+	}
+	if segErr != nil {
+		// History, backup and partial files: restored if present, at once either way.
+		return restoreAsIs(cfg, name)
+	}
+	for {
+		err := restoreSegment(cfg, id, seg, haveID)
+		if !errors.Is(err, ErrNotAvailable) || !cfg.Wait {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(cfg.WaitInterval):
+		}
+		if !haveID {
+			if id, haveID, err = receiver.ReadIdentity(cfg.Spool); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func restoreSegment(cfg RestoreConfig, id receiver.Identity, seg wal.Segment, haveID bool) error {
+	if !haveID {
+		return fmt.Errorf("restore %s: the spool is empty: %w", cfg.File, ErrNotAvailable)
+	}
+	trig, triggered, err := ReadTrigger(cfg.Spool)
+	if err != nil {
+		return err
+	}
+	if triggered && seg.TLI == trig.TLI {
+		frozen, err := wal.ParseSegmentName(trig.Segment, id.SegSize)
+		if err != nil {
+			return fmt.Errorf("promotion trigger: %w", err)
+		}
+		switch {
+		case seg.No == frozen.No:
+			return restorePartial(cfg, id, trig)
+		case seg.No > frozen.No:
+			return fmt.Errorf("restore %s: after the promotion's partial segment %s: %w", cfg.File, trig.Segment, ErrNotAvailable)
+		}
+	}
+	path := filepath.Join(cfg.Spool, cfg.File)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("restore %s: not in the spool yet: %w", cfg.File, ErrNotAvailable)
+	}
+	if err != nil {
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
+	}
+	if uint64(len(b)) != id.SegSize {
+		return fmt.Errorf("restore %s: %w: it holds %d bytes, want %d", cfg.File, ErrCorrupt, len(b), id.SegSize)
+	}
+	if _, err := id.Stream().CheckSegment(b, seg.Start(id.SegSize), seg.TLI); err != nil {
+		return fmt.Errorf("restore %s: %w: %w", cfg.File, ErrCorrupt, err)
+	}
+	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
+	}
+	cfg.Logger.Info().Str("file", cfg.File).Msg("restored")
+	return nil
+}
+
+// restorePartial hands the frozen partial segment, zero-padded to the segment size.
+func restorePartial(cfg RestoreConfig, id receiver.Identity, trig Trigger) error {
+	if trig.Bytes == 0 {
+		return fmt.Errorf("restore %s: the promotion froze no bytes of it: %w", cfg.File, ErrNotAvailable)
+	}
+	path := filepath.Join(cfg.Spool, trig.Segment+receiver.PartialSuffix)
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("restore %s from the frozen partial: %w", cfg.File, err)
+	}
+	defer f.Close()
+	b := make([]byte, id.SegSize)
+	if _, err := io.ReadFull(f, b[:trig.Bytes]); err != nil {
+		return fmt.Errorf("restore %s: %w: frozen partial %s is shorter than the %d bytes frozen: %w", cfg.File, ErrCorrupt, path, trig.Bytes, err)
+	}
+	if got := fmt.Sprintf("%016x", xxhash.Sum64(b[:trig.Bytes])); got != trig.Hash {
+		return fmt.Errorf("restore %s: %w: frozen partial %s changed since the promotion froze it (xxhash64 %s, want %s)", cfg.File, ErrCorrupt, path, got, trig.Hash)
+	}
+	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
+	}
+	cfg.Logger.Info().Str("file", cfg.File).Uint64("bytes", trig.Bytes).Msg("restored the frozen partial segment, zero-padded")
+	return nil
+}
+
+func restoreAsIs(cfg RestoreConfig, name string) error {
+	b, err := os.ReadFile(filepath.Join(cfg.Spool, name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("restore %s: %w", name, ErrNotAvailable)
+	}
+	if err != nil {
+		return fmt.Errorf("restore %s: %w", name, err)
+	}
+	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
+		return fmt.Errorf("restore %s: %w", name, err)
+	}
+	cfg.Logger.Info().Str("file", name).Msg("restored")
+	return nil
+}
+
+// checkCluster refuses a spool of another cluster than the standby's. The system
+// identifier is the first field of global/pg_control (pg_control.h: ControlFileData).
+func checkCluster(pgdata string, id receiver.Identity) error {
+	explicit := pgdata != ""
+	if !explicit {
+		pgdata = "."
+	}
+	b, err := os.ReadFile(filepath.Join(pgdata, "global", "pg_control"))
+	if err != nil {
+		if !explicit && errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("read the standby's system identifier: %w", err)
+	}
+	if len(b) < 8 {
+		return fmt.Errorf("read the standby's system identifier: %s is %d bytes", filepath.Join(pgdata, "global", "pg_control"), len(b))
+	}
+	if sys := binary.LittleEndian.Uint64(b); sys != id.SysID {
+		return fmt.Errorf("%w: the spool holds system identifier %d, this standby is %d", receiver.ErrWrongCluster, id.SysID, sys)
+	}
+	return nil
+}
+
+// cleanup removes published segments older than the restart file, comparing names
+// without the timeline as pg_archivecleanup does.
+func cleanup(cfg RestoreConfig, segSize uint64) {
+	if _, err := wal.ParseSegmentName(cfg.RestartFile, segSize); err != nil {
+		cfg.Logger.Warn().Str("restart_file", cfg.RestartFile).Msg("cleanup skipped: %r is not a segment name")
+		return
+	}
+	ents, err := os.ReadDir(cfg.Spool)
+	if err != nil {
+		cfg.Logger.Warn().Err(err).Msg("cleanup skipped")
+		return
+	}
+	removed := 0
+	for _, e := range ents {
+		n := e.Name()
+		if _, err := wal.ParseSegmentName(n, segSize); err != nil || n[8:] >= cfg.RestartFile[8:] {
+			continue
+		}
+		if err := os.Remove(filepath.Join(cfg.Spool, n)); err != nil {
+			cfg.Logger.Warn().Err(err).Str("file", n).Msg("cleanup: could not remove")
+			continue
+		}
+		removed++
+	}
+	if removed > 0 {
+		cfg.Logger.Info().Int("removed", removed).Str("older_than", cfg.RestartFile).Msg("cleaned the spool")
+	}
+}
