@@ -19,6 +19,7 @@ import (
 	"github.com/walship/walship/bench/lab"
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
 )
 
 // lossBound is how long before the kill a commit must have been acknowledged to be
@@ -69,7 +70,7 @@ func (r *rig) standby(ctx context.Context, archiveMode bool) *lab.Cluster {
 
 // crashAndPromote runs the load, kills the primary's postmaster at a random moment,
 // promotes the standby with walship promote and checks what the standby has.
-func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster) {
+func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster, afterKill func()) {
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 1, 100)
 	require.NoError(t, err)
 	run := time.Duration(2000+rand.IntN(2000)) * time.Millisecond
@@ -79,6 +80,9 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster)
 	load.Stop() // the client's error is expected: its server died
 	acks := load.Acks()
 	require.NotEmpty(t, acks)
+	if afterKill != nil {
+		afterKill()
+	}
 
 	out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN(), "--timeout", "90s").CombinedOutput()
 	require.NoError(t, err, "walship promote:\n%s", out)
@@ -129,7 +133,7 @@ func TestFailoverStandbyMode(t *testing.T) {
 	r.startSidecar(ctx, r.primary)
 	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 	sb := r.standby(ctx, false)
-	crashAndPromote(t, ctx, r, sb)
+	crashAndPromote(t, ctx, r, sb, nil)
 
 	// The roles swap: the promoted standby is the new primary; ship its timeline.
 	r2 := &rig{t: t, dir: filepath.Join(r.dir, "second"), primary: sb}
@@ -173,5 +177,30 @@ func TestFailoverArchiveRecovery(t *testing.T) {
 	r.startSidecar(ctx, r.primary)
 	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 	sb := r.standby(ctx, true)
-	crashAndPromote(t, ctx, r, sb)
+	// The promotion must work with the receiver dead too: kill it once the primary is
+	// gone (the sidecar has nothing more to send).
+	crashAndPromote(t, ctx, r, sb, func() {
+		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar to lose the primary", func() (bool, error) {
+			return strings.Contains(r.sidecar.Log(), "session lost"), nil
+		}))
+		r.receiver.Kill()
+	})
+
+	// A receiver started on the frozen spool refuses every sidecar, and the spool stays.
+	before := snapshot(t, r.spool)
+	r.startReceiver(ctx)
+	id, _, err := receiver.ReadIdentity(r.spool)
+	require.NoError(t, err)
+	good, err := transport.ClientTLS(r.tlsDir, "127.0.0.1")
+	require.NoError(t, err)
+	c, err := transport.Dial(ctx, r.addr, good)
+	require.NoError(t, err)
+	defer c.Close("")
+	_, err = transport.Handshake(ctx, c, &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
+		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: 1, ServerVersion: id.ServerVersion})
+	var refused *transport.RefusedError
+	require.ErrorAs(t, err, &refused)
+	require.True(t, refused.Fatal)
+	require.Contains(t, refused.Reason, "frozen for promotion")
+	require.Equal(t, before, snapshot(t, r.spool))
 }

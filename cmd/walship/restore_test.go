@@ -1,0 +1,209 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver"
+)
+
+// restoreRun is the outcome of one walship restore.
+type restoreRun struct {
+	code     int
+	signaled syscall.Signal
+	stderr   string
+}
+
+func restoreCmd(t *testing.T, ctx context.Context, args ...string) restoreRun {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, walshipBin, append([]string{"restore"}, args...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		require.NoError(t, err)
+	}
+	res := restoreRun{code: cmd.ProcessState.ExitCode(), stderr: stderr.String()}
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		res.signaled = ws.Signal()
+	}
+	return res
+}
+
+// copySpool copies a spool's identity, published segments and partial to a new
+// directory, so that a test can damage them without touching the receiver's.
+func copySpool(t *testing.T, from string) string {
+	t.Helper()
+	to := t.TempDir()
+	ents, err := os.ReadDir(from)
+	require.NoError(t, err)
+	for _, e := range ents {
+		if e.Name()[0] == '.' {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(from, e.Name()))
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(to, e.Name()), b, 0o644))
+	}
+	return to
+}
+
+func TestRestoreCommand(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 30000) g"))
+	r.checkIdentical(ctx)
+	_, c := spoolPosition(t, r.spool)
+	require.GreaterOrEqual(t, len(c.Segments), 2)
+	first, second := c.Segments[0].Name(1<<20), c.Segments[1].Name(1<<20)
+	out := t.TempDir()
+	target := filepath.Join(out, "RECOVERYXLOG")
+	absent := func(t *testing.T) {
+		_, err := os.Stat(target)
+		require.ErrorIs(t, err, os.ErrNotExist, "nothing may reach %%p")
+	}
+
+	t.Run("published segment", func(t *testing.T) {
+		res := restoreCmd(t, ctx, "--spool", r.spool, first, target)
+		require.Equal(t, 0, res.code, res.stderr)
+		got, err := os.ReadFile(target)
+		require.NoError(t, err)
+		want, err := os.ReadFile(filepath.Join(r.spool, first))
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(want, got))
+		require.NoError(t, os.Remove(target))
+	})
+	t.Run("history file not there", func(t *testing.T) {
+		res := restoreCmd(t, ctx, "--spool", r.spool, "00000002.history", target)
+		require.Equal(t, 1, res.code, res.stderr)
+		absent(t)
+	})
+	t.Run("missing segment answers at once", func(t *testing.T) {
+		res := restoreCmd(t, ctx, "--spool", r.spool, "0000000100000000000000FF", target)
+		require.Equal(t, 1, res.code, res.stderr)
+		absent(t)
+	})
+	t.Run("bad names", func(t *testing.T) {
+		for _, name := range []string{"../" + first, first + "/x", "/etc/passwd", "foo", "0000000100000000000000GG", first + ".tmp", "00000001.history"} {
+			res := restoreCmd(t, ctx, "--spool", r.spool, name, target)
+			require.Equal(t, 3, res.code, "%q: %s", name, res.stderr)
+			require.Contains(t, res.stderr, "not a WAL file name", name)
+			absent(t)
+		}
+	})
+	t.Run("usage errors", func(t *testing.T) {
+		require.Equal(t, 2, restoreCmd(t, ctx, first, target).code, "no --spool")
+		require.Equal(t, 2, restoreCmd(t, ctx, "--spool", r.spool, first).code, "no %p")
+		require.Equal(t, 2, restoreCmd(t, ctx, "--spool", r.spool, "--cleanup", first, target).code, "--cleanup without %r")
+		res := restoreCmd(t, ctx, "--spool", filepath.Join(out, "nope"), first, target)
+		require.Equal(t, 3, res.code, "a spool that does not exist is an error, not 'not available'")
+		absent(t)
+	})
+	t.Run("corrupt page header", func(t *testing.T) {
+		spool := copySpool(t, r.spool)
+		p := filepath.Join(spool, second)
+		b, err := os.ReadFile(p)
+		require.NoError(t, err)
+		binary.LittleEndian.PutUint64(b[5*8192+8:], 0) // xlp_pageaddr of the sixth page
+		require.NoError(t, os.WriteFile(p, b, 0o644))
+		res := restoreCmd(t, ctx, "--spool", spool, second, target)
+		require.Equal(t, 3, res.code, res.stderr)
+		require.Contains(t, res.stderr, "corrupt")
+		require.Contains(t, res.stderr, "xlp_pageaddr")
+		absent(t)
+	})
+	t.Run("truncated segment", func(t *testing.T) {
+		spool := copySpool(t, r.spool)
+		require.NoError(t, os.Truncate(filepath.Join(spool, second), 1<<20-8192))
+		res := restoreCmd(t, ctx, "--spool", spool, second, target)
+		require.Equal(t, 3, res.code, res.stderr)
+		require.Contains(t, res.stderr, "holds 1040384 bytes, want 1048576")
+		absent(t)
+	})
+	t.Run("spool of another cluster", func(t *testing.T) {
+		other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
+		require.NoError(t, err)
+		defer other.Close()
+		res := restoreCmd(t, ctx, "--spool", r.spool, "--pgdata", other.Data, first, target)
+		require.Equal(t, 3, res.code, res.stderr)
+		require.Contains(t, res.stderr, "another cluster")
+		absent(t)
+	})
+	t.Run("wait ends on SIGTERM", func(t *testing.T) {
+		cmd := exec.CommandContext(ctx, walshipBin, "restore", "--wait", "--spool", r.spool, "0000000100000000000000FF", target)
+		require.NoError(t, cmd.Start())
+		done := make(chan error, 1)
+		go func() { done <- cmd.Wait() }()
+		select {
+		case err := <-done:
+			t.Fatalf("restore --wait returned before the segment existed: %v", err)
+		case <-time.After(300 * time.Millisecond): // it waits: that is what is tested
+		}
+		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatal("restore --wait did not end promptly on SIGTERM")
+		}
+		ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
+		require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGTERM, "it must die by SIGTERM, which PostgreSQL reads as a shutdown: %v", cmd.ProcessState)
+		absent(t)
+	})
+	t.Run("wait returns when the segment is published", func(t *testing.T) {
+		next := c.Partials[1].Seg
+		_, err := os.Stat(filepath.Join(r.spool, next.Name(1<<20)))
+		require.ErrorIs(t, err, os.ErrNotExist, "the segment is still in progress when the restore starts waiting")
+		done := make(chan restoreRun, 1)
+		go func() { done <- restoreCmd(t, ctx, "--wait", "--spool", r.spool, next.Name(1<<20), target) }()
+		require.NoError(t, r.primary.Exec(ctx, "INSERT INTO t SELECT g, 'y' FROM generate_series(1, 100) g"))
+		require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+		res := <-done
+		require.Equal(t, 0, res.code, res.stderr)
+		got, err := os.ReadFile(target)
+		require.NoError(t, err)
+		want, err := os.ReadFile(filepath.Join(r.spool, next.Name(1<<20)))
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(want, got))
+		require.NoError(t, os.Remove(target))
+	})
+	t.Run("promote refuses a server that is not in recovery", func(t *testing.T) {
+		out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", r.primary.DSN()).CombinedOutput()
+		require.Error(t, err)
+		require.Contains(t, string(out), "not in recovery")
+		for _, f := range []string{receiver.FreezeFile, receiver.TriggerFile} {
+			_, err := os.Stat(filepath.Join(r.spool, f))
+			require.ErrorIs(t, err, os.ErrNotExist, "a refused promotion leaves the spool as it was")
+		}
+		out, err = exec.CommandContext(ctx, walshipBin, "promote", "--spool", t.TempDir(), "--dsn", r.primary.DSN()).CombinedOutput()
+		require.Error(t, err)
+		require.Contains(t, string(out), "has received nothing yet")
+	})
+	t.Run("cleanup", func(t *testing.T) {
+		spool := copySpool(t, r.spool)
+		require.NoError(t, os.WriteFile(filepath.Join(spool, "00000002.history"), []byte("1\t0/1000000\tx\n"), 0o644))
+		before, err := receiver.Scan(spool, 1<<20)
+		require.NoError(t, err)
+		res := restoreCmd(t, ctx, "--spool", spool, "--cleanup", second, target, second)
+		require.Equal(t, 0, res.code, res.stderr)
+		after, err := receiver.Scan(spool, 1<<20)
+		require.NoError(t, err)
+		require.Equal(t, before.Segments[1:], after.Segments, "only segments older than %%r go")
+		require.Equal(t, before.Partials, after.Partials, "the partial stays")
+		require.Equal(t, []uint32{2}, after.Histories, "history files stay")
+		require.NoError(t, os.Remove(target))
+	})
+}
