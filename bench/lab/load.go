@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -103,4 +104,65 @@ func (l *Load) Stop() error {
 		return nil
 	}
 	return l.err
+}
+
+// Loss is what a promoted standby lacks of a load's acknowledged commits.
+type Loss struct {
+	Acked     int
+	Recovered int
+	Lost      []Ack // acknowledged commits missing on the standby, oldest first
+	// Window is the kill time minus the acknowledgement of the newest commit the
+	// standby has; with none, the kill time minus the first acknowledgement.
+	Window time.Duration
+}
+
+// MeasureLoss counts which acknowledged commits the table on c holds, for a primary
+// killed at killAt.
+func MeasureLoss(ctx context.Context, c *Cluster, acks []Ack, killAt time.Time) (Loss, error) {
+	conn, err := c.Connect(ctx)
+	if err != nil {
+		return Loss{}, err
+	}
+	defer conn.Close(context.Background())
+	have := map[int64]bool{}
+	rows, err := conn.Query(ctx, "SELECT id FROM "+LoadTable)
+	if err != nil {
+		if strings.Contains(err.Error(), "does not exist") {
+			rows = nil // the table itself was lost: nothing was recovered
+		} else {
+			return Loss{}, err
+		}
+	}
+	if rows != nil {
+		for rows.Next() {
+			var id int64
+			if err := rows.Scan(&id); err != nil {
+				return Loss{}, err
+			}
+			have[id] = true
+		}
+		if err := rows.Err(); err != nil {
+			return Loss{}, err
+		}
+	}
+	l := Loss{Acked: len(acks)}
+	var newest time.Time
+	for _, a := range acks {
+		if !have[a.ID] {
+			l.Lost = append(l.Lost, a)
+			continue
+		}
+		l.Recovered++
+		if a.At.After(newest) {
+			newest = a.At
+		}
+	}
+	sort.Slice(l.Lost, func(i, j int) bool { return l.Lost[i].ID < l.Lost[j].ID })
+	switch {
+	case !newest.IsZero():
+		l.Window = killAt.Sub(newest)
+	case len(acks) > 0:
+		l.Window = killAt.Sub(acks[0].At)
+	}
+	return l, nil
 }

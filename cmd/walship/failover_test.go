@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -68,9 +67,9 @@ func (r *rig) standby(ctx context.Context, archiveMode bool) *lab.Cluster {
 	return sb
 }
 
-// crashAndPromote runs the load, kills the primary's postmaster at a random moment,
-// promotes the standby with walship promote and checks what the standby has.
-func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster, afterKill func()) {
+// crashAndPromote runs the load, kills the primary, runs walship promote with target
+// (--dsn DSN or --pgdata DIR) and checks what the standby has.
+func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster, target []string, afterKill func()) {
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 1, 100)
 	require.NoError(t, err)
 	run := time.Duration(2000+rand.IntN(2000)) * time.Millisecond
@@ -84,42 +83,29 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster,
 		afterKill()
 	}
 
-	out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN(), "--timeout", "90s").CombinedOutput()
+	out, err := exec.CommandContext(ctx, walshipBin, append([]string{"promote", "--spool", r.spool, "--timeout", "90s"}, target...)...).CombinedOutput()
 	require.NoError(t, err, "walship promote:\n%s", out)
 	t.Logf("walship promote: %s", strings.TrimSpace(string(out)))
 	require.Contains(t, string(out), "promoted: timeline 2")
 
-	have := map[int64]bool{}
+	loss, err := lab.MeasureLoss(ctx, sb, acks, killAt)
+	require.NoError(t, err)
+	var lost []int64
+	for _, a := range loss.Lost {
+		lost = append(lost, a.ID)
+		require.False(t, a.At.Before(killAt.Add(-lossBound)),
+			"id %d was acknowledged %s before the kill and is missing on the promoted standby", a.ID, killAt.Sub(a.At))
+	}
+	t.Logf("%d commits acknowledged in %s; %d lost %v; window (kill time minus the ack of the newest surviving commit): %s",
+		len(acks), run, len(lost), lost, loss.Window.Round(time.Microsecond))
 	conn, err := sb.Connect(ctx)
 	require.NoError(t, err)
 	defer conn.Close(context.Background())
-	rows, err := conn.Query(ctx, "SELECT id FROM "+lab.LoadTable)
-	require.NoError(t, err)
-	for rows.Next() {
-		var id int64
-		require.NoError(t, rows.Scan(&id))
-		have[id] = true
-	}
-	require.NoError(t, rows.Err())
-	var lost []int64
-	var newest time.Time
-	for _, a := range acks {
-		if !have[a.ID] {
-			lost = append(lost, a.ID)
-			require.False(t, a.At.Before(killAt.Add(-lossBound)),
-				"id %d was acknowledged %s before the kill and is missing on the promoted standby", a.ID, killAt.Sub(a.At))
-		} else if a.At.After(newest) {
-			newest = a.At
-		}
-	}
-	sort.Slice(lost, func(i, j int) bool { return lost[i] < lost[j] })
-	t.Logf("%d commits acknowledged in %s; %d lost %v; window (kill time minus the ack of the newest surviving commit): %s",
-		len(acks), run, len(lost), lost, killAt.Sub(newest).Round(time.Microsecond))
 	_, err = conn.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) VALUES (-1, 'written on the new primary')")
 	require.NoError(t, err, "the promoted standby must accept writes")
 
 	// A second run is harmless and reports the same promotion.
-	out2, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN()).CombinedOutput()
+	out2, err := exec.CommandContext(ctx, walshipBin, append([]string{"promote", "--spool", r.spool}, target...)...).CombinedOutput()
 	require.NoError(t, err, "second walship promote:\n%s", out2)
 	require.Contains(t, string(out2), "already promoted")
 }
@@ -133,7 +119,7 @@ func TestFailoverStandbyMode(t *testing.T) {
 	r.startSidecar(ctx, r.primary)
 	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 	sb := r.standby(ctx, false)
-	crashAndPromote(t, ctx, r, sb, nil)
+	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, nil)
 
 	// The roles swap: the promoted standby is the new primary; ship its timeline.
 	r2 := &rig{t: t, dir: filepath.Join(r.dir, "second"), primary: sb}
@@ -179,7 +165,7 @@ func TestFailoverArchiveRecovery(t *testing.T) {
 	sb := r.standby(ctx, true)
 	// The promotion must work with the receiver dead too: kill it once the primary is
 	// gone (the sidecar has nothing more to send).
-	crashAndPromote(t, ctx, r, sb, func() {
+	crashAndPromote(t, ctx, r, sb, []string{"--pgdata", sb.Data}, func() {
 		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar to lose the primary", func() (bool, error) {
 			return strings.Contains(r.sidecar.Log(), "session lost"), nil
 		}))

@@ -1,6 +1,14 @@
-// Command demo runs walship end to end on this machine: a primary under load, a
-// receiver and a sidecar, in a temporary directory that it removes afterwards. It is
-// what `make demo` runs.
+// Command demo runs walship end to end on this machine and compares it with plain
+// archive shipping, in a temporary directory that it removes afterwards. It is what
+// `make demo` runs:
+//
+//  1. a primary with archive_command copying whole segments and archive_timeout = 60s;
+//  2. walship: a receiver and a sidecar, and standby A fed by walship restore;
+//  3. standby B fed by the same primary's archive, the classic warm standby;
+//  4. a load client committing single-row inserts, with a once-a-second readout of how
+//     far behind the spool is;
+//  5. kill -9 of the primary's postmaster; walship promote for A, pg_promote() for B;
+//  6. side by side: the commits acknowledged, and what each standby recovered.
 package main
 
 import (
@@ -12,6 +20,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -22,17 +31,21 @@ import (
 
 func main() {
 	bin := flag.String("walship", "bin/walship", "the walship binary to run")
-	seconds := flag.Int("seconds", 10, "how long to run the load")
-	clients := flag.Int("clients", 4, "load connections committing single-row inserts")
-	keep := flag.Bool("keep", false, "keep the temporary directory (for a look at the spool and logs)")
+	seconds := flag.Int("seconds", 10, "how long the load runs before the primary is killed")
+	keep := flag.Bool("keep", false, "keep the temporary directory (spool, logs)")
 	flag.Parse()
-	if err := run(*bin, time.Duration(*seconds)*time.Second, *clients, *keep); err != nil {
+	if err := run(*bin, time.Duration(*seconds)*time.Second, *keep); err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		os.Exit(1)
 	}
 }
 
-func run(bin string, dur time.Duration, clients int, keep bool) error {
+type demo struct {
+	bin, dir, spool, tlsDir, archive string
+	primary                          *lab.Cluster
+}
+
+func run(bin string, dur time.Duration, keep bool) error {
 	bin, err := filepath.Abs(bin)
 	if err != nil {
 		return err
@@ -41,116 +54,209 @@ func run(bin string, dur time.Duration, clients int, keep bool) error {
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, dur+5*time.Minute)
 	defer cancel()
-
 	dir, err := os.MkdirTemp("", "walship-demo-")
 	if err != nil {
 		return err
 	}
-	os.Chmod(dir, 0o755)
+	os.Chmod(dir, 0o755) // the servers run as postgres when this runs as root
 	if keep {
 		fmt.Printf("keeping %s\n", dir)
 	} else {
 		defer os.RemoveAll(dir)
 	}
-	step("starting a primary (PostgreSQL, 16 MB segments) in a temporary directory")
-	primary, err := lab.NewCluster(ctx, lab.Options{})
+	d := &demo{bin: bin, dir: dir, spool: filepath.Join(dir, "spool"), tlsDir: filepath.Join(dir, "tls"), archive: filepath.Join(dir, "archive")}
+	if err := os.Mkdir(d.archive, 0o755); err != nil {
+		return err
+	}
+
+	step("primary: PostgreSQL with 16 MB segments, archive_command copying whole segments, archive_timeout = 60s")
+	d.primary, err = lab.NewCluster(ctx, lab.Options{Settings: map[string]string{
+		"archive_mode":    "on",
+		"archive_command": fmt.Sprintf("'test ! -f %[1]s/%%f && cp %%p %[1]s/%%f'", d.archive),
+		"archive_timeout": "60",
+	}})
 	if err != nil {
 		return err
 	}
-	defer primary.Close()
-	if err := primary.Start(ctx); err != nil {
+	defer d.primary.Close()
+	if err := d.primary.Own(d.archive); err != nil {
 		return err
 	}
-	tlsDir, spool := filepath.Join(dir, "tls"), filepath.Join(dir, "spool")
-	step("walship certs --dir " + tlsDir)
-	if out, err := exec.Command(bin, "certs", "--dir", tlsDir).CombinedOutput(); err != nil {
-		return fmt.Errorf("walship certs: %v\n%s", err, out)
-	}
-	port, err := lab.FreeUDPPort()
-	if err != nil {
+	if err := d.primary.Start(ctx); err != nil {
 		return err
 	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	step("walship receive --listen " + addr + " --spool " + spool)
-	recv, err := lab.StartProc("receiver", filepath.Join(dir, "receiver.log"), bin, "receive", "--listen", addr, "--spool", spool, "--tls-dir", tlsDir)
+	recv, side, err := d.startWalship(ctx)
 	if err != nil {
 		return err
 	}
 	defer recv.Kill()
-	if err := recv.WaitLog(ctx, "receiver ready"); err != nil {
-		return err
-	}
-	step("walship tail --dsn '" + primary.DSN() + "' --to " + addr)
-	side, err := lab.StartProc("sidecar", filepath.Join(dir, "sidecar.log"), bin, "tail", "--dsn", primary.DSN(), "--to", addr, "--tls-dir", tlsDir)
+	defer side.Kill()
+
+	step("standby A: base backup, restore_command = 'walship restore --spool ... %f %p %r'")
+	a, err := d.standby(ctx, fmt.Sprintf("%s restore --spool %s %%f %%p %%r", bin, d.spool))
 	if err != nil {
 		return err
 	}
-	defer side.Kill()
-	if err := side.WaitLog(ctx, "streaming"); err != nil {
+	defer a.Close()
+	step("standby B: base backup, restore_command = 'cp <archive>/%f %p' (plain archive shipping)")
+	b, err := d.standby(ctx, fmt.Sprintf("cp %s/%%f %%p", d.archive))
+	if err != nil {
 		return err
 	}
-	step(fmt.Sprintf("load: %d connections committing single-row inserts for %s", clients, dur))
-	load, err := lab.StartLoad(ctx, primary.DSN(), clients, 200)
+	defer b.Close()
+	// Both backups end in the segment being written; publish and archive it, so that
+	// both standbys can reach consistency, then start them.
+	if err := d.primary.Exec(ctx, "SELECT pg_switch_wal()"); err != nil {
+		return err
+	}
+	for _, sb := range []*lab.Cluster{a, b} {
+		if err := sb.Start(ctx); err != nil {
+			return err
+		}
+	}
+
+	step(fmt.Sprintf("load: one connection committing single-row inserts for %s", dur))
+	load, err := lab.StartLoad(ctx, d.primary.DSN(), 1, 100)
 	if err != nil {
 		return err
 	}
 	fmt.Printf("\n%8s  %10s  %14s  %14s  %12s\n", "time", "commits", "primary flush", "spool durable", "spool behind")
 	start := time.Now()
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
 	for time.Since(start) < dur {
 		select {
 		case <-ctx.Done():
 			load.Stop()
 			return ctx.Err()
-		case <-tick.C:
+		case <-time.After(time.Second):
 		}
-		flush, pos, err := positions(ctx, primary, spool)
+		flush, pos, err := d.positions(ctx)
 		if err != nil {
 			load.Stop()
 			return err
 		}
 		fmt.Printf("%7.0fs  %10d  %14s  %14s  %10d B\n", time.Since(start).Seconds(), load.Count(), flush, pos, max(int64(flush)-int64(pos), 0))
 	}
-	if err := load.Stop(); err != nil {
-		return fmt.Errorf("load: %w", err)
+
+	step("kill -9 of the primary's postmaster")
+	killAt := time.Now()
+	if err := d.primary.Kill(); err != nil {
+		return err
 	}
-	// Once the load stops, the spool catches up with the primary's flush position.
-	var flush, pos wal.LSN
-	err = lab.Wait(ctx, 5*time.Millisecond, "the spool to catch up", func() (bool, error) {
-		flush, pos, err = positions(ctx, primary, spool)
-		return err == nil && pos >= flush, err
-	})
+	load.Stop() // its error is expected: the server died
+	acks := load.Acks()
+
+	step("walship promote --spool ... on standby A")
+	out, err := exec.CommandContext(ctx, bin, "promote", "--spool", d.spool, "--dsn", a.DSN()).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("walship promote: %v\n%s", err, out)
+	}
+	fmt.Print(indent(string(out)))
+	step("pg_promote() on standby B")
+	if err := promoteArchive(ctx, b); err != nil {
+		return err
+	}
+
+	la, err := lab.MeasureLoss(ctx, a, acks, killAt)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("\nload stopped after %d commits; the spool holds the primary's WAL up to its flush position %s\n", load.Count(), flush)
-	ents, _ := os.ReadDir(spool)
-	fmt.Printf("spool %s:\n", spool)
-	for _, e := range ents {
-		if info, err := e.Info(); err == nil && e.Name()[0] != '.' {
-			fmt.Printf("  %-34s %9d bytes\n", e.Name(), info.Size())
-		}
+	lb, err := lab.MeasureLoss(ctx, b, acks, killAt)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("\nThe primary died after %d acknowledged commits. What each standby came up with:\n\n", len(acks))
+	fmt.Printf("  %-44s %10s %10s %10s\n", "standby", "recovered", "lost", "window")
+	fmt.Printf("  %-44s %10d %10d %10s\n", "A: walship (record-based, with the partial)", la.Recovered, len(la.Lost), la.Window.Round(time.Millisecond))
+	fmt.Printf("  %-44s %10d %10d %10s\n", "B: archive_command, archive_timeout = 60s", lb.Recovered, len(lb.Lost), lb.Window.Round(time.Millisecond))
+	fmt.Println("\n  window: the kill time minus the acknowledgement of the newest commit the standby has")
+	fmt.Println("  (with none recovered, minus the first acknowledgement).")
+	fmt.Println("  Archive shipping waits for a full 16 MB segment or archive_timeout; walship ships every flush.")
+	return nil
+}
+
+func (d *demo) startWalship(ctx context.Context) (recv, side *lab.Proc, err error) {
+	step("walship certs --dir " + d.tlsDir)
+	if out, err := exec.Command(d.bin, "certs", "--dir", d.tlsDir).CombinedOutput(); err != nil {
+		return nil, nil, fmt.Errorf("walship certs: %v\n%s", err, out)
+	}
+	port, err := lab.FreeUDPPort()
+	if err != nil {
+		return nil, nil, err
+	}
+	addr := "127.0.0.1:" + strconv.Itoa(port)
+	step("walship receive --listen " + addr + " --spool " + d.spool)
+	recv, err = lab.StartProc("receiver", filepath.Join(d.dir, "receiver.log"), d.bin, "receive", "--listen", addr, "--spool", d.spool, "--tls-dir", d.tlsDir)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := recv.WaitLog(ctx, "receiver ready"); err != nil {
+		recv.Kill()
+		return nil, nil, err
+	}
+	step("walship tail --dsn '" + d.primary.DSN() + "' --to " + addr)
+	side, err = lab.StartProc("sidecar", filepath.Join(d.dir, "sidecar.log"), d.bin, "tail", "--dsn", d.primary.DSN(), "--to", addr, "--tls-dir", d.tlsDir)
+	if err != nil {
+		recv.Kill()
+		return nil, nil, err
+	}
+	if err := side.WaitLog(ctx, "streaming"); err != nil {
+		recv.Kill()
+		side.Kill()
+		return nil, nil, err
+	}
+	return recv, side, nil
+}
+
+// standby makes a standby from a base backup without WAL, fed by restoreCommand.
+func (d *demo) standby(ctx context.Context, restoreCommand string) (*lab.Cluster, error) {
+	sb, err := d.primary.BaseBackup(ctx, "none")
+	if err != nil {
+		return nil, err
+	}
+	if err := sb.Configure(map[string]string{
+		"restore_command":             "'" + restoreCommand + "'",
+		"archive_mode":                "off",
+		"wal_retrieve_retry_interval": "'100ms'",
+	}); err != nil {
+		sb.Close()
+		return nil, err
+	}
+	if err := sb.WriteFile("standby.signal", nil); err != nil {
+		sb.Close()
+		return nil, err
+	}
+	return sb, nil
+}
+
+// promoteArchive promotes the archive-fed standby; before it ends recovery it restores
+// every segment the archive holds.
+func promoteArchive(ctx context.Context, sb *lab.Cluster) error {
+	if err := sb.Exec(ctx, "SELECT pg_promote(true, 60)"); err != nil {
+		return fmt.Errorf("pg_promote() on standby B: %w", err)
 	}
 	return nil
 }
 
 func step(s string) { fmt.Println("==>", s) }
 
+func indent(s string) string {
+	return "    " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n    ") + "\n"
+}
+
 // positions reads the primary's flush position and the spool's durable end.
-func positions(ctx context.Context, primary *lab.Cluster, spool string) (flush, pos wal.LSN, err error) {
-	s, err := primary.QueryString(ctx, "SELECT pg_current_wal_flush_lsn()::text")
+func (d *demo) positions(ctx context.Context) (flush, pos wal.LSN, err error) {
+	s, err := d.primary.QueryString(ctx, "SELECT pg_current_wal_flush_lsn()::text")
 	if err != nil {
 		return 0, 0, err
 	}
 	if flush, err = wal.ParseLSN(s); err != nil {
 		return 0, 0, err
 	}
-	id, ok, err := receiver.ReadIdentity(spool)
+	id, ok, err := receiver.ReadIdentity(d.spool)
 	if err != nil || !ok {
 		return flush, 0, err
 	}
-	c, err := receiver.Scan(spool, id.SegSize)
+	c, err := receiver.Scan(d.spool, id.SegSize)
 	if err != nil {
 		return flush, 0, err
 	}
