@@ -16,6 +16,7 @@ import (
 	"github.com/walship/walship/bench/lab"
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
 )
 
 // walshipBin is the binary under test, built once by TestMain.
@@ -214,6 +215,13 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 		require.Equal(t, off, uint64(len(got)), "partial %s length", name)
 	}
 	return len(c.Segments)
+}
+
+// helloFor is the hello a sidecar of the spool's cluster sends, for tests that speak
+// the protocol themselves.
+func helloFor(id receiver.Identity) *transport.Hello {
+	return &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
+		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: 1, ServerVersion: id.ServerVersion}
 }
 
 func testContext(t *testing.T, d time.Duration) context.Context {

@@ -182,8 +182,7 @@ func TestFailoverArchiveRecovery(t *testing.T) {
 	c, err := transport.Dial(ctx, r.addr, good)
 	require.NoError(t, err)
 	defer c.Close("")
-	_, err = transport.Handshake(ctx, c, &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
-		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: 1, ServerVersion: id.ServerVersion})
+	_, err = transport.Handshake(ctx, c, helloFor(id))
 	var refused *transport.RefusedError
 	require.ErrorAs(t, err, &refused)
 	require.True(t, refused.Fatal)

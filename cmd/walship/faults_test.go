@@ -117,8 +117,7 @@ func TestRefusals(t *testing.T) {
 	before := snapshot(t, r.spool)
 	id, _, err := receiver.ReadIdentity(r.spool)
 	require.NoError(t, err)
-	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
-		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: 1, ServerVersion: id.ServerVersion}
+	hello := helloFor(id)
 
 	good, err := transport.ClientTLS(r.tlsDir, "127.0.0.1")
 	require.NoError(t, err)
