@@ -155,10 +155,16 @@ func spoolPosition(t *testing.T, spool string) (receiver.Position, receiver.Cont
 func (r *rig) waitSpoolAt(ctx context.Context, lsn wal.LSN) {
 	r.t.Helper()
 	err := lab.Wait(ctx, 10*time.Millisecond, "spool at "+lsn.String(), func() (bool, error) {
-		if _, ok, _ := receiver.ReadIdentity(r.spool); !ok {
+		id, ok, _ := receiver.ReadIdentity(r.spool)
+		if !ok {
 			return false, nil
 		}
-		pos, _ := spoolPosition(r.t, r.spool)
+		pos, c := spoolPosition(r.t, r.spool)
+		for _, p := range c.Partials {
+			if p.Size == id.SegSize {
+				return false, nil // whole, and being published: not settled yet
+			}
+		}
 		return pos.LSN >= lsn, nil
 	})
 	require.NoError(r.t, err)
@@ -211,8 +217,7 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 		_, err = f.ReadAt(want, 0)
 		require.NoError(t, err)
 		require.True(t, bytes.Equal(got, want), "partial %s differs from the primary's segment in its first %d bytes", name, len(got))
-		_, off := wal.SegmentOf(pos.TLI, flush, id.SegSize)
-		require.Equal(t, off, uint64(len(got)), "partial %s length", name)
+		require.Equal(t, uint64(flush-p.Seg.Start(id.SegSize)), uint64(len(got)), "partial %s length", name)
 	}
 	return len(c.Segments)
 }
