@@ -186,13 +186,20 @@ func (r *rig) waitArchived(ctx context.Context, name string) {
 func (r *rig) checkIdentical(ctx context.Context) int {
 	t := r.t
 	t.Helper()
-	flush := flushLSN(t, ctx, r.primary)
-	r.waitSpoolAt(ctx, flush)
+	// Settle: the spool at a flush position that is still the primary's (background
+	// WAL, a checkpoint or autovacuum, may move it while we look).
+	var flush wal.LSN
+	var pos receiver.Position
+	var c receiver.Contents
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the spool to settle at the flush position", func() (bool, error) {
+		flush = flushLSN(t, ctx, r.primary)
+		r.waitSpoolAt(ctx, flush)
+		pos, c = spoolPosition(t, r.spool)
+		return pos.LSN == flush && flushLSN(t, ctx, r.primary) == flush, nil
+	}))
 	id, ok, err := receiver.ReadIdentity(r.spool)
 	require.NoError(t, err)
 	require.True(t, ok, "spool has no identity")
-	pos, c := spoolPosition(t, r.spool)
-	require.Equal(t, flush, pos.LSN, "spool position, want the primary's flush position")
 	for i, seg := range c.Segments {
 		if i > 0 {
 			prev := c.Segments[i-1]
