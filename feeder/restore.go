@@ -182,13 +182,27 @@ func restoreSegment(cfg RestoreConfig, id receiver.Identity, seg wal.Segment, ha
 	if uint64(len(b)) != id.SegSize {
 		return fmt.Errorf("restore %s: %w: it holds %d bytes, want %d", cfg.File, ErrCorrupt, len(b), id.SegSize)
 	}
-	if _, err := id.Stream().CheckSegment(b, seg.Start(id.SegSize), seg.TLI); err != nil {
+	if err := checkRecords(id, seg, b); err != nil {
 		return fmt.Errorf("restore %s: %w: %w", cfg.File, ErrCorrupt, err)
 	}
 	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
 		return fmt.Errorf("restore %s: %w", cfg.File, err)
 	}
 	cfg.Logger.Info().Str("file", cfg.File).Msg("restored")
+	return nil
+}
+
+// checkRecords walks a segment's records: every page header, xl_prev and CRC must hold
+// up to the end of the bytes (the last record may run on into the next segment).
+func checkRecords(id receiver.Identity, seg wal.Segment, b []byte) error {
+	start := seg.Start(id.SegSize)
+	_, _, stop, err := wal.ValidEnd(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
+	if err != nil {
+		return err
+	}
+	if !errors.Is(stop.Err, io.EOF) {
+		return stop
+	}
 	return nil
 }
 
@@ -209,6 +223,13 @@ func restorePartial(cfg RestoreConfig, id receiver.Identity, trig Trigger) error
 	}
 	if got := fmt.Sprintf("%016x", xxhash.Sum64(b[:trig.Bytes])); got != trig.Hash {
 		return fmt.Errorf("restore %s: %w: frozen partial %s changed since the promotion froze it (xxhash64 %s, want %s)", cfg.File, ErrCorrupt, path, got, trig.Hash)
+	}
+	seg, err := wal.ParseSegmentName(trig.Segment, id.SegSize)
+	if err != nil {
+		return fmt.Errorf("promotion trigger: %w", err)
+	}
+	if err := checkRecords(id, seg, b[:trig.Bytes]); err != nil {
+		return fmt.Errorf("restore %s: %w: frozen partial %s: %w", cfg.File, ErrCorrupt, path, err)
 	}
 	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
 		return fmt.Errorf("restore %s: %w", cfg.File, err)

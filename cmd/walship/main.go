@@ -39,6 +39,7 @@ var commands = map[string]command{
 	"certs":   {"make a CA and certificates for a sidecar and a receiver", runCerts},
 	"restore": {"the standby's restore_command: hand spool segments to recovery", runRestore},
 	"promote": {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
+	"verify":  {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
 }
 
 func main() {
