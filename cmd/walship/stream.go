@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net"
 	"strings"
 
@@ -143,14 +144,8 @@ type multiFlag []string
 func (m *multiFlag) String() string { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error {
 	if v == "" {
-		return errEmpty
+		return errors.New("empty value")
 	}
 	*m = append(*m, v)
 	return nil
 }
-
-var errEmpty = errorString("empty value")
-
-type errorString string
-
-func (e errorString) Error() string { return string(e) }

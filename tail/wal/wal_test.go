@@ -265,3 +265,18 @@ func FuzzSwitchEnd(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkCheckPages checks the page headers of a 1 MB segment.
+func BenchmarkCheckPages(b *testing.B) {
+	s := testStream
+	seg := make([]byte, 0, s.SegSize)
+	for p := uint64(0); p < s.SegSize; p += s.BlockSize {
+		seg = append(seg, page(s, LSN(1<<20+p), 1)...)
+	}
+	b.SetBytes(int64(len(seg)))
+	for b.Loop() {
+		if err := s.CheckPages(seg, 1<<20, 1); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
