@@ -132,17 +132,7 @@ func TestRestoreCommand(t *testing.T) {
 	t.Run("flipped bit inside a record", func(t *testing.T) {
 		spool := copySpool(t, r.spool)
 		p := filepath.Join(spool, second)
-		b, err := os.ReadFile(p)
-		require.NoError(t, err)
-		id, _, err := receiver.ReadIdentity(spool)
-		require.NoError(t, err)
-		start := c.Segments[1].Start(1 << 20)
-		rd := wal.NewReader(id.Stream(), 1, wal.Bytes{Base: start, Data: b}, start, 0)
-		var rec wal.Record
-		for i := 0; i < 50; i++ {
-			rec, err = rd.Next()
-			require.NoError(t, err)
-		}
+		b, rec, start := nthRecord(t, spool, c.Segments[1], 50)
 		b[int(rec.LSN-start)+5] ^= 0x02 // xl_xid: page headers cannot tell, the CRC can
 		require.NoError(t, os.WriteFile(p, b, 0o644))
 		res := restoreCmd(t, ctx, "--spool", spool, second, target)
@@ -232,6 +222,24 @@ func TestRestoreCommand(t *testing.T) {
 	})
 }
 
+// nthRecord reads a published segment of a spool and returns its bytes, its n-th
+// record (counting from 1) and the segment's start LSN.
+func nthRecord(t *testing.T, spool string, seg wal.Segment, n int) ([]byte, wal.Record, wal.LSN) {
+	t.Helper()
+	id, _, err := receiver.ReadIdentity(spool)
+	require.NoError(t, err)
+	b, err := os.ReadFile(filepath.Join(spool, seg.Name(id.SegSize)))
+	require.NoError(t, err)
+	start := seg.Start(id.SegSize)
+	rd := wal.NewReader(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
+	var rec wal.Record
+	for i := 0; i < n; i++ {
+		rec, err = rd.Next()
+		require.NoError(t, err)
+	}
+	return b, rec, start
+}
+
 // TestVerify: a streamed spool verifies clean, file by file and as a whole; a flipped
 // byte inside a record of a published segment is found, and the file and the offset
 // of the record are named.
@@ -256,17 +264,7 @@ func TestVerify(t *testing.T) {
 	require.NoError(t, err, "a single published segment verifies on its own: %s", out)
 
 	// Damage the 100th record of the second segment.
-	b, err := os.ReadFile(second)
-	require.NoError(t, err)
-	id, _, err := receiver.ReadIdentity(spool)
-	require.NoError(t, err)
-	start := c.Segments[1].Start(1 << 20)
-	rd := wal.NewReader(id.Stream(), 1, wal.Bytes{Base: start, Data: b}, start, 0)
-	var rec wal.Record
-	for i := 0; i < 100; i++ {
-		rec, err = rd.Next()
-		require.NoError(t, err)
-	}
+	b, rec, start := nthRecord(t, spool, c.Segments[1], 100)
 	off := int64(rec.LSN - start)
 	b[off+4] ^= 0x01 // a bit of xl_xid: only the CRC can tell
 	require.NoError(t, os.WriteFile(second, b, 0o644))
