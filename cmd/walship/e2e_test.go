@@ -94,6 +94,16 @@ func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
 	return r
 }
 
+// streamingRig is a rig whose sidecar is streaming to its receiver.
+func streamingRig(t *testing.T, ctx context.Context, segMB int) *rig {
+	t.Helper()
+	r := newRig(t, ctx, segMB)
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	return r
+}
+
 func lastBytes(s string, n int) string {
 	if len(s) > n {
 		return "..." + s[len(s)-n:]
@@ -246,10 +256,7 @@ func testContext(t *testing.T, d time.Duration) context.Context {
 // exact copy of the primary's WAL.
 func TestStreamUnderLoad(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	r := streamingRig(t, ctx, 1)
 
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 4, 400)
 	require.NoError(t, err)

@@ -114,10 +114,7 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster,
 // the promoted server that streams timeline 2, history file first, to a fresh spool.
 func TestFailoverStandbyMode(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	r := streamingRig(t, ctx, 1)
 	sb := r.standby(ctx, false)
 	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, nil)
 
@@ -158,10 +155,7 @@ func TestFailoverStandbyMode(t *testing.T) {
 // waits inside restore_command, the pg_standby way, until the trigger.
 func TestFailoverArchiveRecovery(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	r := streamingRig(t, ctx, 1)
 	sb := r.standby(ctx, true)
 	// The promotion must work with the receiver dead too: kill it once the primary is
 	// gone (the sidecar has nothing more to send).

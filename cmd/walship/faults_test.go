@@ -58,9 +58,7 @@ func lastField(log, key string) string {
 // again from a segment's start.
 func TestRestarts(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
+	r := streamingRig(t, ctx, 1)
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 2, 400)
 	require.NoError(t, err)
 	defer load.Stop()
@@ -97,10 +95,7 @@ func TestSwitchBoundary(t *testing.T) {
 	for _, segMB := range []int{1, 16} {
 		t.Run(strings.Repeat("x", 0)+map[int]string{1: "1MB", 16: "16MB"}[segMB], func(t *testing.T) {
 			ctx := testContext(t, 3*time.Minute)
-			r := newRig(t, ctx, segMB)
-			r.startReceiver(ctx)
-			r.startSidecar(ctx, r.primary)
-			require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+			r := streamingRig(t, ctx, segMB)
 			require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 20000) g"))
 			require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
 			flush := flushLSN(t, ctx, r.primary)
@@ -126,9 +121,7 @@ func TestSwitchBoundary(t *testing.T) {
 // clear reason, and the spool does not change.
 func TestRefusals(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
+	r := streamingRig(t, ctx, 1)
 	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g FROM generate_series(1, 10000) g"))
 	r.checkIdentical(ctx)
 	r.sidecar.Kill()

@@ -65,9 +65,7 @@ func copySpool(t *testing.T, from string) string {
 
 func TestRestoreCommand(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
+	r := streamingRig(t, ctx, 1)
 	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 30000) g"))
 	r.checkIdentical(ctx)
 	_, c := spoolPosition(t, r.spool)
@@ -245,9 +243,7 @@ func nthRecord(t *testing.T, spool string, seg wal.Segment, n int) ([]byte, wal.
 // of the record are named.
 func TestVerify(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
+	r := streamingRig(t, ctx, 1)
 	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat(md5(g::text), 5) AS pad FROM generate_series(1, 30000) g"))
 	r.checkIdentical(ctx)
 	r.sidecar.Kill()
