@@ -45,6 +45,8 @@ type Report struct {
 	AlreadyDone  bool    // a previous run had promoted it
 	StandbyMode  bool    // standby.signal (pg_promote) rather than archive recovery
 	PartialStart wal.LSN // the LSN of the partial segment's first byte
+	Drained      bool    // the sidecar had recorded its end-of-WAL mark
+	DrainEnd     string  // where the mark says the primary's WAL ends
 }
 
 func (r Report) String() string {
@@ -53,6 +55,11 @@ func (r Report) String() string {
 		b.WriteString("already promoted; ")
 	}
 	fmt.Fprintf(&b, "promoted: timeline %d, recovery ended at %s", r.TLI, r.End)
+	if r.Drained {
+		fmt.Fprintf(&b, "; the sidecar drained the primary's WAL to %s", r.DrainEnd)
+	} else if !r.AlreadyDone {
+		b.WriteString("; no end-of-WAL mark (no sidecar was connected), so the spool's WAL as it was")
+	}
 	if r.Segment != "" {
 		fmt.Fprintf(&b, "; %d of the %d bytes of the partial segment %s came from the spool's tail", r.FromPartial, r.FrozenBytes, r.Segment)
 	}
@@ -118,6 +125,9 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 		if !inRecovery {
 			return Report{}, errors.New("promote: the server is not in recovery and this spool was never promoted: nothing to do")
 		}
+		if rep.Drained, rep.DrainEnd, err = awaitDrain(ctx, cfg.Spool, log); err != nil {
+			return Report{}, err
+		}
 		if trig, err = freeze(ctx, cfg.Spool, id, log); err != nil {
 			return Report{}, err
 		}
@@ -153,6 +163,39 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 		return rep, fmt.Errorf("promote: the server did not finish recovery within %s: %w (the spool stays frozen; the server may still be promoting)", cfg.Timeout, err)
 	}
 	return report(ctx, dsn, cfg.PGData, rep)
+}
+
+// awaitDrain waits, while a sidecar's session is writing the spool, for the sidecar to
+// record its end-of-WAL mark (it drains the primary's pg_wal once the server is gone)
+// or for the session to end. A session holds the writer lock; a mark left by a session
+// that has ended counts too.
+func awaitDrain(ctx context.Context, spool string, log zerolog.Logger) (drained bool, end string, err error) {
+	waiting := false
+	err = waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
+		m, ok, err := receiver.ReadEnd(spool)
+		if err != nil || ok {
+			drained, end = ok, fmt.Sprintf("%s on timeline %d", m.LSN, m.TLI)
+			return true, err
+		}
+		lock, err := receiver.LockWriter(spool)
+		if errors.Is(err, receiver.ErrLocked) {
+			if !waiting {
+				log.Info().Msg("a sidecar is connected; waiting for it to drain the primary's WAL and mark its end " +
+					"(a sidecar lost with its host shows once the receiver's session times out, within 10s)")
+				waiting = true
+			}
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		return true, lock.Close()
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return false, "", fmt.Errorf("promote: a sidecar is still streaming into %s and sent no end-of-WAL mark: "+
+			"is the primary still running? Stop it first; the sidecar then drains its WAL and promote goes on (nothing was changed)", spool)
+	}
+	return drained, end, err
 }
 
 // freeze stops the receivers and writes the trigger.

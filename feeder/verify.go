@@ -38,38 +38,6 @@ type segFile struct {
 	size int64
 }
 
-// files is a wal.Source over the consecutive files of one timeline.
-type files struct {
-	segSize uint64
-	byNo    map[uint64]segFile
-}
-
-func (f files) ReadAt(p []byte, lsn wal.LSN) (int, error) {
-	n := 0
-	for n < len(p) {
-		seg, off := wal.SegmentOf(0, lsn+wal.LSN(n), f.segSize)
-		sf, ok := f.byNo[seg.No]
-		if !ok || int64(off) >= sf.size {
-			return n, io.EOF
-		}
-		fh, err := os.Open(sf.path)
-		if err != nil {
-			return n, err
-		}
-		want := min(len(p)-n, int(sf.size-int64(off)))
-		m, err := fh.ReadAt(p[n:n+want], int64(off))
-		fh.Close()
-		n += m
-		if err != nil && !errors.Is(err, io.EOF) {
-			return n, err
-		}
-		if m < want {
-			return n, io.EOF
-		}
-	}
-	return n, nil
-}
-
 // VerifySpool checks every published segment and partial of a spool: page headers
 // (with the spool's system identifier), the record chain across files and every CRC.
 func VerifySpool(dir string) ([]Verdict, error) {
@@ -159,10 +127,15 @@ func verifyFile(path string) (Verdict, error) {
 // the walk passes through it to its end (or the bytes run out in its last record); the
 // file where the walk stops early is bad, and the walk starts again at the next file.
 func verifyRun(st wal.Stream, tli uint32, fs []segFile) []Verdict {
-	src := files{segSize: st.SegSize, byNo: map[uint64]segFile{}}
+	byNo := map[uint64]segFile{}
 	for _, f := range fs {
-		src.byNo[f.seg.No] = f
+		byNo[f.seg.No] = f
 	}
+	src := &wal.Files{SegSize: st.SegSize, Locate: func(no uint64) (string, int64, bool) {
+		f, ok := byNo[no]
+		return f.path, f.size, ok
+	}}
+	defer src.Close()
 	out := make([]Verdict, len(fs))
 	for i, f := range fs {
 		out[i] = Verdict{File: filepath.Base(f.path), Bytes: f.size, OK: true}

@@ -178,6 +178,11 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 		c.Refuse(err.Error(), true)
 		return err
 	}
+	// A session means the primary's server is up again: its WAL goes on past any mark.
+	if err := clearEnd(r.cfg.Spool); err != nil {
+		c.Refuse(err.Error(), false)
+		return err
+	}
 	contents, err := Recover(r.cfg.Spool, id.Stream(), log)
 	if err != nil {
 		c.Refuse(err.Error(), false)
@@ -238,7 +243,17 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 			}
 			lastCheck = time.Now()
 		}
-		if err := r.apply(f, rb, w, log); err != nil {
+		if end, ok := f.(*transport.End); ok {
+			if err := r.end(end, rb, w, log); err != nil {
+				c.Refuse(err.Error(), false)
+				return err
+			}
+			// The echo tells the sidecar that the mark is durable.
+			if err := c.Send(end); err != nil {
+				return err
+			}
+			continue
+		} else if err := r.apply(f, rb, w, log); err != nil {
 			c.Refuse(err.Error(), false)
 			return err
 		}
@@ -317,6 +332,24 @@ func (r *Receiver) apply(f transport.Frame, rb *Rebuild, w *writer, log zerolog.
 	default:
 		return fmt.Errorf("%w: unexpected frame %T in a session", transport.ErrMalformed, f)
 	}
+}
+
+// end records the sidecar's end-of-WAL mark once every byte before it is durable. The
+// mark must sit exactly where the received WAL ends: anything else means frames were
+// lost or the sidecar is confused, and recording it would mislead the promotion.
+func (r *Receiver) end(e *transport.End, rb *Rebuild, w *writer, log zerolog.Logger) error {
+	if err := w.sync(); err != nil {
+		return err
+	}
+	pos := rb.Durable()
+	if pos.TLI != e.TLI || pos.LSN != e.LSN {
+		return fmt.Errorf("end-of-WAL mark at %s on timeline %d, but the spool holds WAL up to %s", e.LSN, e.TLI, pos)
+	}
+	if err := writeEnd(r.cfg.Spool, pos); err != nil {
+		return err
+	}
+	log.Info().Stringer("end", pos).Msg("the sidecar drained the primary's WAL; end-of-WAL mark recorded")
+	return nil
 }
 
 // publishOnce publishes content at path unless the same content is there already; other

@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/tail/wal"
@@ -25,6 +26,9 @@ const (
 	// TriggerFile is the promotion trigger: it names the frozen partial segment and how
 	// many of its bytes recovery gets (see feeder).
 	TriggerFile = "walship.promote"
+	// EndFile is the end-of-WAL mark: the sidecar found the primary's server gone and
+	// sent every valid record its pg_wal held. A new session removes it.
+	EndFile = "walship.end"
 
 	receiverLockFile = ".walship.receiver.lock" // one receiver process per spool
 	writerLockFile   = ".walship.lock"          // held while a session may write
@@ -84,6 +88,50 @@ func ReadIdentity(dir string) (id Identity, ok bool, err error) {
 		return Identity{}, false, fmt.Errorf("read spool identity %s: %w", filepath.Join(dir, IdentityFile), err)
 	}
 	return id, true, nil
+}
+
+// EndMark is the content of EndFile.
+type EndMark struct {
+	TLI uint32 `json:"timeline"`
+	LSN string `json:"lsn"`
+	At  string `json:"recorded_at"`
+}
+
+// ReadEnd reads the spool's end-of-WAL mark; ok is false when there is none.
+func ReadEnd(dir string) (m EndMark, ok bool, err error) {
+	b, err := os.ReadFile(filepath.Join(dir, EndFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return EndMark{}, false, nil
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &m)
+	}
+	if err != nil {
+		return EndMark{}, false, fmt.Errorf("read end-of-WAL mark: %w", err)
+	}
+	return m, true, nil
+}
+
+// writeEnd records the end-of-WAL mark durably.
+func writeEnd(dir string, pos Position) error {
+	m := EndMark{TLI: pos.TLI, LSN: pos.LSN.String(), At: time.Now().UTC().Format(time.RFC3339Nano)}
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	return durable.WriteFile(filepath.Join(dir, EndFile), append(b, '\n'), 0o644)
+}
+
+// clearEnd removes the end-of-WAL mark, durably, when there is one.
+func clearEnd(dir string) error {
+	err := os.Remove(filepath.Join(dir, EndFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove the old end-of-WAL mark: %w", err)
+	}
+	return durable.SyncDir(dir)
 }
 
 // ErrLocked means another process holds a spool lock.

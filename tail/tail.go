@@ -42,6 +42,10 @@ type Config struct {
 	// one trivial query on the primary; the poll interval bounds how late a flushed byte
 	// leaves for the standby.
 	Poll time.Duration
+	// NoDrain turns the drain off: when the server is lost, the sidecar stops at the
+	// last flush position it read. The drain needs to see the server's processes (same
+	// host, or the same PID and IPC namespaces); without that, turn it off.
+	NoDrain bool
 	// Logger receives progress and errors. The zero value logs nothing.
 	Logger zerolog.Logger
 }
@@ -134,10 +138,11 @@ func (t *Tailer) session(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	pgwal := filepath.Join(srv.DataDir, "pg_wal")
+	pgdata := srv.DataDir
 	if t.cfg.PGData != "" {
-		pgwal = filepath.Join(t.cfg.PGData, "pg_wal")
+		pgdata = t.cfg.PGData
 	}
+	pgwal := filepath.Join(pgdata, "pg_wal")
 	// The magic of the WAL on disk must be the version's: a wrong --pgdata shows here.
 	if err := checkWALDir(pgwal, srv, tli, flush); err != nil {
 		return fmt.Errorf("%w: %w", errFatal, err)
@@ -177,7 +182,8 @@ func (t *Tailer) session(ctx context.Context) error {
 	t.shipped.Store(uint64(from))
 
 	acks := make(chan error, 1)
-	go func() { acks <- t.readAcks(c) }()
+	ends := make(chan wal.LSN, 1)
+	go func() { acks <- t.readAcks(c, ends) }()
 	sh := &shipper{dir: pgwal, stream: hello.Stream(), tli: tli, conn: c}
 	defer sh.close()
 	tick := time.NewTicker(t.cfg.Poll)
@@ -199,6 +205,10 @@ func (t *Tailer) session(ctx context.Context) error {
 		}
 		var now uint32
 		flush, now, err = srv.Flush(ctx, pg)
+		if err != nil && ctx.Err() == nil && !t.cfg.NoDrain {
+			lost := &lostServer{pgdata: pgdata, dsn: t.cfg.DSN, poll: t.cfg.Poll, acks: acks, ends: ends}
+			return t.serverLost(ctx, err, lost, sh, from)
+		}
 		if err != nil {
 			return err
 		}
@@ -263,7 +273,7 @@ func (t *Tailer) startAt(w *transport.Welcome, tli uint32, flush wal.LSN, pgwal 
 	return start.Start(segSize), nil
 }
 
-func (t *Tailer) readAcks(c *transport.Conn) error {
+func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
 	for {
 		f, err := c.Recv()
 		if err != nil {
@@ -272,6 +282,11 @@ func (t *Tailer) readAcks(c *transport.Conn) error {
 		switch f := f.(type) {
 		case *transport.Ack:
 			t.acked.Store(uint64(f.LSN))
+		case *transport.End:
+			select {
+			case ends <- f.LSN:
+			default:
+			}
 		case *transport.Refuse:
 			return &transport.RefusedError{Fatal: f.Fatal, Reason: f.Reason}
 		default:

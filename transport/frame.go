@@ -13,7 +13,7 @@ import (
 
 // Version is the protocol version carried in Hello and Welcome. Peers of different
 // versions refuse each other.
-const Version = 1
+const Version = 2
 
 // Frame kinds on the wire.
 const (
@@ -23,6 +23,7 @@ const (
 	kindFile    = 4
 	kindAck     = 5
 	kindRefuse  = 6
+	kindEnd     = 7
 )
 
 // Limits that keep a malformed or hostile peer from making us allocate without bound.
@@ -114,12 +115,22 @@ type Refuse struct {
 	Reason string
 }
 
+// End is the sidecar's end-of-WAL mark: the primary's server is gone, and the sidecar
+// has sent every valid record its pg_wal holds. The WAL of timeline TLI ends at LSN,
+// where the bytes sent before the mark end. The receiver records the mark durably, and
+// walship promote waits for it while a sidecar is connected.
+type End struct {
+	TLI uint32
+	LSN wal.LSN
+}
+
 func (*Hello) kind() byte   { return kindHello }
 func (*Welcome) kind() byte { return kindWelcome }
 func (*Data) kind() byte    { return kindData }
 func (*File) kind() byte    { return kindFile }
 func (*Ack) kind() byte     { return kindAck }
 func (*Refuse) kind() byte  { return kindRefuse }
+func (*End) kind() byte     { return kindEnd }
 
 // CheckHash verifies the payload against the frame's hash.
 func (d *Data) CheckHash() error {
@@ -173,6 +184,9 @@ func AppendFrame(dst []byte, f Frame) []byte {
 		dst = le.AppendUint64(dst, f.Hash)
 		dst = append(dst, f.Content...)
 	case *Ack:
+		dst = le.AppendUint32(dst, f.TLI)
+		dst = le.AppendUint64(dst, uint64(f.LSN))
+	case *End:
 		dst = le.AppendUint32(dst, f.TLI)
 		dst = le.AppendUint64(dst, uint64(f.LSN))
 	case *Refuse:
@@ -282,6 +296,8 @@ func parseBody(kind byte, b []byte) (Frame, error) {
 		f = fl
 	case kindAck:
 		f = &Ack{TLI: r.u32(), LSN: wal.LSN(r.u64())}
+	case kindEnd:
+		f = &End{TLI: r.u32(), LSN: wal.LSN(r.u64())}
 	case kindRefuse:
 		fatal, err := r.flag("refuse: fatal")
 		if err != nil {

@@ -17,6 +17,7 @@ var sampleFrames = map[string]Frame{
 	"padding": func() *Data { d := NewData(1, 42, 8192, make([]byte, 64)); d.Padding = true; return d }(),
 	"file":    NewFile("00000002.history", []byte("1\t0/3000160\tno recovery target specified\n")),
 	"ack":     &Ack{TLI: 1, LSN: 0x3000000},
+	"end":     &End{TLI: 2, LSN: 0x5000a28},
 	"refuse":  &Refuse{Fatal: true, Reason: "spool belongs to another cluster"},
 }
 

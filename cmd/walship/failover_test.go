@@ -67,32 +67,55 @@ func (r *rig) standby(ctx context.Context, archiveMode bool) *lab.Cluster {
 	return sb
 }
 
+// crash says how a crash test ends the primary and what it expects.
+type crash struct {
+	// hostLost kills the sidecar together with the postmaster, as the loss of the
+	// primary's host would: nothing drains, and the loss is bounded by lossBound.
+	// Otherwise the sidecar lives, drains pg_wal, and no acknowledged commit is lost.
+	hostLost bool
+	// afterKill runs between the kill and walship promote.
+	afterKill func()
+}
+
 // crashAndPromote runs the load, kills the primary, runs walship promote with target
-// (--dsn DSN or --pgdata DIR) and checks what the standby has.
-func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster, target []string, afterKill func()) {
+// (--dsn DSN or --pgdata DIR) and checks what the standby has. It returns the commits
+// lost and the window.
+func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster, target []string, how crash) (int, time.Duration) {
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 1, 100)
 	require.NoError(t, err)
 	run := time.Duration(2000+rand.IntN(2000)) * time.Millisecond
 	time.Sleep(run) // the moment of the crash is the experiment's random input, not a wait
 	killAt := time.Now()
+	if how.hostLost {
+		r.sidecar.Kill()
+	}
 	require.NoError(t, r.primary.Kill())
 	load.Stop() // the client's error is expected: its server died
 	acks := load.Acks()
 	require.NotEmpty(t, acks)
-	if afterKill != nil {
-		afterKill()
+	if how.afterKill != nil {
+		how.afterKill()
 	}
 
 	out, err := exec.CommandContext(ctx, walshipBin, append([]string{"promote", "--spool", r.spool, "--timeout", "90s"}, target...)...).CombinedOutput()
 	require.NoError(t, err, "walship promote:\n%s", out)
 	t.Logf("walship promote: %s", strings.TrimSpace(string(out)))
 	require.Contains(t, string(out), "promoted: timeline 2")
+	if how.hostLost {
+		require.Contains(t, string(out), "no end-of-WAL mark")
+	} else {
+		require.Contains(t, string(out), "the sidecar drained the primary's WAL to")
+	}
 
 	loss, err := lab.MeasureLoss(ctx, sb, acks, killAt)
 	require.NoError(t, err)
 	var lost []int64
 	for _, a := range loss.Lost {
 		lost = append(lost, a.ID)
+		if !how.hostLost {
+			require.Fail(t, "an acknowledged commit is lost although the sidecar drained",
+				"id %d, acknowledged %s before the kill", a.ID, killAt.Sub(a.At))
+		}
 		require.False(t, a.At.Before(killAt.Add(-lossBound)),
 			"id %d was acknowledged %s before the kill and is missing on the promoted standby", a.ID, killAt.Sub(a.At))
 	}
@@ -108,6 +131,7 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster,
 	out2, err := exec.CommandContext(ctx, walshipBin, append([]string{"promote", "--spool", r.spool}, target...)...).CombinedOutput()
 	require.NoError(t, err, "second walship promote:\n%s", out2)
 	require.Contains(t, string(out2), "already promoted")
+	return len(lost), loss.Window
 }
 
 // TestFailoverStandbyMode is the crash test in standby mode, followed by a sidecar on
@@ -116,7 +140,7 @@ func TestFailoverStandbyMode(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	r := streamingRig(t, ctx, 1)
 	sb := r.standby(ctx, false)
-	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, nil)
+	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
 
 	// The roles swap: the promoted standby is the new primary; ship its timeline.
 	r2 := &rig{t: t, dir: filepath.Join(r.dir, "second"), primary: sb}
@@ -157,14 +181,12 @@ func TestFailoverArchiveRecovery(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	r := streamingRig(t, ctx, 1)
 	sb := r.standby(ctx, true)
-	// The promotion must work with the receiver dead too: kill it once the primary is
-	// gone (the sidecar has nothing more to send).
-	crashAndPromote(t, ctx, r, sb, []string{"--pgdata", sb.Data}, func() {
-		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar to lose the primary", func() (bool, error) {
-			return strings.Contains(r.sidecar.Log(), "session lost"), nil
-		}))
+	// The promotion must work with the receiver dead too: kill it once the sidecar has
+	// drained the primary's WAL (the end-of-WAL mark is in the spool).
+	crashAndPromote(t, ctx, r, sb, []string{"--pgdata", sb.Data}, crash{afterKill: func() {
+		require.NoError(t, r.sidecar.WaitLog(ctx, "drained: the receiver holds every valid record"))
 		r.receiver.Kill()
-	})
+	}})
 
 	// A receiver started on the frozen spool refuses every sidecar, and the spool stays.
 	before := snapshot(t, r.spool)
@@ -182,4 +204,15 @@ func TestFailoverArchiveRecovery(t *testing.T) {
 	require.True(t, refused.Fatal)
 	require.Contains(t, refused.Reason, "frozen for promotion")
 	require.Equal(t, before, snapshot(t, r.spool))
+}
+
+// TestFailoverHostLost is the crash test with the primary's host lost: the sidecar dies
+// with the postmaster, so nothing drains and promote goes on with the spool as it is.
+// The commits of the last poll interval or so may be lost; none acknowledged more than
+// lossBound before the kill.
+func TestFailoverHostLost(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	sb := r.standby(ctx, false)
+	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{hostLost: true})
 }

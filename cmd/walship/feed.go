@@ -90,6 +90,11 @@ func runPromote(args []string) int {
 	fs := newFlags("promote", "--spool DIR [--pgdata DIR | --dsn DSN] [--timeout DURATION]", `
 Fail over to the standby with everything the spool holds, the partial tail included:
 
+  0. if a sidecar is connected, wait for it to drain: once the primary's server is gone
+     (stopped, or killed and all its processes exited) the sidecar sends every valid
+     record left in pg_wal and an end-of-WAL mark. A sidecar that is still streaming
+     means a running primary: promote then gives up at --timeout and changes nothing.
+     Without a sidecar (its host is lost too) it goes on with what the spool holds;
   1. freeze the spool: the receiver stops writing it (running or dead, now or later);
   2. set the trigger, so that the next restore of the in-progress segment gets the
      frozen partial, zero-padded;

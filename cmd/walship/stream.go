@@ -21,6 +21,16 @@ by the certificates in --tls-dir. It resumes where the receiver's spool ends, af
 reconnect or restart. Started beside a standby, it waits for the promotion and then
 ships the new timeline, its history file first.
 
+When the server is lost (its connection fails and no new one is taken), the sidecar
+keeps its receiver session open and waits until every process of the server has exited
+(postmaster.pid gone, or the postmaster dead and its shared memory detached by all).
+Then it drains: it sends every valid record left in pg_wal past the last flush position
+it read (whole records whose CRCs and chain hold, what crash recovery would replay),
+then an end-of-WAL mark that the receiver records and walship promote waits for. So a
+crash of the server alone loses no commit. The check needs to see the server's processes
+and System V shared memory (same host, or the same PID and IPC namespaces); elsewhere
+use --no-drain.
+
 Poll cost: each poll is one trivial query. At the default 10ms that is 100 queries a
 second, well under 1% of a core on the primary and on this host; the poll interval is
 what bounds how late a flushed commit leaves for the standby.`)
@@ -29,6 +39,7 @@ what bounds how late a flushed commit leaves for the standby.`)
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, sidecar.crt and sidecar.key, as made by 'walship certs' (required)")
 	pgdata := fs.String("pgdata", "", "the primary's data directory as seen from here (default: the server's data_directory)")
 	poll := fs.Duration("poll", tail.DefaultPoll, "how often to read the flush position")
+	noDrain := fs.Bool("no-drain", false, "when the server is lost, do not drain pg_wal past the last flush position read")
 	logger := logFlags(fs)
 	if rc := parse(fs, args); rc >= 0 {
 		return rc
@@ -55,7 +66,7 @@ what bounds how late a flushed commit leaves for the standby.`)
 	if err != nil {
 		return fail("%v", err)
 	}
-	t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: *to, TLS: tlsConf, Poll: *poll, Logger: log})
+	t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: *to, TLS: tlsConf, Poll: *poll, NoDrain: *noDrain, Logger: log})
 	if err != nil {
 		return fail("%v", err)
 	}

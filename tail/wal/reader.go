@@ -221,6 +221,41 @@ func ValidEnd(s Stream, tli uint32, src Source, start, prev LSN) (end LSN, last 
 	}
 }
 
+// RecordAtOrBefore finds where to start reading so that every byte from lsn on is
+// checked: the start of the first record on the nearest page at or before lsn that
+// has a record starting at or before lsn. Page headers give it (a page's first record
+// follows the xlp_rem_len bytes continued from the record before). It looks no lower
+// than floor, and fails when a page on the way does not check (a recycled or missing
+// segment).
+func RecordAtOrBefore(s Stream, tli uint32, src Source, lsn, floor LSN) (LSN, error) {
+	bs := LSN(s.BlockSize)
+	r := NewReader(s, tli, src, 0, 0)
+	for page := lsn - lsn%bs; page >= floor; page -= bs {
+		h, err := r.header(page)
+		if err != nil {
+			return 0, err
+		}
+		hs := LSN(HeaderSize(page, s.SegSize))
+		first := page + hs
+		if h.Info&FlagFirstIsContRecord != 0 {
+			if LSN(h.RemLen) >= bs-hs {
+				if page < bs {
+					break
+				}
+				continue // the record from before fills this page
+			}
+			first = LSN(maxAlign(uint64(first + LSN(h.RemLen))))
+		}
+		if first <= lsn {
+			return first, nil
+		}
+		if page < bs {
+			break
+		}
+	}
+	return 0, fmt.Errorf("no record starts between %s and %s", floor, lsn)
+}
+
 // Bytes is a Source over WAL held in memory from Base on.
 type Bytes struct {
 	Base LSN

@@ -176,6 +176,40 @@ func TestReaderAgainstWaldump(t *testing.T) {
 	t.Logf("recycled tail cut at %s: %s", end2, stop.Reason)
 }
 
+// TestRecordAtOrBefore checks the restart point the drain uses: from any position,
+// the record found is one pg_waldump shows, at or before the position, and reading on
+// from it passes through every record after it to the end of valid WAL.
+func TestRecordAtOrBefore(t *testing.T) {
+	w := capture(t)
+	base := w.first.Start(1 << 20)
+	src := wal.Bytes{Base: base, Data: w.data}
+	starts, _ := w.waldump(t, base+wal.LongHeaderSize, w.flush)
+	isStart := map[wal.LSN]bool{}
+	for _, s := range starts {
+		isStart[s] = true
+	}
+	for i := 0; i < 400; i++ {
+		lsn := starts[0] + wal.LSN((uint64(i)*7_919_113)%uint64(w.flush-starts[0]))
+		if page := (lsn - base) / 8192 * 8192; bytes.Equal(w.data[page:page+4], []byte{0, 0, 0, 0}) {
+			continue // the unwritten rest of the switched segment
+		}
+		at, err := wal.RecordAtOrBefore(w.stream, 1, src, lsn, base)
+		require.NoError(t, err, "from %s", lsn)
+		require.LessOrEqual(t, at, lsn)
+		require.True(t, isStart[at], "%s (found from %s) is not a record pg_waldump shows", at, lsn)
+		next := sort.Search(len(starts), func(i int) bool { return starts[i] > lsn })
+		require.Less(t, uint64(lsn-at), uint64(1<<20), "walked back too far")
+		if next < len(starts) {
+			require.True(t, next == 0 || starts[next-1] >= at, "a record starts between %s and %s", at, lsn)
+		}
+		end, _, _, err := wal.ValidEnd(w.stream, 1, src, at, 0)
+		require.NoError(t, err)
+		require.Equal(t, w.flush, end, "reading on from %s", at)
+	}
+	_, err := wal.RecordAtOrBefore(w.stream, 1, src, base+2*8192+100, base+3*8192)
+	require.ErrorContains(t, err, "no record starts")
+}
+
 // TestReaderCorruption damages real WAL: a flipped bit in any byte of a record, or in
 // the magic or xlp_pageaddr of a page, makes the reader stop at or before that record,
 // and it never panics.
