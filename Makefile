@@ -5,7 +5,7 @@ BIN := bin/walship
 # (WALSHIP_PG_BINDIR, PATH, pg_config or /usr/lib/postgresql/*/bin).
 TESTFLAGS ?= -count=1 -timeout 15m
 
-.PHONY: build test demo bench lint fuzz clean
+.PHONY: build test demo bench crash-trials lint fuzz clean
 
 build:
 	$(GO) build -o $(BIN) ./cmd/walship
@@ -16,8 +16,14 @@ test: lint
 demo: build
 	$(GO) run ./bench/cmd/demo --walship $(BIN)
 
-bench: build
+bench: build crash-trials
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# Kill the primary's postmaster under load TRIALS times (20 by default), promote, and
+# require zero acknowledged commits lost in every trial.
+TRIALS ?= 20
+crash-trials:
+	WALSHIP_CRASH_TRIALS=$(TRIALS) $(GO) test -count=1 -timeout 60m -run '^TestCrashTrials$$' -v ./cmd/walship
 
 lint:
 	@unformatted=$$(gofmt -l .); if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi

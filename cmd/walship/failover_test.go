@@ -216,3 +216,29 @@ func TestFailoverHostLost(t *testing.T) {
 	sb := r.standby(ctx, false)
 	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{hostLost: true})
 }
+
+// TestCrashTrials repeats the crash test with the sidecar alive WALSHIP_CRASH_TRIALS
+// times (make crash-trials runs 20), each on new clusters, and requires zero
+// acknowledged commits lost in every one. make test runs one trial, in
+// TestFailoverStandbyMode.
+func TestCrashTrials(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("WALSHIP_CRASH_TRIALS"))
+	if n <= 0 {
+		t.Skip("set WALSHIP_CRASH_TRIALS=N (make crash-trials) to run N crash trials")
+	}
+	var rows []string
+	for i := 1; i <= n; i++ {
+		ok := t.Run(fmt.Sprintf("trial%02d", i), func(t *testing.T) {
+			ctx := testContext(t, 4*time.Minute)
+			r := streamingRig(t, ctx, 1)
+			sb := r.standby(ctx, false)
+			lost, window := crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
+			rows = append(rows, fmt.Sprintf("| %d | %d | %s |", i, lost, window.Round(time.Microsecond)))
+		})
+		if !ok {
+			break
+		}
+	}
+	t.Logf("crash trials with the sidecar alive:\n| trial | lost | window |\n|---|---|---|\n%s", strings.Join(rows, "\n"))
+	require.Len(t, rows, n, "every trial must lose nothing")
+}
