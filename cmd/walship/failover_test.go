@@ -119,6 +119,13 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster,
 		require.False(t, a.At.Before(killAt.Add(-lossBound)),
 			"id %d was acknowledged %s before the kill and is missing on the promoted standby", a.ID, killAt.Sub(a.At))
 	}
+	if !how.hostLost {
+		for _, line := range strings.Split(r.sidecar.Log(), "\n") {
+			if strings.Contains(line, "drained:") {
+				t.Logf("sidecar: %s", line)
+			}
+		}
+	}
 	t.Logf("%d commits acknowledged in %s; %d lost %v; window (kill time minus the ack of the newest surviving commit): %s",
 		len(acks), run, len(lost), lost, loss.Window.Round(time.Microsecond))
 	conn, err := sb.Connect(ctx)
