@@ -177,6 +177,50 @@ func TestRefusals(t *testing.T) {
 	})
 	require.Equal(t, before, snapshot(t, r.spool), "a refused frame must not change the spool")
 
+	// An end-of-WAL mark must sit exactly where the spool's WAL ends; one that does not
+	// is refused and recorded nowhere. One that does is recorded, echoed, and removed by
+	// the next session, whose sidecar found the server up again.
+	endAt := func(c *transport.Conn, e *transport.End) transport.Frame {
+		require.NoError(t, c.Send(e))
+		f, err := c.Recv()
+		require.NoError(t, err)
+		return f
+	}
+	t.Run("end-of-WAL mark in the wrong place", func(t *testing.T) {
+		c, err := transport.Dial(ctx, r.addr, good)
+		require.NoError(t, err)
+		defer c.Close("")
+		w, err := transport.Handshake(ctx, c, hello)
+		require.NoError(t, err)
+		f := endAt(c, &transport.End{TLI: w.TLI, LSN: w.LSN + 8})
+		refuse, ok := f.(*transport.Refuse)
+		require.True(t, ok, "got %T, want a refusal", f)
+		require.Contains(t, refuse.Reason, "end-of-WAL mark at "+(w.LSN+8).String())
+		require.NoFileExists(t, filepath.Join(r.spool, receiver.EndFile))
+	})
+	require.Equal(t, before, snapshot(t, r.spool), "a refused mark must not change the spool")
+	t.Run("end-of-WAL mark recorded, then cleared by the next session", func(t *testing.T) {
+		c, err := transport.Dial(ctx, r.addr, good)
+		require.NoError(t, err)
+		w, err := transport.Handshake(ctx, c, hello)
+		require.NoError(t, err)
+		f := endAt(c, &transport.End{TLI: w.TLI, LSN: w.LSN})
+		require.Equal(t, &transport.End{TLI: w.TLI, LSN: w.LSN}, f, "the receiver echoes a recorded mark")
+		c.Close("")
+		m, ok, err := receiver.ReadEnd(r.spool)
+		require.NoError(t, err)
+		require.True(t, ok)
+		require.Equal(t, receiver.EndMark{TLI: w.TLI, LSN: w.LSN.String(), At: m.At}, m)
+
+		c2, err := transport.Dial(ctx, r.addr, good)
+		require.NoError(t, err)
+		defer c2.Close("")
+		_, err = transport.Handshake(ctx, c2, hello)
+		require.NoError(t, err)
+		require.NoFileExists(t, filepath.Join(r.spool, receiver.EndFile))
+	})
+	require.Equal(t, before, snapshot(t, r.spool), "marks must not change the spool's WAL")
+
 	t.Run("sidecar of another cluster", func(t *testing.T) {
 		other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
 		require.NoError(t, err)
