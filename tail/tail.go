@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync/atomic"
@@ -42,6 +43,10 @@ type Config struct {
 	// one trivial query on the primary; the poll interval bounds how late a flushed byte
 	// leaves for the standby.
 	Poll time.Duration
+	// ArchiveDir is where the primary's archive_command puts whole segments. A segment
+	// that pg_wal no longer holds (removed or recycled before it was shipped, as can
+	// happen without the slot) is taken from there; without it, that is a gap error.
+	ArchiveDir string
 	// NoDrain turns the drain off: when the server is lost, the sidecar stops at the
 	// last flush position it read. The drain needs to see the server's processes (same
 	// host, or the same PID and IPC namespaces); without that, turn it off.
@@ -73,6 +78,7 @@ type Tailer struct {
 
 	shipped atomic.Uint64 // LSN after the last byte sent
 	acked   atomic.Uint64 // LSN the receiver last acked as durable
+	known   atomic.Bool   // acked holds the receiver's word (a welcome or an ack)
 }
 
 // New checks cfg and returns a Tailer.
@@ -88,6 +94,13 @@ func (t *Tailer) Shipped() wal.LSN { return wal.LSN(t.shipped.Load()) }
 
 // Acked is the position the receiver last reported durable.
 func (t *Tailer) Acked() wal.LSN { return wal.LSN(t.acked.Load()) }
+
+// Durable is the position the receiver last reported durable, from its welcome or its
+// acks; ok is false until it has said anything since this process started.
+func (t *Tailer) Durable() (wal.LSN, bool) { return wal.LSN(t.acked.Load()), t.known.Load() }
+
+// Receiver is the receiver's address.
+func (t *Tailer) Receiver() string { return t.cfg.To }
 
 // Run ships WAL until ctx is done or a fatal error: a receiver bound to another cluster,
 // another protocol version, a spool ahead of the primary. Lost connections to the
@@ -180,11 +193,15 @@ func (t *Tailer) session(ctx context.Context) error {
 	t.log.Info().Str("receiver", t.cfg.To).Uint64("system_identifier", srv.SysID).Uint32("timeline", tli).
 		Stringer("from", from).Stringer("flush", flush).Msg("streaming")
 	t.shipped.Store(uint64(from))
+	// The receiver holds everything before from: its spool's end, or for an empty spool
+	// the point where it starts.
+	t.acked.Store(uint64(from))
+	t.known.Store(true)
 
 	acks := make(chan error, 1)
 	ends := make(chan wal.LSN, 1)
 	go func() { acks <- t.readAcks(c, ends) }()
-	sh := &shipper{dir: pgwal, stream: hello.Stream(), tli: tli, conn: c}
+	sh := &shipper{dir: pgwal, archive: t.cfg.ArchiveDir, stream: hello.Stream(), tli: tli, conn: c, log: t.log}
 	defer sh.close()
 	tick := time.NewTicker(t.cfg.Poll)
 	defer tick.Stop()
@@ -195,6 +212,10 @@ func (t *Tailer) session(ctx context.Context) error {
 			}
 			from = flush
 			t.shipped.Store(uint64(from))
+	// The receiver holds everything before from: its spool's end, or for an empty spool
+	// the point where it starts.
+	t.acked.Store(uint64(from))
+	t.known.Store(true)
 		}
 		select {
 		case <-ctx.Done():
@@ -318,7 +339,9 @@ func checkWALDir(pgwal string, srv Server, tli uint32, flush wal.LSN) error {
 
 // shipper reads byte ranges of the primary's segments and sends them.
 type shipper struct {
-	dir    string
+	dir     string
+	archive string // the primary's archive directory, or ""
+	log     zerolog.Logger
 	stream wal.Stream
 	tli    uint32
 	conn   *transport.Conn
@@ -408,13 +431,43 @@ func (s *shipper) open(seg wal.Segment) error {
 		return nil
 	}
 	s.close()
-	name := filepath.Join(s.dir, seg.Name(s.stream.SegSize))
-	f, err := os.Open(name)
+	name := seg.Name(s.stream.SegSize)
+	f, err := os.Open(filepath.Join(s.dir, name))
+	if errors.Is(err, fs.ErrNotExist) && s.archive != "" {
+		if f, err = openArchived(filepath.Join(s.archive, name), s.stream.SegSize); err == nil {
+			s.log.Warn().Str("segment", name).Str("archive", s.archive).Msg("pg_wal no longer holds the segment; shipping the archived copy")
+		}
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: segment %s is gone from %s: the primary removed or recycled it before it was shipped; "+
+			"keep the replication slot on, give --archive-dir, or rebuild the standby from a new base backup", ErrGap, name, s.dir)
+	}
 	if err != nil {
-		return fmt.Errorf("open segment: %w (recycled or removed before it was shipped?)", err)
+		return fmt.Errorf("open segment %s: %w", name, err)
 	}
 	s.f, s.seg, s.padAt = f, seg, 0
 	return nil
+}
+
+// ErrGap means WAL the receiver needs is no longer on the primary.
+var ErrGap = errors.New("gap in the WAL")
+
+// openArchived opens an archived segment, which must be whole; its pages are checked
+// as they are read, like those of pg_wal.
+func openArchived(path string, segSize uint64) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	info, err := f.Stat()
+	if err == nil && uint64(info.Size()) != segSize {
+		err = fmt.Errorf("archived segment %s holds %d bytes, want %d", path, info.Size(), segSize)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 func (s *shipper) close() {

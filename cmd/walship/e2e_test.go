@@ -50,6 +50,9 @@ type rig struct {
 	addr     string
 	receiver *lab.Proc
 	sidecar  *lab.Proc
+	// sidecarTo replaces addr as the sidecar's --to list; sidecarArgs are added flags.
+	sidecarTo   []string
+	sidecarArgs []string
 }
 
 func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
@@ -130,8 +133,15 @@ func (r *rig) startReceiver(ctx context.Context) {
 
 func (r *rig) startSidecar(ctx context.Context, c *lab.Cluster) *lab.Proc {
 	r.t.Helper()
-	p, err := lab.StartProc("sidecar", filepath.Join(r.dir, "sidecar.log"), walshipBin,
-		"tail", "--dsn", c.DSN(), "--to", r.addr, "--tls-dir", r.tlsDir, "--poll", "10ms", "--log-level", "debug")
+	args := []string{"tail", "--dsn", c.DSN(), "--tls-dir", r.tlsDir, "--poll", "10ms", "--log-level", "debug"}
+	to := r.sidecarTo
+	if len(to) == 0 {
+		to = []string{r.addr}
+	}
+	for _, a := range to {
+		args = append(args, "--to", a)
+	}
+	p, err := lab.StartProc("sidecar", filepath.Join(r.dir, "sidecar.log"), walshipBin, append(args, r.sidecarArgs...)...)
 	require.NoError(r.t, err)
 	r.sidecar = p
 	return p

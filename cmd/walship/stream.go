@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"net"
 	"strings"
@@ -11,8 +12,8 @@ import (
 )
 
 func runTail(args []string) int {
-	fs := newFlags("tail", "--dsn DSN --to HOST:PORT --tls-dir DIR [flags]", `
-Stream the primary's WAL to a walship receiver, as it is flushed. Run it next to the
+	fs := newFlags("tail", "--dsn DSN --to HOST:PORT [--to HOST:PORT ...] --tls-dir DIR [flags]", `
+Stream the primary's WAL to walship receivers, as it is flushed. Run it next to the
 primary, as a user that can read the data directory's pg_wal (the postgres user).
 
 It reads the flush position every --poll, reads the new bytes from pg_wal (never a byte
@@ -20,6 +21,16 @@ past the flush position) and sends them over QUIC with TLS 1.3, authenticated bo
 by the certificates in --tls-dir. It resumes where the receiver's spool ends, after any
 reconnect or restart. Started beside a standby, it waits for the promotion and then
 ships the new timeline, its history file first.
+
+Several standbys: give --to once for each receiver. Each has its own session and its
+own position; a slow or dead one never holds back the others.
+
+WAL retention: the sidecar keeps a physical replication slot (--slot, created if
+missing) at the lowest position every receiver has acknowledged as durable, so the
+primary never removes or recycles a segment a standby still needs; it warns when the
+slot holds back more than --slot-warn. The role needs REPLICATION for that. With
+--no-slot, a segment gone from pg_wal before it was shipped is a gap error naming it,
+unless --archive-dir holds an archived copy; wrong bytes are never shipped.
 
 When the server is lost (its connection fails and no new one is taken), the sidecar
 keeps its receiver session open and waits until every process of the server has exited
@@ -35,10 +46,18 @@ Poll cost: each poll is one trivial query. At the default 10ms that is 100 queri
 second, well under 1% of a core on the primary and on this host; the poll interval is
 what bounds how late a flushed commit leaves for the standby.`)
 	dsn := fs.String("dsn", "", "connection string of the primary, e.g. 'host=/var/run/postgresql user=postgres' (required)")
-	to := fs.String("to", "", "the receiver's address, HOST:PORT (required)")
+	var to []string
+	fs.Func("to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)", func(v string) error {
+		to = append(to, v)
+		return nil
+	})
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, sidecar.crt and sidecar.key, as made by 'walship certs' (required)")
 	pgdata := fs.String("pgdata", "", "the primary's data directory as seen from here (default: the server's data_directory)")
 	poll := fs.Duration("poll", tail.DefaultPoll, "how often to read the flush position")
+	slot := fs.String("slot", tail.DefaultSlot, "name of the physical replication slot that keeps WAL for the receivers")
+	noSlot := fs.Bool("no-slot", false, "keep no replication slot (a receiver down for long can then miss WAL: see --archive-dir)")
+	slotWarn := fs.Uint64("slot-warn", tail.DefaultSlotWarn, "warn when the slot holds back more than this many bytes of WAL")
+	archive := fs.String("archive-dir", "", "the primary's WAL archive, for segments gone from pg_wal before they were shipped")
 	noDrain := fs.Bool("no-drain", false, "when the server is lost, do not drain pg_wal past the last flush position read")
 	logger := logFlags(fs)
 	if rc := parse(fs, args); rc >= 0 {
@@ -47,36 +66,80 @@ what bounds how late a flushed commit leaves for the standby.`)
 	switch {
 	case *dsn == "":
 		return usageError(fs, "--dsn is required")
-	case *to == "":
+	case len(to) == 0:
 		return usageError(fs, "--to is required")
 	case *tlsDir == "":
 		return usageError(fs, "--tls-dir is required")
 	case *poll <= 0:
 		return usageError(fs, "--poll %s: want a positive duration such as 10ms", *poll)
-	}
-	host, _, err := net.SplitHostPort(*to)
-	if err != nil {
-		return usageError(fs, "--to %q: %v", *to, err)
+	case *slot == "" && !*noSlot:
+		return usageError(fs, "--slot is empty: give a name, or --no-slot")
 	}
 	log, err := logger()
 	if err != nil {
 		return usageError(fs, "%v", err)
 	}
-	tlsConf, err := transport.ClientTLS(*tlsDir, strings.Trim(host, "[]"))
-	if err != nil {
-		return fail("%v", err)
-	}
-	t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: *to, TLS: tlsConf, Poll: *poll, NoDrain: *noDrain, Logger: log})
-	if err != nil {
-		return fail("%v", err)
+	seen := map[string]bool{}
+	var tailers []*tail.Tailer
+	for _, addr := range to {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return usageError(fs, "--to %q: %v", addr, err)
+		}
+		if seen[addr] {
+			return usageError(fs, "--to %s is given twice", addr)
+		}
+		seen[addr] = true
+		tlsConf, err := transport.ClientTLS(*tlsDir, strings.Trim(host, "[]"))
+		if err != nil {
+			return fail("%v", err)
+		}
+		t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: addr, TLS: tlsConf, Poll: *poll,
+			ArchiveDir: *archive, NoDrain: *noDrain, Logger: log.With().Str("receiver", addr).Logger()})
+		if err != nil {
+			return fail("%v", err)
+		}
+		tailers = append(tailers, t)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	if err := t.Run(ctx); err != nil {
-		log.Error().Err(err).Msg("sidecar stopped")
-		return exitError
+	kctx, stopKeeper := context.WithCancel(ctx)
+	var keeperDone chan struct{}
+	if !*noSlot {
+		k, err := tail.NewSlotKeeper(tail.SlotConfig{DSN: *dsn, Name: *slot, Warn: *slotWarn, Logger: log}, tailers)
+		if err != nil {
+			stopKeeper()
+			return fail("%v", err)
+		}
+		keeperDone = make(chan struct{})
+		go func() {
+			defer close(keeperDone)
+			k.Run(kctx)
+		}()
 	}
-	return exitOK
+	// Each receiver runs on its own; one that stops for good (another cluster's spool)
+	// leaves the others running, and its position keeps holding the slot.
+	errs := make(chan error, len(tailers))
+	for _, t := range tailers {
+		go func() {
+			err := t.Run(ctx)
+			if err != nil {
+				log.Error().Err(err).Str("receiver", t.Receiver()).Msg("shipping to this receiver stopped")
+			}
+			errs <- err
+		}()
+	}
+	rc := exitOK
+	for range tailers {
+		if err := <-errs; err != nil {
+			rc = exitError
+		}
+	}
+	stopKeeper()
+	if keeperDone != nil {
+		<-keeperDone
+	}
+	return rc
 }
 
 func runReceive(args []string) int {

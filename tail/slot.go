@@ -1,0 +1,197 @@
+package tail
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/tail/wal"
+)
+
+// Defaults of SlotConfig.
+const (
+	DefaultSlot     = "walship"
+	DefaultSlotWarn = 1 << 30
+	slotEvery       = time.Second
+)
+
+// SlotConfig configures a SlotKeeper.
+type SlotConfig struct {
+	// DSN is the primary's connection string. The role needs the REPLICATION attribute
+	// (or superuser) to create and advance a slot.
+	DSN string
+	// Name is the physical replication slot's name. Empty means DefaultSlot.
+	Name string
+	// Warn is how many bytes of WAL the slot may hold back before a warning; zero means
+	// DefaultSlotWarn.
+	Warn uint64
+	// Every is how often the slot is advanced. Zero means one second.
+	Every time.Duration
+	// Logger receives progress and warnings. The zero value logs nothing.
+	Logger zerolog.Logger
+}
+
+// SlotKeeper keeps a physical replication slot on the primary at the lowest position
+// every receiver has acknowledged as durable, so that the primary never removes or
+// recycles a segment that a standby still needs. Until every receiver has said where
+// its spool ends, the slot does not move.
+type SlotKeeper struct {
+	cfg     SlotConfig
+	log     zerolog.Logger
+	tailers []*Tailer
+	pos     wal.LSN // the slot's restart_lsn as last read
+}
+
+// NewSlotKeeper returns a keeper for the receivers of tailers.
+func NewSlotKeeper(cfg SlotConfig, tailers []*Tailer) (*SlotKeeper, error) {
+	if cfg.DSN == "" {
+		return nil, errors.New("slot: no --dsn")
+	}
+	if len(tailers) == 0 {
+		return nil, errors.New("slot: no receivers")
+	}
+	if cfg.Name == "" {
+		cfg.Name = DefaultSlot
+	}
+	if cfg.Warn == 0 {
+		cfg.Warn = DefaultSlotWarn
+	}
+	if cfg.Every == 0 {
+		cfg.Every = slotEvery
+	}
+	return &SlotKeeper{cfg: cfg, log: cfg.Logger, tailers: tailers}, nil
+}
+
+// Position is the slot's restart_lsn as last read.
+func (k *SlotKeeper) Position() wal.LSN { return k.pos }
+
+// Run keeps the slot until ctx is done. Lost connections are retried; a slot the server
+// has invalidated (max_slot_wal_keep_size) is an error, logged at each attempt.
+func (k *SlotKeeper) Run(ctx context.Context) error {
+	for {
+		err := k.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		k.log.Error().Err(err).Str("slot", k.cfg.Name).Msg("replication slot")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(5 * k.cfg.Every):
+		}
+	}
+}
+
+func (k *SlotKeeper) session(ctx context.Context) error {
+	pg, err := pgx.Connect(ctx, k.cfg.DSN)
+	if err != nil {
+		return fmt.Errorf("connect to the primary: %w", err)
+	}
+	defer pg.Close(context.Background())
+	if err := k.ensure(ctx, pg); err != nil {
+		return err
+	}
+	tick := time.NewTicker(k.cfg.Every)
+	defer tick.Stop()
+	var lastWarn time.Time
+	for {
+		restart, current, status, err := k.read(ctx, pg)
+		if err != nil {
+			return err
+		}
+		k.pos = restart
+		if status == "lost" {
+			return fmt.Errorf("the server invalidated slot %q (wal_status lost, see max_slot_wal_keep_size): WAL the receivers needed may be gone", k.cfg.Name)
+		}
+		target, slowest, known := k.target()
+		if known && target > restart {
+			if _, err := pg.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", k.cfg.Name, target.String()); err != nil {
+				return fmt.Errorf("advance slot %q to %s: %w", k.cfg.Name, target, err)
+			}
+			k.pos = target
+		}
+		if held := uint64(current - k.pos); current > k.pos && held > k.cfg.Warn && time.Since(lastWarn) > time.Minute {
+			ev := k.log.Warn().Str("slot", k.cfg.Name).Uint64("held_bytes", held).Stringer("restart_lsn", k.pos).Stringer("current", current)
+			if known {
+				ev = ev.Str("slowest_receiver", slowest)
+			} else {
+				ev = ev.Str("waiting_for", slowest)
+			}
+			ev.Msg("the replication slot holds back more WAL than --slot-warn: a receiver is behind or down, and pg_wal grows")
+			lastWarn = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+// ensure creates the slot when it does not exist, reserving WAL at once.
+func (k *SlotKeeper) ensure(ctx context.Context, pg *pgx.Conn) error {
+	var n int
+	if err := pg.QueryRow(ctx, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", k.cfg.Name).Scan(&n); err != nil {
+		return fmt.Errorf("look for slot %q: %w", k.cfg.Name, err)
+	}
+	if n > 0 {
+		return nil
+	}
+	_, err := pg.Exec(ctx, "SELECT pg_create_physical_replication_slot($1, true)", k.cfg.Name)
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) && pe.Code == "42710" {
+		return nil // created meanwhile by another sidecar
+	}
+	if err != nil {
+		return fmt.Errorf("create slot %q (the sidecar's role needs REPLICATION; max_replication_slots must leave one free): %w", k.cfg.Name, err)
+	}
+	k.log.Info().Str("slot", k.cfg.Name).Msg("created the physical replication slot that keeps WAL for the receivers")
+	return nil
+}
+
+func (k *SlotKeeper) read(ctx context.Context, pg *pgx.Conn) (restart, current wal.LSN, status string, err error) {
+	var r, c *string
+	var st *string
+	err = pg.QueryRow(ctx, `SELECT restart_lsn::text, pg_current_wal_flush_lsn()::text, wal_status
+		FROM pg_replication_slots WHERE slot_name = $1`, k.cfg.Name).Scan(&r, &c, &st)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, 0, "", fmt.Errorf("slot %q was dropped", k.cfg.Name)
+	}
+	if err != nil {
+		return 0, 0, "", fmt.Errorf("read slot %q: %w", k.cfg.Name, err)
+	}
+	if st != nil {
+		status = *st
+	}
+	if r != nil {
+		if restart, err = wal.ParseLSN(*r); err != nil {
+			return 0, 0, "", err
+		}
+	}
+	if c != nil {
+		if current, err = wal.ParseLSN(*c); err != nil {
+			return 0, 0, "", err
+		}
+	}
+	return restart, current, status, nil
+}
+
+// target is the lowest position every receiver holds durably, and the receiver that
+// sets it; known is false while some receiver has not yet said where its spool ends.
+func (k *SlotKeeper) target() (lsn wal.LSN, who string, known bool) {
+	for i, t := range k.tailers {
+		acked, ok := t.Durable()
+		if !ok {
+			return 0, t.cfg.To, false
+		}
+		if i == 0 || acked < lsn {
+			lsn, who = acked, t.cfg.To
+		}
+	}
+	return lsn, who, true
+}
