@@ -212,10 +212,10 @@ func (t *Tailer) session(ctx context.Context) error {
 			}
 			from = flush
 			t.shipped.Store(uint64(from))
-	// The receiver holds everything before from: its spool's end, or for an empty spool
-	// the point where it starts.
-	t.acked.Store(uint64(from))
-	t.known.Store(true)
+			// The receiver holds everything before from: its spool's end, or for an empty spool
+			// the point where it starts.
+			t.acked.Store(uint64(from))
+			t.known.Store(true)
 		}
 		select {
 		case <-ctx.Done():
@@ -342,13 +342,13 @@ type shipper struct {
 	dir     string
 	archive string // the primary's archive directory, or ""
 	log     zerolog.Logger
-	stream wal.Stream
-	tli    uint32
-	conn   *transport.Conn
-	f      *os.File
-	seg    wal.Segment
-	padAt  uint64 // where switch padding begins in seg; 0 for none found
-	buf    []byte
+	stream  wal.Stream
+	tli     uint32
+	conn    *transport.Conn
+	f       *os.File
+	seg     wal.Segment
+	padAt   uint64 // where switch padding begins in seg; 0 for none found
+	buf     []byte
 }
 
 // ship sends [from, to). It never reads a byte at or past to, the flush position:
