@@ -212,10 +212,6 @@ func (t *Tailer) session(ctx context.Context) error {
 			}
 			from = flush
 			t.shipped.Store(uint64(from))
-			// The receiver holds everything before from: its spool's end, or for an empty spool
-			// the point where it starts.
-			t.acked.Store(uint64(from))
-			t.known.Store(true)
 		}
 		select {
 		case <-ctx.Done():
