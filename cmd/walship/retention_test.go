@@ -1,0 +1,220 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/tail/wal"
+)
+
+// slotLSN reads the restart_lsn of the sidecar's replication slot; ok is false while
+// the slot does not exist or has none.
+func slotLSN(t *testing.T, ctx context.Context, c *lab.Cluster) (wal.LSN, bool) {
+	t.Helper()
+	s, err := c.QueryString(ctx, "SELECT coalesce((SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = 'walship'), '')")
+	require.NoError(t, err)
+	if s == "" {
+		return 0, false
+	}
+	lsn, err := wal.ParseLSN(s)
+	require.NoError(t, err)
+	return lsn, true
+}
+
+// fillSegments writes about n segments of WAL on the primary and checkpoints twice, so
+// that without a slot the segments before them are removed or recycled.
+func fillSegments(t *testing.T, ctx context.Context, c *lab.Cluster, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		require.NoError(t, c.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT -3, repeat('f', 900) FROM generate_series(1, 1000)"))
+	}
+	for i := 0; i < 2; i++ {
+		require.NoError(t, c.Exec(ctx, "SELECT pg_switch_wal()"))
+		require.NoError(t, c.Exec(ctx, "CHECKPOINT"))
+	}
+}
+
+// inPGWAL says whether the primary's pg_wal still holds the segment where lsn falls.
+func inPGWAL(c *lab.Cluster, lsn wal.LSN) (string, bool) {
+	seg, _ := wal.SegmentOf(1, lsn, 1<<20)
+	name := seg.Name(1 << 20)
+	_, err := os.Stat(filepath.Join(c.Data, "pg_wal", name))
+	return name, err == nil
+}
+
+func createLoadTable(t *testing.T, ctx context.Context, c *lab.Cluster) {
+	t.Helper()
+	require.NoError(t, c.Exec(ctx, "CREATE TABLE IF NOT EXISTS "+lab.LoadTable+" (id bigserial PRIMARY KEY, client int, payload text)"))
+}
+
+// TestReceiverDown stops the receiver while the primary writes several segments and
+// checkpoints: the slot keeps them in pg_wal, and the receiver catches up when it is
+// back, byte-identical to the archive.
+func TestReceiverDown(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	createLoadTable(t, ctx, r.primary)
+	r.checkIdentical(ctx)
+	r.receiver.Kill()
+	pos, _ := spoolPosition(t, r.spool)
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "the slot at the stopped receiver's position", func() (bool, error) {
+		lsn, ok := slotLSN(t, ctx, r.primary)
+		return ok && lsn == pos.LSN, nil
+	}))
+	fillSegments(t, ctx, r.primary, 6)
+	name, ok := inPGWAL(r.primary, pos.LSN)
+	require.True(t, ok, "the slot must keep %s, which the receiver still needs", name)
+	lsn, _ := slotLSN(t, ctx, r.primary)
+	require.Equal(t, pos.LSN, lsn, "the slot must not move while the receiver is down")
+
+	r.startReceiver(ctx)
+	n := r.checkIdentical(ctx)
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "the slot to follow the receiver", func() (bool, error) {
+		lsn, _ := slotLSN(t, ctx, r.primary)
+		return lsn > pos.LSN+5<<20, nil
+	}))
+	t.Logf("receiver down from %s while 6 segments were written; caught up, %d segments identical", pos.LSN, n)
+}
+
+// TestGapWithoutSlot runs the sidecar with --no-slot through the same outage: the
+// segment it needs is gone, which it reports by name, shipping nothing; restarted with
+// --archive-dir it takes the archived copies and catches up.
+func TestGapWithoutSlot(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.sidecarArgs = []string{"--no-slot"}
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	createLoadTable(t, ctx, r.primary)
+	r.checkIdentical(ctx)
+	r.receiver.Kill()
+	pos, _ := spoolPosition(t, r.spool)
+	fillSegments(t, ctx, r.primary, 6)
+	name, ok := inPGWAL(r.primary, pos.LSN)
+	require.False(t, ok, "without a slot, the checkpoints must have removed or recycled %s", name)
+	_, ok = slotLSN(t, ctx, r.primary)
+	require.False(t, ok, "--no-slot must create no slot")
+	before := snapshot(t, r.spool)
+
+	r.startReceiver(ctx)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "gap in the WAL: segment "+name+" is gone"))
+	require.Equal(t, before, snapshot(t, r.spool), "nothing may be shipped across a gap")
+
+	r.sidecar.Kill()
+	r.sidecarArgs = []string{"--no-slot", "--archive-dir", r.archive}
+	r.startSidecar(ctx, r.primary)
+	n := r.checkIdentical(ctx)
+	require.Contains(t, r.sidecar.Log(), "shipping the archived copy")
+	t.Logf("gap at %s reported; with --archive-dir caught up, %d segments identical", name, n)
+}
+
+// TestTwoReceivers streams to two receivers and stops one: the other stays current, and
+// the slot stays at the stopped one's position until it is back and has caught up.
+func TestTwoReceivers(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	a := newRig(t, ctx, 1)
+	b := &rig{t: t, primary: a.primary, dir: filepath.Join(a.dir, "b"), tlsDir: a.tlsDir, archive: a.archive}
+	require.NoError(t, os.Mkdir(b.dir, 0o755))
+	b.spool = filepath.Join(b.dir, "spool")
+	port, err := lab.FreeUDPPort()
+	require.NoError(t, err)
+	b.addr = "127.0.0.1:" + strconv.Itoa(port)
+	a.startReceiver(ctx)
+	b.startReceiver(ctx)
+	defer b.receiver.Kill()
+	a.sidecarTo = []string{a.addr, b.addr}
+	a.startSidecar(ctx, a.primary)
+	createLoadTable(t, ctx, a.primary)
+	a.checkIdentical(ctx)
+	b.checkIdentical(ctx)
+
+	b.receiver.Kill()
+	posB, _ := spoolPosition(t, b.spool)
+	fillSegments(t, ctx, a.primary, 4)
+	n := a.checkIdentical(ctx)
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "the slot at the stopped receiver's position", func() (bool, error) {
+		lsn, ok := slotLSN(t, ctx, a.primary)
+		return ok && lsn == posB.LSN, nil
+	}))
+	posA, _ := spoolPosition(t, a.spool)
+	require.Greater(t, posA.LSN, posB.LSN+3<<20, "the running receiver must have gone on without the stopped one")
+
+	b.startReceiver(ctx)
+	m := b.checkIdentical(ctx)
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "the slot to move on", func() (bool, error) {
+		lsn, _ := slotLSN(t, ctx, a.primary)
+		return lsn > posB.LSN+3<<20, nil
+	}))
+	t.Logf("receiver b stopped at %s; a went on to %s (%d segments identical); b caught up (%d identical)", posB.LSN, posA.LSN, n, m)
+}
+
+// TestLossyLink streams through a proxy that drops, duplicates and reorders datagrams,
+// 5 percent for half the run and 20 percent for the other, under load.
+func TestLossyLink(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := newRig(t, ctx, 1)
+	r.startReceiver(ctx)
+	proxy, err := lab.StartProxy(r.addr, lab.Faults{Drop: 0.05, Dup: 0.05, Reorder: 0.05, Delay: time.Millisecond})
+	require.NoError(t, err)
+	defer proxy.Close()
+	r.sidecarTo = []string{proxy.Addr()}
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	load, err := lab.StartLoad(ctx, r.primary.DSN(), 2, 400)
+	require.NoError(t, err)
+	time.Sleep(15 * time.Second) // the length of each phase is the experiment's input
+	proxy.SetFaults(lab.Faults{Drop: 0.20, Dup: 0.20, Reorder: 0.20, Delay: time.Millisecond})
+	time.Sleep(15 * time.Second)
+	require.NoError(t, load.Stop())
+	proxy.SetFaults(lab.Faults{Drop: 0.05, Dup: 0.05, Reorder: 0.05, Delay: time.Millisecond})
+	n := r.checkIdentical(ctx)
+	s := proxy.Stats()
+	require.Greater(t, s.Dropped, int64(100))
+	require.Greater(t, s.Reordered, int64(100))
+	t.Logf("%d commits over a lossy link; %d segments identical; proxy: %+v", load.Count(), n, s)
+}
+
+// TestDiskFull fills the receiver's disk (a small tmpfs): it says so, publishes no short
+// segment, keeps what it published, and resumes once space is freed.
+func TestDiskFull(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := newRig(t, ctx, 1)
+	mnt := filepath.Join(r.dir, "small-disk")
+	require.NoError(t, os.Mkdir(mnt, 0o755))
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", mnt).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs here (needs root): %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	filler := filepath.Join(mnt, "filler")
+	require.NoError(t, os.WriteFile(filler, make([]byte, 6<<20), 0o644))
+	r.spool = filepath.Join(mnt, "spool")
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	createLoadTable(t, ctx, r.primary)
+	for i := 0; i < 5; i++ {
+		require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT -4, repeat('d', 900) FROM generate_series(1, 1000)"))
+	}
+	require.NoError(t, r.receiver.WaitLog(ctx, "no space left on device"))
+	// Whatever is published meanwhile is whole and right (Scan refuses a short one).
+	pos, c := spoolPosition(t, r.spool)
+	for _, seg := range c.Segments {
+		r.waitArchived(ctx, seg.Name(1<<20))
+	}
+	t.Logf("disk full at %s with %d published segments", pos, len(c.Segments))
+	require.Less(t, pos.LSN, flushLSN(t, ctx, r.primary), "the receiver cannot have kept up")
+	require.NoError(t, os.Remove(filler))
+	n := r.checkIdentical(ctx)
+	t.Logf("space freed: caught up, %d segments identical", n)
+	require.Contains(t, r.sidecar.Log(), "no space left on device", "the sidecar hears why")
+}
