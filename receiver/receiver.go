@@ -144,20 +144,10 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 	if err != nil {
 		return err
 	}
-	hello, ok := f.(*transport.Hello)
-	if !ok {
-		c.Refuse("protocol: first frame is not a hello", true)
-		return fmt.Errorf("handshake: %w: first frame is not a hello", transport.ErrMalformed)
-	}
-	if hello.Version != transport.Version {
-		err := fmt.Errorf("%w: sidecar speaks version %d, receiver %d", transport.ErrVersion, hello.Version, transport.Version)
+	id, err := checkHello(f)
+	if err != nil {
 		c.Refuse(err.Error(), true)
 		return err
-	}
-	id := Identity{SysID: hello.SysID, SegSize: uint64(hello.SegSize), BlockSize: uint64(hello.BlockSize), Magic: hello.Magic, ServerVersion: hello.ServerVersion}
-	if err := id.Stream().Validate(); err != nil {
-		c.Refuse(err.Error(), true)
-		return fmt.Errorf("handshake: %w", err)
 	}
 	if err := Bind(r.cfg.Spool, id); err != nil {
 		c.Refuse(err.Error(), errors.Is(err, ErrWrongCluster))
@@ -223,6 +213,7 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 	lastCheck := time.Now()
 	for {
 		var f transport.Frame
+		var ok bool
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -269,6 +260,23 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 			return err
 		}
 	}
+}
+
+// checkHello checks a session's first frame: a hello of this protocol version that
+// describes a WAL stream walship can take. Every failure is fatal for the session.
+func checkHello(f transport.Frame) (Identity, error) {
+	hello, ok := f.(*transport.Hello)
+	if !ok {
+		return Identity{}, fmt.Errorf("handshake: %w: first frame is %T, not a hello", transport.ErrMalformed, f)
+	}
+	if hello.Version != transport.Version {
+		return Identity{}, fmt.Errorf("%w: sidecar speaks version %d, receiver %d", transport.ErrVersion, hello.Version, transport.Version)
+	}
+	id := Identity{SysID: hello.SysID, SegSize: uint64(hello.SegSize), BlockSize: uint64(hello.BlockSize), Magic: hello.Magic, ServerVersion: hello.ServerVersion}
+	if err := id.Stream().Validate(); err != nil {
+		return Identity{}, fmt.Errorf("handshake: %w", err)
+	}
+	return id, nil
 }
 
 // freezeCheck is how often a session looks for the freeze marker.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -186,6 +187,19 @@ func TestRefusals(t *testing.T) {
 		require.NoError(t, err)
 		return f
 	}
+	t.Run("sidecar of another protocol version", func(t *testing.T) {
+		c, err := transport.Dial(ctx, r.addr, good)
+		require.NoError(t, err)
+		defer c.Close("")
+		old := *hello
+		old.Version = transport.Version - 1
+		_, err = transport.Handshake(ctx, c, &old)
+		var refused *transport.RefusedError
+		require.ErrorAs(t, err, &refused)
+		require.True(t, refused.Fatal, "another version is not worth a retry")
+		require.Contains(t, refused.Reason, fmt.Sprintf("protocol version mismatch: sidecar speaks version %d, receiver %d", transport.Version-1, transport.Version))
+	})
+	require.Equal(t, before, snapshot(t, r.spool), "a refused version must not change the spool")
 	t.Run("end-of-WAL mark in the wrong place", func(t *testing.T) {
 		c, err := transport.Dial(ctx, r.addr, good)
 		require.NoError(t, err)

@@ -113,10 +113,12 @@ func (s Stream) Validate() error {
 	if s.SysID == 0 {
 		return errors.New("system identifier is zero")
 	}
-	if s.Magic == 0 {
-		return errors.New("wal page magic is zero")
+	for _, m := range Magics {
+		if s.Magic == m {
+			return nil
+		}
 	}
-	return nil
+	return fmt.Errorf("wal page magic %04X is not one of PostgreSQL 13 to 18", s.Magic)
 }
 
 // CheckPage checks the header of the page that starts at lsn on timeline tli, the way
