@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -56,7 +57,21 @@ type Receiver struct {
 	mu      sync.Mutex // serialises sessions
 	cancel  context.CancelFunc
 	session chan struct{} // closed when the current session has ended
+
+	durable atomic.Pointer[Position] // the spool's durable end; nil while it holds no WAL
 }
+
+// Durable is where the spool's durable WAL ends: everything before it is fsynced (and
+// acknowledged, once a sidecar has sent it). ok is false while the spool holds no WAL.
+func (r *Receiver) Durable() (Position, bool) {
+	p := r.durable.Load()
+	if p == nil {
+		return Position{}, false
+	}
+	return *p, true
+}
+
+func (r *Receiver) setDurable(p Position) { r.durable.Store(&p) }
 
 // New opens (creating if needed) and locks the spool, and starts listening.
 func New(cfg Config) (*Receiver, error) {
@@ -75,7 +90,44 @@ func New(cfg Config) (*Receiver, error) {
 		lock.Close()
 		return nil, err
 	}
-	return &Receiver{cfg: cfg, log: cfg.Logger, ln: ln, lock: lock}, nil
+	r := &Receiver{cfg: cfg, log: cfg.Logger, ln: ln, lock: lock}
+	// What the spool holds from before is durable, once crash leftovers are dealt with;
+	// a spool frozen for a promotion stays exactly as it is.
+	id, ok, err := ReadIdentity(cfg.Spool)
+	if err == nil && ok {
+		var c Contents
+		if c, err = recoverIdle(cfg.Spool, id, cfg.Logger); err == nil {
+			if pos, ok := c.Position(id.SegSize); ok {
+				r.setDurable(pos)
+			}
+		}
+	}
+	if err != nil {
+		ln.Close()
+		lock.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// recoverIdle runs Recover on a spool no session writes, under the writer lock and
+// unless it is frozen; otherwise it only scans it.
+func recoverIdle(dir string, id Identity, log zerolog.Logger) (Contents, error) {
+	wlock, err := LockWriter(dir)
+	if errors.Is(err, ErrLocked) {
+		return Scan(dir, id.SegSize) // a promotion is freezing it
+	}
+	if err != nil {
+		return Contents{}, err
+	}
+	defer wlock.Close()
+	if frozen, err := Frozen(dir); err != nil || frozen {
+		if err != nil {
+			return Contents{}, err
+		}
+		return Scan(dir, id.SegSize)
+	}
+	return Recover(dir, id.Stream(), log)
 }
 
 // Addr is the address the receiver listens on.
@@ -239,7 +291,9 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 				c.Refuse(err.Error(), false)
 				return err
 			}
-			// The echo tells the sidecar that the mark is durable.
+			// Everything before the mark is durable now; the echo tells the sidecar that
+			// the mark is too.
+			r.setDurable(rb.Durable())
 			if err := c.Send(end); err != nil {
 				return err
 			}
@@ -256,6 +310,7 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 			return err
 		}
 		pos := rb.Durable()
+		r.setDurable(pos)
 		if err := c.Send(&transport.Ack{TLI: pos.TLI, LSN: pos.LSN}); err != nil {
 			return err
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
+	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -51,13 +52,19 @@ type Config struct {
 	// last flush position it read. The drain needs to see the server's processes (same
 	// host, or the same PID and IPC namespaces); without that, turn it off.
 	NoDrain bool
+	// Spool, when set, makes the Tailer a relay: it ships this receiver's spool instead
+	// of a primary's pg_wal, up to SpoolDurable, and DSN is not used.
+	Spool        string
+	SpoolDurable func() (receiver.Position, bool)
 	// Logger receives progress and errors. The zero value logs nothing.
 	Logger zerolog.Logger
 }
 
 func (c *Config) validate() error {
 	switch {
-	case c.DSN == "":
+	case c.Spool != "" && c.SpoolDurable == nil:
+		return errors.New("tail: a relay needs the spool's durable position")
+	case c.DSN == "" && c.Spool == "":
 		return errors.New("tail: no --dsn")
 	case c.To == "":
 		return errors.New("tail: no receiver address (--to)")
@@ -109,7 +116,12 @@ func (t *Tailer) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	for {
 		start := time.Now()
-		err := t.session(ctx)
+		var err error
+		if t.cfg.Spool != "" {
+			err = t.relaySession(ctx)
+		} else {
+			err = t.session(ctx)
+		}
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -336,6 +348,7 @@ func checkWALDir(pgwal string, srv Server, tli uint32, flush wal.LSN) error {
 // shipper reads byte ranges of the primary's segments and sends them.
 type shipper struct {
 	dir     string
+	spool   bool   // dir is a spool: a segment is <name> once published, <name>.partial before
 	archive string // the primary's archive directory, or ""
 	log     zerolog.Logger
 	stream  wal.Stream
@@ -379,9 +392,10 @@ func (s *shipper) ship(from, to wal.LSN) error {
 						return fmt.Errorf("segment %s in %s: %w", seg.Name(segSize), s.dir, err)
 					}
 					s.padAt = padAt
-					if n = padAt - off; n == 0 {
+					if padAt <= off {
 						continue // the whole chunk is padding: read it again as such
 					}
+					n = padAt - off
 					b = b[:n]
 				}
 			}
@@ -398,12 +412,15 @@ func (s *shipper) ship(from, to wal.LSN) error {
 }
 
 // switchPadding decides whether a page check failure is the unwritten rest of a
-// segment after pg_switch_wal(): only in a segment the flush position has left, on a
-// page whose predecessor ends with an XLOG_SWITCH record. It returns the offset where
-// the padding starts.
+// segment after pg_switch_wal(): the pages from the failing one back to the last page
+// that checks must all fail, and that last good page must end with an XLOG_SWITCH
+// record. In pg_wal it is looked for only in a segment the flush position has left (the
+// server moves it to the segment's end at once); a spool's durable end can stop inside
+// the padding. It returns the offset where the padding starts, which is before the
+// failing page when a shipment resumes inside the padding.
 func (s *shipper) switchPadding(seg wal.Segment, err error, segDone bool) (uint64, bool) {
 	var pe *wal.PageError
-	if !segDone || !errors.As(err, &pe) {
+	if !segDone && !s.spool || !errors.As(err, &pe) {
 		return 0, false
 	}
 	segSize, bs := s.stream.SegSize, s.stream.BlockSize
@@ -411,15 +428,23 @@ func (s *shipper) switchPadding(seg wal.Segment, err error, segDone bool) (uint6
 	if at == 0 || at%bs != 0 {
 		return 0, false
 	}
-	prev := make([]byte, bs)
-	if _, err := s.f.ReadAt(prev, int64(at-bs)); err != nil {
-		return 0, false
+	page := make([]byte, bs)
+	for p := at - bs; ; p -= bs {
+		if _, err := s.f.ReadAt(page, int64(p)); err != nil {
+			return 0, false
+		}
+		lsn := seg.Start(segSize) + wal.LSN(p)
+		if s.stream.CheckPage(page, lsn, s.tli) == nil {
+			end, ok := wal.SwitchEnd(page, lsn, segSize)
+			if !ok || end > lsn+wal.LSN(bs) {
+				return 0, false
+			}
+			return p + bs, true
+		}
+		if p == 0 {
+			return 0, false
+		}
 	}
-	end, ok := wal.SwitchEnd(prev, pe.At-wal.LSN(bs), segSize)
-	if !ok || end > pe.At {
-		return 0, false
-	}
-	return at, true
 }
 
 func (s *shipper) open(seg wal.Segment) error {
@@ -429,6 +454,12 @@ func (s *shipper) open(seg wal.Segment) error {
 	s.close()
 	name := seg.Name(s.stream.SegSize)
 	f, err := os.Open(filepath.Join(s.dir, name))
+	if errors.Is(err, fs.ErrNotExist) && s.spool {
+		f, err = os.Open(filepath.Join(s.dir, name+receiver.PartialSuffix))
+		if errors.Is(err, fs.ErrNotExist) {
+			f, err = os.Open(filepath.Join(s.dir, name)) // published meanwhile
+		}
+	}
 	if errors.Is(err, fs.ErrNotExist) && s.archive != "" {
 		if f, err = openArchived(filepath.Join(s.archive, name), s.stream.SegSize); err == nil {
 			s.log.Warn().Str("segment", name).Str("archive", s.archive).Msg("pg_wal no longer holds the segment; shipping the archived copy")

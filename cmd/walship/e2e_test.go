@@ -51,8 +51,9 @@ type rig struct {
 	receiver *lab.Proc
 	sidecar  *lab.Proc
 	// sidecarTo replaces addr as the sidecar's --to list; sidecarArgs are added flags.
-	sidecarTo   []string
-	sidecarArgs []string
+	sidecarTo    []string
+	sidecarArgs  []string
+	receiverArgs []string // added flags of the receiver
 }
 
 func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
@@ -124,8 +125,8 @@ func runOK(t *testing.T, args ...string) string {
 
 func (r *rig) startReceiver(ctx context.Context) {
 	r.t.Helper()
-	p, err := lab.StartProc("receiver", filepath.Join(r.dir, "receiver.log"), walshipBin,
-		"receive", "--listen", r.addr, "--spool", r.spool, "--tls-dir", r.tlsDir, "--log-level", "debug")
+	args := []string{"receive", "--listen", r.addr, "--spool", r.spool, "--tls-dir", r.tlsDir, "--log-level", "debug"}
+	p, err := lab.StartProc("receiver", filepath.Join(r.dir, "receiver.log"), walshipBin, append(args, r.receiverArgs...)...)
 	require.NoError(r.t, err)
 	r.receiver = p
 	require.NoError(r.t, p.WaitLog(ctx, "receiver ready"))

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
+	"sync"
 
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail"
@@ -151,10 +153,25 @@ segment in progress is <name>.partial and holds exactly the bytes received. Ever
 is checked on arrival (version, position, cluster), every frame against its checksum,
 and bytes are acknowledged to the sidecar only once fsynced. A spool belongs to the
 first cluster that streams into it; any other is refused. The receiver resumes from
-what the spool holds after a restart.`)
+what the spool holds after a restart.
+
+Relay: with --relay-to, the receiver also ships its spool onwards to another receiver
+(a disaster-recovery node), as a sidecar ships a primary's WAL: only what it holds
+durably, history files first, published segments and the partial tail, resuming where
+that spool ends, and it passes the sidecar's end-of-WAL mark on. It authenticates as a
+sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	listen := fs.String("listen", "", "UDP address to listen on, HOST:PORT (required)")
 	spool := fs.String("spool", "", "spool directory; created if missing (required)")
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, receiver.crt and receiver.key, as made by 'walship certs' (required)")
+	var relayTo []string
+	fs.Func("relay-to", "ship the spool onwards to the receiver at HOST:PORT (may be repeated)", func(v string) error {
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			return fmt.Errorf("%q: %v", v, err)
+		}
+		relayTo = append(relayTo, v)
+		return nil
+	})
+	poll := fs.Duration("poll", tail.DefaultPoll, "with --relay-to: how often to look for newly durable WAL")
 	logger := logFlags(fs)
 	if rc := parse(fs, args); rc >= 0 {
 		return rc
@@ -182,8 +199,35 @@ what the spool holds after a restart.`)
 	if err != nil {
 		return fail("%v", err)
 	}
+	var relays []*tail.Tailer
+	for _, addr := range relayTo {
+		host, _, _ := net.SplitHostPort(addr)
+		clientTLS, err := transport.ClientTLS(*tlsDir, strings.Trim(host, "[]"))
+		if err != nil {
+			return fail("--relay-to %s: %v", addr, err)
+		}
+		t, err := tail.New(tail.Config{To: addr, TLS: clientTLS, Poll: *poll, Spool: *spool, SpoolDurable: r.Durable,
+			Logger: log.With().Str("relay_to", addr).Logger()})
+		if err != nil {
+			return fail("%v", err)
+		}
+		relays = append(relays, t)
+	}
 	ctx, stop := signalContext()
 	defer stop()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel() // before the wait: the relays end with the receiver
+	for _, t := range relays {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := t.Run(ctx); err != nil {
+				log.Error().Err(err).Str("relay_to", t.Receiver()).Msg("relaying to this receiver stopped")
+			}
+		}()
+	}
 	if err := r.Run(ctx); err != nil {
 		log.Error().Err(err).Msg("receiver stopped")
 		return exitError

@@ -1,0 +1,132 @@
+package tail
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
+)
+
+// errNothingYet is the retryable error of a relay whose spool holds no WAL yet.
+var errNothingYet = errors.New("the spool holds no WAL yet")
+
+// relaySession ships a receiver's spool onward, as a sidecar ships pg_wal: its durable
+// position takes the place of the flush position, its published segments and partial
+// that of pg_wal's files, and its end-of-WAL mark is passed on once everything before
+// it has been sent.
+func (t *Tailer) relaySession(ctx context.Context) error {
+	spool := t.cfg.Spool
+	id, ok, err := receiver.ReadIdentity(spool)
+	if err != nil {
+		return err
+	}
+	pos, have := t.cfg.SpoolDurable()
+	if !ok || !have {
+		return errNothingYet
+	}
+	tli, durable := pos.TLI, pos.LSN
+	c, err := transport.Dial(ctx, t.cfg.To, t.cfg.TLS)
+	if err != nil {
+		return err
+	}
+	defer c.Close("relay stopping")
+	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
+		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: tli, ServerVersion: id.ServerVersion}
+	hctx, hcancel := context.WithTimeout(ctx, transport.IdleTimeout)
+	welcome, err := transport.Handshake(hctx, c, hello)
+	hcancel()
+	if err != nil {
+		return err
+	}
+	from, err := t.startAt(welcome, tli, durable, spool, id.SegSize)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errFatal, err)
+	}
+	if welcome.Empty {
+		// An empty spool downstream gets all this one holds of the timeline, not just
+		// the segment being written: the two nodes then serve the same base backups.
+		if from, err = oldestRun(spool, id.SegSize, tli, from); err != nil {
+			return err
+		}
+	}
+	if tli > 1 {
+		name := wal.HistoryName(tli)
+		content, err := os.ReadFile(filepath.Join(spool, name))
+		if err != nil {
+			return fmt.Errorf("read history file of timeline %d: %w", tli, err)
+		}
+		if err := c.Send(transport.NewFile(name, content)); err != nil {
+			return err
+		}
+	}
+	t.log.Info().Str("spool", spool).Uint32("timeline", tli).Stringer("from", from).Stringer("durable", durable).Msg("relaying")
+	t.shipped.Store(uint64(from))
+	t.acked.Store(uint64(from))
+	t.known.Store(true)
+
+	acks := make(chan error, 1)
+	ends := make(chan wal.LSN, 1)
+	go func() { acks <- t.readAcks(c, ends) }()
+	sh := &shipper{dir: spool, spool: true, stream: hello.Stream(), tli: tli, conn: c, log: t.log}
+	defer sh.close()
+	tick := time.NewTicker(t.cfg.Poll)
+	defer tick.Stop()
+	var endSent wal.LSN
+	for {
+		if durable > from {
+			if err := sh.ship(from, durable); err != nil {
+				return err
+			}
+			from = durable
+			t.shipped.Store(uint64(from))
+		}
+		// The mark goes on once the WAL before it has: the next receiver checks that it
+		// sits where its spool ends.
+		if m, ok, err := receiver.ReadEnd(spool); err == nil && ok && m.TLI == tli && m.LSN == from.String() && endSent != from {
+			if err := c.Send(&transport.End{TLI: tli, LSN: from}); err != nil {
+				return err
+			}
+			endSent = from
+			t.log.Info().Stringer("end", from).Msg("passed the end-of-WAL mark on")
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-acks:
+			return err
+		case <-ends:
+		case <-tick.C:
+		}
+		pos, _ := t.cfg.SpoolDurable()
+		if pos.TLI != tli {
+			return fmt.Errorf("the spool moved from timeline %d to %d", tli, pos.TLI)
+		}
+		durable = pos.LSN
+	}
+}
+
+// oldestRun returns the start of the oldest published segment of timeline tli from
+// which the spool holds every segment up to from.
+func oldestRun(spool string, segSize uint64, tli uint32, from wal.LSN) (wal.LSN, error) {
+	c, err := receiver.Scan(spool, segSize)
+	if err != nil {
+		return 0, err
+	}
+	have := map[uint64]bool{}
+	for _, s := range c.Segments {
+		if s.TLI == tli {
+			have[s.No] = true
+		}
+	}
+	seg, _ := wal.SegmentOf(tli, from, segSize)
+	for seg.No > 0 && have[seg.No-1] {
+		seg.No--
+	}
+	return seg.Start(segSize), nil
+}
