@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -51,6 +52,37 @@ func inPGWAL(c *lab.Cluster, lsn wal.LSN) (string, bool) {
 	return name, err == nil
 }
 
+// watchSpool scans the spool every 20 ms for as long as the test runs and fails it if a
+// scan ever finds a published segment of the wrong size (receiver.Scan refuses one) or
+// a damaged spool; the final checks compare the contents.
+func watchSpool(t *testing.T, ctx context.Context, spool string) {
+	t.Helper()
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-wctx.Done():
+				done <- nil
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			id, ok, err := receiver.ReadIdentity(spool)
+			if err != nil || !ok {
+				continue
+			}
+			if _, err := receiver.Scan(spool, id.SegSize); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		require.NoError(t, <-done, "the spool %s was seen damaged", spool)
+	})
+}
+
 func createLoadTable(t *testing.T, ctx context.Context, c *lab.Cluster) {
 	t.Helper()
 	require.NoError(t, c.Exec(ctx, "CREATE TABLE IF NOT EXISTS "+lab.LoadTable+" (id bigserial PRIMARY KEY, client int, payload text)"))
@@ -62,6 +94,7 @@ func createLoadTable(t *testing.T, ctx context.Context, c *lab.Cluster) {
 func TestReceiverDown(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
 	r := streamingRig(t, ctx, 1)
+	watchSpool(t, ctx, r.spool)
 	createLoadTable(t, ctx, r.primary)
 	r.checkIdentical(ctx)
 	r.receiver.Kill()
@@ -91,6 +124,7 @@ func TestReceiverDown(t *testing.T) {
 func TestGapWithoutSlot(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
 	r := newRig(t, ctx, 1)
+	watchSpool(t, ctx, r.spool)
 	r.sidecarArgs = []string{"--no-slot"}
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
@@ -123,12 +157,14 @@ func TestGapWithoutSlot(t *testing.T) {
 func TestTwoReceivers(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
 	a := newRig(t, ctx, 1)
+	watchSpool(t, ctx, a.spool)
 	b := &rig{t: t, primary: a.primary, dir: filepath.Join(a.dir, "b"), tlsDir: a.tlsDir, archive: a.archive}
 	require.NoError(t, os.Mkdir(b.dir, 0o755))
 	b.spool = filepath.Join(b.dir, "spool")
 	port, err := lab.FreeUDPPort()
 	require.NoError(t, err)
 	b.addr = "127.0.0.1:" + strconv.Itoa(port)
+	watchSpool(t, ctx, b.spool)
 	a.startReceiver(ctx)
 	b.startReceiver(ctx)
 	defer b.receiver.Kill()
@@ -163,6 +199,7 @@ func TestTwoReceivers(t *testing.T) {
 func TestLossyLink(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	r := newRig(t, ctx, 1)
+	watchSpool(t, ctx, r.spool)
 	r.startReceiver(ctx)
 	proxy, err := lab.StartProxy(r.addr, lab.Faults{Drop: 0.05, Dup: 0.05, Reorder: 0.05, Delay: time.Millisecond})
 	require.NoError(t, err)
@@ -198,6 +235,7 @@ func TestDiskFull(t *testing.T) {
 	filler := filepath.Join(mnt, "filler")
 	require.NoError(t, os.WriteFile(filler, make([]byte, 6<<20), 0o644))
 	r.spool = filepath.Join(mnt, "spool")
+	watchSpool(t, ctx, r.spool)
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
 	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
@@ -227,12 +265,14 @@ func TestDiskFull(t *testing.T) {
 func TestRelayChain(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	a := newRig(t, ctx, 1)
+	watchSpool(t, ctx, a.spool)
 	dr := &rig{t: t, primary: a.primary, dir: filepath.Join(a.dir, "dr"), tlsDir: a.tlsDir, archive: a.archive}
 	require.NoError(t, os.Mkdir(dr.dir, 0o755))
 	dr.spool = filepath.Join(dr.dir, "spool")
 	port, err := lab.FreeUDPPort()
 	require.NoError(t, err)
 	dr.addr = "127.0.0.1:" + strconv.Itoa(port)
+	watchSpool(t, ctx, dr.spool)
 	dr.startReceiver(ctx)
 	defer dr.receiver.Kill()
 	a.receiverArgs = []string{"--relay-to", dr.addr}
