@@ -89,12 +89,17 @@ func createLoadTable(t *testing.T, ctx context.Context, c *lab.Cluster) {
 }
 
 // TestReceiverDown stops the receiver while the primary writes several segments and
-// checkpoints: the slot keeps them in pg_wal, and the receiver catches up when it is
-// back, byte-identical to the archive.
+// checkpoints: the slot keeps them in pg_wal, the sidecar warns that the slot holds back
+// more than --slot-warn, and the receiver catches up when it is back, byte-identical to
+// the archive.
 func TestReceiverDown(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := streamingRig(t, ctx, 1)
+	r := newRig(t, ctx, 1)
 	watchSpool(t, ctx, r.spool)
+	r.sidecarArgs = []string{"--slot-warn", "2000000"}
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 	createLoadTable(t, ctx, r.primary)
 	r.checkIdentical(ctx)
 	r.receiver.Kill()
@@ -108,6 +113,7 @@ func TestReceiverDown(t *testing.T) {
 	require.True(t, ok, "the slot must keep %s, which the receiver still needs", name)
 	lsn, _ := slotLSN(t, ctx, r.primary)
 	require.Equal(t, pos.LSN, lsn, "the slot must not move while the receiver is down")
+	require.NoError(t, r.sidecar.WaitLog(ctx, "holds back more WAL than --slot-warn"))
 
 	r.startReceiver(ctx)
 	n := r.checkIdentical(ctx)
