@@ -19,14 +19,11 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/walship/walship/bench/lab"
-	"github.com/walship/walship/receiver"
-	"github.com/walship/walship/tail/wal"
 )
 
 func main() {
@@ -41,8 +38,9 @@ func main() {
 }
 
 type demo struct {
-	bin, dir, spool, tlsDir, archive string
-	primary                          *lab.Cluster
+	bin, dir, archive string
+	primary           *lab.Cluster
+	ws                *lab.Walship
 }
 
 func run(bin string, dur time.Duration, keep bool) error {
@@ -64,7 +62,7 @@ func run(bin string, dur time.Duration, keep bool) error {
 	} else {
 		defer os.RemoveAll(dir)
 	}
-	d := &demo{bin: bin, dir: dir, spool: filepath.Join(dir, "spool"), tlsDir: filepath.Join(dir, "tls"), archive: filepath.Join(dir, "archive")}
+	d := &demo{bin: bin, dir: dir, archive: filepath.Join(dir, "archive")}
 	if err := os.Mkdir(d.archive, 0o755); err != nil {
 		return err
 	}
@@ -85,21 +83,26 @@ func run(bin string, dur time.Duration, keep bool) error {
 	if err := d.primary.Start(ctx); err != nil {
 		return err
 	}
-	recv, side, err := d.startWalship(ctx)
-	if err != nil {
+	step("walship certs; walship receive --spool ...; walship tail --dsn ... --to ...")
+	if d.ws, err = lab.NewWalship(bin, dir); err != nil {
 		return err
 	}
-	defer recv.Kill()
-	defer side.Kill()
+	defer d.ws.Kill()
+	if err := d.ws.StartReceiver(ctx); err != nil {
+		return err
+	}
+	if err := d.ws.StartSidecar(ctx, d.primary); err != nil {
+		return err
+	}
 
 	step("standby A: base backup, restore_command = 'walship restore --spool ... %f %p %r'")
-	a, err := d.standby(ctx, fmt.Sprintf("%s restore --spool %s %%f %%p %%r", bin, d.spool))
+	a, err := d.primary.Standby(ctx, fmt.Sprintf("%s restore --spool %s %%f %%p %%r", bin, d.ws.Spool))
 	if err != nil {
 		return err
 	}
 	defer a.Close()
 	step("standby B: base backup, restore_command = 'cp <archive>/%f %p' (plain archive shipping)")
-	b, err := d.standby(ctx, fmt.Sprintf("cp %s/%%f %%p", d.archive))
+	b, err := d.primary.Standby(ctx, fmt.Sprintf("cp %s/%%f %%p", d.archive))
 	if err != nil {
 		return err
 	}
@@ -129,7 +132,12 @@ func run(bin string, dur time.Duration, keep bool) error {
 			return ctx.Err()
 		case <-time.After(time.Second):
 		}
-		flush, pos, err := d.positions(ctx)
+		flush, err := d.primary.FlushLSN(ctx)
+		if err != nil {
+			load.Stop()
+			return err
+		}
+		pos, err := d.ws.Durable()
 		if err != nil {
 			load.Stop()
 			return err
@@ -146,7 +154,7 @@ func run(bin string, dur time.Duration, keep bool) error {
 	acks := load.Acks()
 
 	step("walship promote --spool ... on standby A")
-	out, err := exec.CommandContext(ctx, bin, "promote", "--spool", d.spool, "--dsn", a.DSN()).CombinedOutput()
+	out, err := exec.CommandContext(ctx, bin, "promote", "--spool", d.ws.Spool, "--dsn", a.DSN()).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("walship promote: %v\n%s", err, out)
 	}
@@ -174,60 +182,6 @@ func run(bin string, dur time.Duration, keep bool) error {
 	return nil
 }
 
-func (d *demo) startWalship(ctx context.Context) (recv, side *lab.Proc, err error) {
-	step("walship certs --dir " + d.tlsDir)
-	if out, err := exec.Command(d.bin, "certs", "--dir", d.tlsDir).CombinedOutput(); err != nil {
-		return nil, nil, fmt.Errorf("walship certs: %v\n%s", err, out)
-	}
-	port, err := lab.FreeUDPPort()
-	if err != nil {
-		return nil, nil, err
-	}
-	addr := "127.0.0.1:" + strconv.Itoa(port)
-	step("walship receive --listen " + addr + " --spool " + d.spool)
-	recv, err = lab.StartProc("receiver", filepath.Join(d.dir, "receiver.log"), d.bin, "receive", "--listen", addr, "--spool", d.spool, "--tls-dir", d.tlsDir)
-	if err != nil {
-		return nil, nil, err
-	}
-	if err := recv.WaitLog(ctx, "receiver ready"); err != nil {
-		recv.Kill()
-		return nil, nil, err
-	}
-	step("walship tail --dsn '" + d.primary.DSN() + "' --to " + addr)
-	side, err = lab.StartProc("sidecar", filepath.Join(d.dir, "sidecar.log"), d.bin, "tail", "--dsn", d.primary.DSN(), "--to", addr, "--tls-dir", d.tlsDir)
-	if err != nil {
-		recv.Kill()
-		return nil, nil, err
-	}
-	if err := side.WaitLog(ctx, "streaming"); err != nil {
-		recv.Kill()
-		side.Kill()
-		return nil, nil, err
-	}
-	return recv, side, nil
-}
-
-// standby makes a standby from a base backup without WAL, fed by restoreCommand.
-func (d *demo) standby(ctx context.Context, restoreCommand string) (*lab.Cluster, error) {
-	sb, err := d.primary.BaseBackup(ctx, "none")
-	if err != nil {
-		return nil, err
-	}
-	if err := sb.Configure(map[string]string{
-		"restore_command":             "'" + restoreCommand + "'",
-		"archive_mode":                "off",
-		"wal_retrieve_retry_interval": "'100ms'",
-	}); err != nil {
-		sb.Close()
-		return nil, err
-	}
-	if err := sb.WriteFile("standby.signal", nil); err != nil {
-		sb.Close()
-		return nil, err
-	}
-	return sb, nil
-}
-
 // promoteArchive promotes the archive-fed standby; before it ends recovery it restores
 // every segment the archive holds.
 func promoteArchive(ctx context.Context, sb *lab.Cluster) error {
@@ -241,25 +195,4 @@ func step(s string) { fmt.Println("==>", s) }
 
 func indent(s string) string {
 	return "    " + strings.ReplaceAll(strings.TrimRight(s, "\n"), "\n", "\n    ") + "\n"
-}
-
-// positions reads the primary's flush position and the spool's durable end.
-func (d *demo) positions(ctx context.Context) (flush, pos wal.LSN, err error) {
-	s, err := d.primary.QueryString(ctx, "SELECT pg_current_wal_flush_lsn()::text")
-	if err != nil {
-		return 0, 0, err
-	}
-	if flush, err = wal.ParseLSN(s); err != nil {
-		return 0, 0, err
-	}
-	id, ok, err := receiver.ReadIdentity(d.spool)
-	if err != nil || !ok {
-		return flush, 0, err
-	}
-	c, err := receiver.Scan(d.spool, id.SegSize)
-	if err != nil {
-		return flush, 0, err
-	}
-	p, _ := c.Position(id.SegSize)
-	return flush, p.LSN, nil
 }

@@ -1,0 +1,119 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/tail/wal"
+)
+
+// Walship is a walship receiver and sidecar run from the binary Bin, with their
+// certificates, spool and logs under Dir.
+type Walship struct {
+	Bin, Dir, TLSDir, Spool, Addr string
+	Receiver, Sidecar             *Proc
+}
+
+// NewWalship makes the certificates and picks a port; it starts nothing.
+func NewWalship(bin, dir string) (*Walship, error) {
+	w := &Walship{Bin: bin, Dir: dir, TLSDir: filepath.Join(dir, "tls"), Spool: filepath.Join(dir, "spool")}
+	if out, err := exec.Command(bin, "certs", "--dir", w.TLSDir).CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("walship certs: %v\n%s", err, out)
+	}
+	port, err := FreeUDPPort()
+	if err != nil {
+		return nil, err
+	}
+	w.Addr = "127.0.0.1:" + strconv.Itoa(port)
+	return w, nil
+}
+
+// StartReceiver starts the receiver and waits until it listens.
+func (w *Walship) StartReceiver(ctx context.Context, args ...string) error {
+	p, err := StartProc("receiver", filepath.Join(w.Dir, "receiver.log"), w.Bin,
+		append([]string{"receive", "--listen", w.Addr, "--spool", w.Spool, "--tls-dir", w.TLSDir}, args...)...)
+	if err != nil {
+		return err
+	}
+	w.Receiver = p
+	return p.WaitLog(ctx, "receiver ready")
+}
+
+// StartSidecar starts the sidecar on primary and waits until it streams.
+func (w *Walship) StartSidecar(ctx context.Context, primary *Cluster, args ...string) error {
+	p, err := StartProc("sidecar", filepath.Join(w.Dir, "sidecar.log"), w.Bin,
+		append([]string{"tail", "--dsn", primary.DSN(), "--to", w.Addr, "--tls-dir", w.TLSDir}, args...)...)
+	if err != nil {
+		return err
+	}
+	w.Sidecar = p
+	return p.WaitLog(ctx, "streaming")
+}
+
+// Durable is where the spool's WAL ends (0 while it holds none).
+func (w *Walship) Durable() (wal.LSN, error) {
+	id, ok, err := receiver.ReadIdentity(w.Spool)
+	if err != nil || !ok {
+		return 0, err
+	}
+	c, err := receiver.Scan(w.Spool, id.SegSize)
+	if err != nil {
+		return 0, err
+	}
+	p, _ := c.Position(id.SegSize)
+	return p.LSN, nil
+}
+
+// Kill kills whichever of the two runs.
+func (w *Walship) Kill() {
+	for _, p := range []*Proc{w.Sidecar, w.Receiver} {
+		if p != nil && p.Running() {
+			p.Kill()
+		}
+	}
+}
+
+// Standby makes a standby of c from a base backup without WAL, fed by restoreCommand
+// in standby mode. It does not start it.
+func (c *Cluster) Standby(ctx context.Context, restoreCommand string) (*Cluster, error) {
+	sb, err := c.BaseBackup(ctx, "none")
+	if err != nil {
+		return nil, err
+	}
+	if err := sb.Configure(map[string]string{
+		"restore_command":             "'" + restoreCommand + "'",
+		"archive_mode":                "off",
+		"wal_retrieve_retry_interval": "'100ms'",
+	}); err != nil {
+		sb.Close()
+		return nil, err
+	}
+	if err := sb.WriteFile("standby.signal", nil); err != nil {
+		sb.Close()
+		return nil, err
+	}
+	return sb, nil
+}
+
+// FlushLSN reads the server's flush position.
+func (c *Cluster) FlushLSN(ctx context.Context) (wal.LSN, error) {
+	s, err := c.QueryString(ctx, "SELECT pg_current_wal_flush_lsn()::text")
+	if err != nil {
+		return 0, err
+	}
+	return wal.ParseLSN(s)
+}
+
+// MkdirShared makes a temporary directory that the server's user can use too.
+func MkdirShared(pattern string) (string, error) {
+	dir, err := os.MkdirTemp("", pattern)
+	if err != nil {
+		return "", err
+	}
+	return dir, os.Chmod(dir, 0o755)
+}
