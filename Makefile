@@ -5,7 +5,7 @@ BIN := bin/walship
 # (WALSHIP_PG_BINDIR, PATH, pg_config or /usr/lib/postgresql/*/bin).
 TESTFLAGS ?= -count=1 -timeout 15m
 
-.PHONY: build test demo bench crash-trials lint fuzz clean
+.PHONY: build test demo bench compare crash-trials lint fuzz clean
 
 build:
 	$(GO) build -o $(BIN) ./cmd/walship
@@ -18,6 +18,13 @@ demo: build
 
 bench: build crash-trials
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+	$(MAKE) compare
+
+# walship beside pg_receivewal and archive shipping: crash trials, pgbench, catch-up,
+# the shippers' own cost. Writes bench/results/RESULTS.md and charts (about 25 minutes).
+COMPAREFLAGS ?=
+compare: build
+	$(GO) run ./bench/cmd/compare --walship $(BIN) --out bench/results $(COMPAREFLAGS)
 
 # Kill the primary's postmaster under load TRIALS times (20 by default), promote, and
 # require zero acknowledged commits lost in every trial.

@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"syscall"
@@ -159,4 +160,27 @@ func signalContext() (context.Context, context.CancelFunc) {
 func fail(format string, a ...any) int {
 	fmt.Fprintf(os.Stderr, "walship: "+format+"\n", a...)
 	return exitError
+}
+
+// profileFlag adds --cpu-profile; the returned function starts the profile (if asked
+// for) and returns the function that writes it out.
+func profileFlag(fs *flag.FlagSet) func() (stop func(), err error) {
+	path := fs.String("cpu-profile", "", "write a CPU profile of this process to FILE when it stops (for go tool pprof)")
+	return func() (func(), error) {
+		if *path == "" {
+			return func() {}, nil
+		}
+		f, err := os.Create(*path)
+		if err != nil {
+			return nil, fmt.Errorf("--cpu-profile: %w", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("--cpu-profile: %w", err)
+		}
+		return func() {
+			pprof.StopCPUProfile()
+			f.Close()
+		}, nil
+	}
 }

@@ -62,6 +62,7 @@ what bounds how late a flushed commit leaves for the standby.`)
 	archive := fs.String("archive-dir", "", "the primary's WAL archive, for segments gone from pg_wal before they were shipped")
 	noDrain := fs.Bool("no-drain", false, "when the server is lost, do not drain pg_wal past the last flush position read")
 	logger := logFlags(fs)
+	profile := profileFlag(fs)
 	if rc := parse(fs, args); rc >= 0 {
 		return rc
 	}
@@ -105,6 +106,11 @@ what bounds how late a flushed commit leaves for the standby.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
+	stopProfile, err := profile()
+	if err != nil {
+		return fail("%v", err)
+	}
+	defer stopProfile()
 	kctx, stopKeeper := context.WithCancel(ctx)
 	var keeperDone chan struct{}
 	if !*noSlot {
@@ -173,6 +179,7 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	})
 	poll := fs.Duration("poll", tail.DefaultPoll, "with --relay-to: how often to look for newly durable WAL")
 	logger := logFlags(fs)
+	profile := profileFlag(fs)
 	if rc := parse(fs, args); rc >= 0 {
 		return rc
 	}
@@ -215,6 +222,11 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
+	stopProfile, err := profile()
+	if err != nil {
+		return fail("%v", err)
+	}
+	defer stopProfile()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)

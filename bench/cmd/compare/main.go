@@ -125,6 +125,8 @@ type node struct {
 	recv    *exec.Cmd    // pg_receivewal
 	recvDir string
 	archive string
+	// sidecarArgs are added to walship tail's flags.
+	sidecarArgs []string
 }
 
 func archiveSettings(dir string, timeout string) map[string]string {
@@ -207,7 +209,7 @@ func (n *node) startShipper(ctx context.Context) error {
 		if err := n.ws.StartReceiver(ctx); err != nil {
 			return err
 		}
-		return n.ws.StartSidecar(ctx, n.primary)
+		return n.ws.StartSidecar(ctx, n.primary, n.sidecarArgs...)
 	case receivewal:
 		return n.startReceivewal(ctx)
 	}
@@ -443,6 +445,20 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int) (benchRun
 	if err := n.startShipper(ctx); err != nil {
 		return benchRun{}, err
 	}
+	if kind == walshipName || kind == receivewal {
+		// A new copy starts with the segment being written: let the shipper have it
+		// before the run, so that the lag measured is the steady state's.
+		flush, err := n.primary.FlushLSN(ctx)
+		if err != nil {
+			return benchRun{}, err
+		}
+		if err := lab.Wait(ctx, 10*time.Millisecond, "the shipper to catch up", func() (bool, error) {
+			d, err := n.durable(ctx)
+			return err == nil && d >= flush, nil
+		}); err != nil {
+			return benchRun{}, err
+		}
+	}
 	before := costs(n.pids())
 	start, err := n.primary.FlushLSN(ctx)
 	if err != nil {
@@ -572,7 +588,7 @@ type catchRun struct {
 func catchUp(ctx context.Context, c config, r *results) error {
 	for round := 1; round <= c.rounds; round++ {
 		for _, kind := range []string{walshipName, receivewal} {
-			cr, err := catchUpRun(ctx, c, kind)
+			cr, err := catchUpRun(ctx, c, kind, round == 1)
 			if err != nil {
 				return fmt.Errorf("catch-up round %d, %s: %w", round, kind, err)
 			}
@@ -584,7 +600,7 @@ func catchUp(ctx context.Context, c config, r *results) error {
 	return nil
 }
 
-func catchUpRun(ctx context.Context, c config, kind string) (catchRun, error) {
+func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catchRun, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	n, err := newNode(ctx, c, kind, nil)
@@ -592,6 +608,10 @@ func catchUpRun(ctx context.Context, c config, kind string) (catchRun, error) {
 		return catchRun{}, err
 	}
 	defer n.close()
+	profile = profile && n.kind == walshipName
+	if profile {
+		n.sidecarArgs = []string{"--cpu-profile", filepath.Join(n.dir, "sidecar.pprof")}
+	}
 	if err := n.startShipper(ctx); err != nil {
 		return catchRun{}, err
 	}
@@ -627,7 +647,11 @@ func catchUpRun(ctx context.Context, c config, kind string) (catchRun, error) {
 	}
 	t0 := time.Now()
 	if n.ws != nil {
-		if err := n.ws.StartReceiver(ctx); err != nil {
+		var args []string
+		if profile {
+			args = []string{"--cpu-profile", filepath.Join(n.dir, "receiver.pprof")}
+		}
+		if err := n.ws.StartReceiver(ctx, args...); err != nil {
 			return catchRun{}, err
 		}
 	} else if err := n.startReceivewal(ctx); err != nil {
@@ -640,6 +664,22 @@ func catchUpRun(ctx context.Context, c config, kind string) (catchRun, error) {
 		return catchRun{}, err
 	}
 	cr := catchRun{kind: kind, secs: time.Since(t0).Seconds(), mib: float64(end-start) / (1 << 20)}
+	if profile {
+		// SIGTERM: each writes its profile as it stops.
+		for name, p := range map[string]*lab.Proc{"sidecar": n.ws.Sidecar, "receiver": n.ws.Receiver} {
+			if err := p.Stop(ctx); err != nil {
+				return catchRun{}, err
+			}
+			out, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=30", c.bin, filepath.Join(n.dir, name+".pprof")).CombinedOutput()
+			if err != nil {
+				return catchRun{}, fmt.Errorf("go tool pprof: %v\n%s", err, out)
+			}
+			head := fmt.Sprintf("# CPU profile of the walship %s during a %.0f MiB catch-up (%.1f MiB/s)\n# go tool pprof -top -nodecount=30\n\n", name, cr.mib, cr.mib/cr.secs)
+			if err := os.WriteFile(filepath.Join(c.out, "pprof-catchup-"+name+".txt"), append([]byte(head), out...), 0o644); err != nil {
+				return catchRun{}, err
+			}
+		}
+	}
 	cr.ddMBs, err = ddReference(ctx, n.dir, int(cr.mib))
 	return cr, err
 }
