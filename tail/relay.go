@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/walship/walship/receiver"
@@ -31,37 +29,17 @@ func (t *Tailer) relaySession(ctx context.Context) error {
 		return errNothingYet
 	}
 	tli, durable := pos.TLI, pos.LSN
-	c, err := transport.Dial(ctx, t.cfg.To, t.cfg.TLS)
+	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
+		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: tli, ServerVersion: id.ServerVersion}
+	c, welcome, from, err := t.open(ctx, hello, durable, spool)
 	if err != nil {
 		return err
 	}
 	defer c.Close("relay stopping")
-	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
-		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: tli, ServerVersion: id.ServerVersion}
-	hctx, hcancel := context.WithTimeout(ctx, transport.IdleTimeout)
-	welcome, err := transport.Handshake(hctx, c, hello)
-	hcancel()
-	if err != nil {
-		return err
-	}
-	from, err := t.startAt(welcome, tli, durable, spool, id.SegSize)
-	if err != nil {
-		return fmt.Errorf("%w: %w", errFatal, err)
-	}
 	if welcome.Empty {
 		// An empty spool downstream gets all this one holds of the timeline, not just
 		// the segment being written: the two nodes then serve the same base backups.
 		if from, err = oldestRun(spool, id.SegSize, tli, from); err != nil {
-			return err
-		}
-	}
-	if tli > 1 {
-		name := wal.HistoryName(tli)
-		content, err := os.ReadFile(filepath.Join(spool, name))
-		if err != nil {
-			return fmt.Errorf("read history file of timeline %d: %w", tli, err)
-		}
-		if err := c.Send(transport.NewFile(name, content)); err != nil {
 			return err
 		}
 	}

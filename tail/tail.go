@@ -173,35 +173,13 @@ func (t *Tailer) session(ctx context.Context) error {
 		return fmt.Errorf("%w: %w", errFatal, err)
 	}
 
-	c, err := transport.Dial(ctx, t.cfg.To, t.cfg.TLS)
+	hello := &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
+		BlockSize: uint32(srv.BlockSize), Magic: srv.Magic, TLI: tli, ServerVersion: uint32(srv.VersionNum)}
+	c, _, from, err := t.open(ctx, hello, flush, pgwal)
 	if err != nil {
 		return err
 	}
 	defer c.Close("sidecar stopping")
-	hello := &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
-		BlockSize: uint32(srv.BlockSize), Magic: srv.Magic, TLI: tli, ServerVersion: uint32(srv.VersionNum)}
-	hctx, hcancel := context.WithTimeout(ctx, transport.IdleTimeout)
-	welcome, err := transport.Handshake(hctx, c, hello)
-	hcancel()
-	if err != nil {
-		return err
-	}
-	from, err := t.startAt(welcome, tli, flush, pgwal, srv.SegSize)
-	if err != nil {
-		return fmt.Errorf("%w: %w", errFatal, err)
-	}
-	if tli > 1 {
-		// The history file goes first: a receiver takes no segment of a timeline
-		// without it, and recovery asks for it at promotion.
-		name := wal.HistoryName(tli)
-		content, err := os.ReadFile(filepath.Join(pgwal, name))
-		if err != nil {
-			return fmt.Errorf("read history file of timeline %d: %w", tli, err)
-		}
-		if err := c.Send(transport.NewFile(name, content)); err != nil {
-			return err
-		}
-	}
 	t.log.Info().Str("receiver", t.cfg.To).Uint64("system_identifier", srv.SysID).Uint32("timeline", tli).
 		Stringer("from", from).Stringer("flush", flush).Msg("streaming")
 	t.shipped.Store(uint64(from))
@@ -245,6 +223,42 @@ func (t *Tailer) session(ctx context.Context) error {
 			return fmt.Errorf("the primary moved from timeline %d to %d", tli, now)
 		}
 	}
+}
+
+// open starts a session with the receiver: the handshake, where shipping starts (see
+// startAt; dir holds the history files), and the history file of a timeline above 1
+// first, for a receiver takes no segment of a timeline without it and recovery asks
+// for it at promotion.
+func (t *Tailer) open(ctx context.Context, hello *transport.Hello, flush wal.LSN, dir string) (*transport.Conn, *transport.Welcome, wal.LSN, error) {
+	c, err := transport.Dial(ctx, t.cfg.To, t.cfg.TLS)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	fail := func(err error) (*transport.Conn, *transport.Welcome, wal.LSN, error) {
+		c.Close("sidecar stopping")
+		return nil, nil, 0, err
+	}
+	hctx, hcancel := context.WithTimeout(ctx, transport.IdleTimeout)
+	welcome, err := transport.Handshake(hctx, c, hello)
+	hcancel()
+	if err != nil {
+		return fail(err)
+	}
+	from, err := t.startAt(welcome, hello.TLI, flush, dir, uint64(hello.SegSize))
+	if err != nil {
+		return fail(fmt.Errorf("%w: %w", errFatal, err))
+	}
+	if hello.TLI > 1 {
+		name := wal.HistoryName(hello.TLI)
+		content, err := os.ReadFile(filepath.Join(dir, name))
+		if err != nil {
+			return fail(fmt.Errorf("read history file of timeline %d: %w", hello.TLI, err))
+		}
+		if err := c.Send(transport.NewFile(name, content)); err != nil {
+			return fail(err)
+		}
+	}
+	return c, welcome, from, nil
 }
 
 // waitPrimary waits while the server is a standby, so that a sidecar can be started

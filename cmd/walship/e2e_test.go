@@ -98,6 +98,19 @@ func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
 	return r
 }
 
+// sibling is a second receiver's rig beside r: the same primary, certificates and
+// archive, its own directory, spool and port.
+func (r *rig) sibling(name string) *rig {
+	r.t.Helper()
+	s := &rig{t: r.t, primary: r.primary, dir: filepath.Join(r.dir, name), tlsDir: r.tlsDir, archive: r.archive}
+	require.NoError(r.t, os.Mkdir(s.dir, 0o755))
+	s.spool = filepath.Join(s.dir, "spool")
+	port, err := lab.FreeUDPPort()
+	require.NoError(r.t, err)
+	s.addr = "127.0.0.1:" + strconv.Itoa(port)
+	return s
+}
+
 // streamingRig is a rig whose sidecar is streaming to its receiver.
 func streamingRig(t *testing.T, ctx context.Context, segMB int) *rig {
 	t.Helper()

@@ -150,12 +150,8 @@ func TestFailoverStandbyMode(t *testing.T) {
 	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
 
 	// The roles swap: the promoted standby is the new primary; ship its timeline.
-	r2 := &rig{t: t, dir: filepath.Join(r.dir, "second"), primary: sb}
-	require.NoError(t, os.Mkdir(r2.dir, 0o755))
-	r2.tlsDir, r2.spool = r.tlsDir, filepath.Join(r2.dir, "spool")
-	port, err := lab.FreeUDPPort()
-	require.NoError(t, err)
-	r2.addr = "127.0.0.1:" + strconv.Itoa(port)
+	r2 := r.sibling("second")
+	r2.primary = sb
 	r2.startReceiver(ctx)
 	defer r2.receiver.Kill()
 	r2.startSidecar(ctx, sb)

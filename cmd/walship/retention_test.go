@@ -5,7 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -164,12 +163,7 @@ func TestTwoReceivers(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
 	a := newRig(t, ctx, 1)
 	watchSpool(t, ctx, a.spool)
-	b := &rig{t: t, primary: a.primary, dir: filepath.Join(a.dir, "b"), tlsDir: a.tlsDir, archive: a.archive}
-	require.NoError(t, os.Mkdir(b.dir, 0o755))
-	b.spool = filepath.Join(b.dir, "spool")
-	port, err := lab.FreeUDPPort()
-	require.NoError(t, err)
-	b.addr = "127.0.0.1:" + strconv.Itoa(port)
+	b := a.sibling("b")
 	watchSpool(t, ctx, b.spool)
 	a.startReceiver(ctx)
 	b.startReceiver(ctx)
@@ -272,12 +266,7 @@ func TestRelayChain(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	a := newRig(t, ctx, 1)
 	watchSpool(t, ctx, a.spool)
-	dr := &rig{t: t, primary: a.primary, dir: filepath.Join(a.dir, "dr"), tlsDir: a.tlsDir, archive: a.archive}
-	require.NoError(t, os.Mkdir(dr.dir, 0o755))
-	dr.spool = filepath.Join(dr.dir, "spool")
-	port, err := lab.FreeUDPPort()
-	require.NoError(t, err)
-	dr.addr = "127.0.0.1:" + strconv.Itoa(port)
+	dr := a.sibling("dr")
 	watchSpool(t, ctx, dr.spool)
 	dr.startReceiver(ctx)
 	defer dr.receiver.Kill()

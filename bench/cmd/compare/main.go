@@ -882,6 +882,7 @@ func (r *results) markdown(c config) string {
 		m, _, _ := median(loadCost[name])
 		fmt.Fprintf(&b, "| %s | %s | %s | %.3f | %.1f |\n", name, idle, idleRSS, m, loadRSS[name])
 	}
+	b.WriteString(r.targets(c))
 	b.WriteString("\nCharts: `loss-window.png` (the window of each crash trial, per shipper) and `throughput.png` (catch-up MiB/s and the dd reference).\n")
 	return b.String()
 }
@@ -897,3 +898,62 @@ func nproc() int {
 }
 
 var errNoData = errors.New("no data to chart")
+
+// targets says, target by target, whether walship met it in this run.
+func (r *results) targets(c config) string {
+	var b strings.Builder
+	b.WriteString("\n## Targets\n\n| target | this run | met |\n|---|---|---|\n")
+	row := func(target, got string, ok bool) {
+		verdict := "yes"
+		if !ok {
+			verdict = "**no**"
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s |\n", target, got, verdict)
+	}
+	lost, _ := r.trialsOf(walshipDrain)
+	sum := 0.0
+	for _, l := range lost {
+		sum += l
+	}
+	row("zero acknowledged commits lost with the sidecar alive, every trial", fmt.Sprintf("%.0f lost in %d trials", sum, len(lost)), len(lost) > 0 && sum == 0)
+	_, window := r.trialsOf(walshipLost)
+	var ws []time.Duration
+	for _, w := range window {
+		ws = append(ws, time.Duration(w*float64(time.Millisecond)))
+	}
+	p99 := ms(percentile(ws, 0.99))
+	row("host lost: window p99 of a few ms (at most 5)", fmt.Sprintf("%.1f ms", p99), len(ws) > 0 && p99 <= 5)
+	base := map[int]float64{}
+	for _, br := range r.bench {
+		if br.kind == none {
+			base[br.round] = br.tps
+		}
+	}
+	var ratio []float64
+	for _, br := range r.bench {
+		if br.kind == walshipName && base[br.round] > 0 {
+			ratio = append(ratio, br.tps/base[br.round])
+		}
+	}
+	rm, _, _ := median(ratio)
+	row("primary TPS ratio at least 0.97", fmt.Sprintf("%.3f", rm), len(ratio) > 0 && rm >= 0.97)
+	rate := map[string][]float64{}
+	var share []float64
+	for _, cr := range r.catchup {
+		rate[cr.kind] = append(rate[cr.kind], cr.mib/cr.secs)
+		if cr.kind == walshipName {
+			share = append(share, cr.mib*(1<<20)/1e6/cr.secs/cr.ddMBs)
+		}
+	}
+	wm, _, _ := median(rate[walshipName])
+	pm, _, _ := median(rate[receivewal])
+	row("catch-up at least 1.3 times pg_receivewal's", fmt.Sprintf("%.2f times", wm/max(pm, 1e-9)), pm > 0 && wm >= 1.3*pm)
+	sm, _, _ := median(share)
+	row("catch-up at least 80 percent of the dd reference", fmt.Sprintf("%.0f percent", 100*sm), len(share) > 0 && sm >= 0.8)
+	if pc, ok := r.idle["walship sidecar"]; ok {
+		u := pc.cpu.Seconds() / r.idleFor.Seconds()
+		row("idle sidecar under 1 percent of a core", fmt.Sprintf("%.2f percent", 100*u), u < 0.01)
+	}
+	b.WriteString("\nWhere a target is missed, the CPU profiles of the catch-up (`pprof-catchup-*.txt`) are beside this file; see also the notes in the README.\n")
+	return b.String()
+}
