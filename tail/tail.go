@@ -341,7 +341,9 @@ func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
 // checkWALDir checks that the segment holding flush is readable in pgwal and starts
 // with a page of this server's version and cluster.
 func checkWALDir(pgwal string, srv Server, tli uint32, flush wal.LSN) error {
-	seg, _ := wal.SegmentOf(tli, flush, srv.SegSize)
+	// The segment holding the last flushed byte: a flush position exactly on a boundary
+	// belongs to a segment whose file the server may not have created yet.
+	seg, _ := wal.SegmentOf(tli, max(flush, 1)-1, srv.SegSize)
 	name := filepath.Join(pgwal, seg.Name(srv.SegSize))
 	f, err := os.Open(name)
 	if err != nil {
