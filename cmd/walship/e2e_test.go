@@ -111,10 +111,12 @@ func (r *rig) sibling(name string) *rig {
 	return s
 }
 
-// streamingRig is a rig whose sidecar is streaming to its receiver.
-func streamingRig(t *testing.T, ctx context.Context, segMB int) *rig {
+// streamingRig is a rig whose sidecar, with sidecarArgs added, is streaming to its
+// receiver.
+func streamingRig(t *testing.T, ctx context.Context, segMB int, sidecarArgs ...string) *rig {
 	t.Helper()
 	r := newRig(t, ctx, segMB)
+	r.sidecarArgs = sidecarArgs
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
 	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))

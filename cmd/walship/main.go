@@ -184,3 +184,15 @@ func profileFlag(fs *flag.FlagSet) func() (stop func(), err error) {
 		}, nil
 	}
 }
+
+// runContext is a long-running command's context: cancelled by SIGINT or SIGTERM, with
+// the CPU profile of --cpu-profile running until stop.
+func runContext(profile func() (func(), error)) (context.Context, func(), error) {
+	ctx, cancel := signalContext()
+	stopProfile, err := profile()
+	if err != nil {
+		cancel()
+		return nil, nil, err
+	}
+	return ctx, func() { stopProfile(); cancel() }, nil
+}

@@ -93,12 +93,8 @@ func createLoadTable(t *testing.T, ctx context.Context, c *lab.Cluster) {
 // the archive.
 func TestReceiverDown(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
+	r := streamingRig(t, ctx, 1, "--slot-warn", "2000000")
 	watchSpool(t, ctx, r.spool)
-	r.sidecarArgs = []string{"--slot-warn", "2000000"}
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 	createLoadTable(t, ctx, r.primary)
 	r.checkIdentical(ctx)
 	r.receiver.Kill()
@@ -128,12 +124,8 @@ func TestReceiverDown(t *testing.T) {
 // --archive-dir it takes the archived copies and catches up.
 func TestGapWithoutSlot(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
+	r := streamingRig(t, ctx, 1, "--no-slot")
 	watchSpool(t, ctx, r.spool)
-	r.sidecarArgs = []string{"--no-slot"}
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 	createLoadTable(t, ctx, r.primary)
 	r.checkIdentical(ctx)
 	r.receiver.Kill()

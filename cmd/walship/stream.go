@@ -104,13 +104,11 @@ what bounds how late a flushed commit leaves for the standby.`)
 		}
 		tailers = append(tailers, t)
 	}
-	ctx, stop := signalContext()
-	defer stop()
-	stopProfile, err := profile()
+	ctx, stop, err := runContext(profile)
 	if err != nil {
 		return fail("%v", err)
 	}
-	defer stopProfile()
+	defer stop()
 	kctx, stopKeeper := context.WithCancel(ctx)
 	var keeperDone chan struct{}
 	if !*noSlot {
@@ -220,13 +218,11 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 		}
 		relays = append(relays, t)
 	}
-	ctx, stop := signalContext()
-	defer stop()
-	stopProfile, err := profile()
+	ctx, stop, err := runContext(profile)
 	if err != nil {
 		return fail("%v", err)
 	}
-	defer stopProfile()
+	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
