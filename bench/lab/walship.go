@@ -1,14 +1,17 @@
 package lab
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"time"
 
-	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -16,6 +19,7 @@ import (
 // certificates, spool and logs under Dir.
 type Walship struct {
 	Bin, Dir, TLSDir, Spool, Addr string
+	MetricsAddr                   string // the receiver's --metrics
 	Receiver, Sidecar             *Proc
 }
 
@@ -30,13 +34,17 @@ func NewWalship(bin, dir string) (*Walship, error) {
 		return nil, err
 	}
 	w.Addr = "127.0.0.1:" + strconv.Itoa(port)
+	if port, err = FreePort(); err != nil {
+		return nil, err
+	}
+	w.MetricsAddr = "127.0.0.1:" + strconv.Itoa(port)
 	return w, nil
 }
 
 // StartReceiver starts the receiver and waits until it listens.
 func (w *Walship) StartReceiver(ctx context.Context, args ...string) error {
 	p, err := StartProc("receiver", filepath.Join(w.Dir, "receiver.log"), w.Bin,
-		append([]string{"receive", "--listen", w.Addr, "--spool", w.Spool, "--tls-dir", w.TLSDir}, args...)...)
+		append([]string{"receive", "--listen", w.Addr, "--spool", w.Spool, "--tls-dir", w.TLSDir, "--metrics", w.MetricsAddr}, args...)...)
 	if err != nil {
 		return err
 	}
@@ -55,19 +63,45 @@ func (w *Walship) StartSidecar(ctx context.Context, primary *Cluster, args ...st
 	return p.WaitLog(ctx, "streaming")
 }
 
-// Durable is where the spool's WAL ends (0 while it holds none).
+// Durable is where the running receiver's spool is durable, from its metrics (0 while
+// it holds no WAL).
 func (w *Walship) Durable() (wal.LSN, error) {
-	id, ok, err := receiver.ReadIdentity(w.Spool)
-	if err != nil || !ok {
-		return 0, err
-	}
-	c, err := receiver.Scan(w.Spool, id.SegSize)
+	m, err := Metrics(w.MetricsAddr)
 	if err != nil {
 		return 0, err
 	}
-	p, _ := c.Position(id.SegSize)
-	return p.LSN, nil
+	return wal.LSN(m["walship_receiver_durable_lsn"]), nil
 }
+
+// Metrics reads the samples of a walship process's /metrics at addr, by name with its
+// labels, as the text shows them.
+func Metrics(addr string) (map[string]uint64, error) {
+	resp, err := metricsClient.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s/metrics: %s", addr, resp.Status)
+	}
+	out := map[string]uint64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		name, value, ok := strings.Cut(line, " ")
+		v, err := strconv.ParseUint(value, 10, 64)
+		if !ok || err != nil {
+			return nil, fmt.Errorf("GET %s/metrics: bad line %q", addr, line)
+		}
+		out[name] = v
+	}
+	return out, sc.Err()
+}
+
+var metricsClient = &http.Client{Timeout: 5 * time.Second}
 
 // Kill kills whichever of the two runs.
 func (w *Walship) Kill() {

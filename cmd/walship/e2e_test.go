@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -279,10 +280,17 @@ func testContext(t *testing.T, d time.Duration) context.Context {
 }
 
 // TestStreamUnderLoad is the foundation: 20 s of load on a primary, and the spool is an
-// exact copy of the primary's WAL.
+// exact copy of the primary's WAL. Both processes serve --metrics, which must agree with
+// the spool once it has settled.
 func TestStreamUnderLoad(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r := streamingRig(t, ctx, 1)
+	r := newRig(t, ctx, 1)
+	recvMetrics, sideMetrics := freeTCPAddr(t), freeTCPAddr(t)
+	r.receiverArgs = []string{"--metrics", recvMetrics}
+	r.sidecarArgs = []string{"--metrics", sideMetrics}
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
 
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 4, 400)
 	require.NoError(t, err)
@@ -292,4 +300,63 @@ func TestStreamUnderLoad(t *testing.T) {
 	n := r.checkIdentical(ctx)
 	t.Logf("%d inserts committed, %d whole segments compared byte for byte", load.Count(), n)
 	require.Greater(t, n, 5, "too few segments to mean anything")
+
+	// The spool has settled at the flush position; the metrics must say so too (the
+	// sidecar's once the last ack is in).
+	pos, _ := spoolPosition(t, r.spool)
+	label := fmt.Sprintf("{receiver=%q}", r.addr)
+	var side map[string]uint64
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar's metrics to show the last ack", func() (bool, error) {
+		side, err = lab.Metrics(sideMetrics)
+		return err == nil && side["walship_sidecar_acked_lsn"+label] >= uint64(pos.LSN), err
+	}))
+	recv, err := lab.Metrics(recvMetrics)
+	require.NoError(t, err)
+	require.Equal(t, map[string]uint64{
+		"walship_receiver_position_known": 1,
+		"walship_receiver_durable_lsn":    uint64(pos.LSN),
+		"walship_receiver_timeline":       uint64(pos.TLI),
+	}, recv)
+	require.Equal(t, map[string]uint64{
+		"walship_sidecar_shipped_lsn" + label:   uint64(pos.LSN),
+		"walship_sidecar_acked_lsn" + label:     uint64(pos.LSN),
+		"walship_sidecar_unacked_bytes" + label: 0,
+	}, side)
+}
+
+// TestMetricsAddress: a malformed --metrics is a usage error, a busy one an error, and
+// either stops the command before it creates its spool.
+func TestMetricsAddress(t *testing.T) {
+	dir := t.TempDir()
+	spool := filepath.Join(dir, "spool")
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer busy.Close()
+	for _, c := range []struct {
+		addr, want string
+		code       int
+	}{
+		{"nonsense", "invalid value \"nonsense\" for flag -metrics", 2},
+		{busy.Addr().String(), "address already in use", 1},
+	} {
+		for _, args := range [][]string{
+			{"receive", "--listen", "127.0.0.1:1", "--spool", spool, "--tls-dir", dir, "--metrics", c.addr},
+			{"tail", "--dsn", "host=/nonexistent", "--to", "127.0.0.1:1", "--tls-dir", dir, "--metrics", c.addr},
+		} {
+			out, err := exec.Command(walshipBin, args...).CombinedOutput()
+			var exit *exec.ExitError
+			require.ErrorAs(t, err, &exit, "%v: %s", args, out)
+			require.Equal(t, c.code, exit.ExitCode(), "%v: %s", args, out)
+			require.Contains(t, string(out), c.want, args)
+			require.NoDirExists(t, spool)
+		}
+	}
+}
+
+// freeTCPAddr is a loopback address with a port free at the time of asking.
+func freeTCPAddr(t *testing.T) string {
+	t.Helper()
+	port, err := lab.FreePort()
+	require.NoError(t, err)
+	return "127.0.0.1:" + strconv.Itoa(port)
 }

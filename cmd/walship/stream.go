@@ -61,6 +61,7 @@ what bounds how late a flushed commit leaves for the standby.`)
 	slotWarn := fs.Uint64("slot-warn", tail.DefaultSlotWarn, "warn when the slot holds back more than this many bytes of WAL")
 	archive := fs.String("archive-dir", "", "the primary's WAL archive, for segments gone from pg_wal before they were shipped")
 	noDrain := fs.Bool("no-drain", false, "when the server is lost, do not drain pg_wal past the last flush position read")
+	metrics := metricsFlag(fs)
 	logger := logFlags(fs)
 	profile := profileFlag(fs)
 	if rc := parse(fs, args); rc >= 0 {
@@ -81,6 +82,10 @@ what bounds how late a flushed commit leaves for the standby.`)
 	log, err := logger()
 	if err != nil {
 		return usageError(fs, "%v", err)
+	}
+	metricsLn, err := listenMetrics(*metrics)
+	if err != nil {
+		return fail("%v", err)
 	}
 	seen := map[string]bool{}
 	var tailers []*tail.Tailer
@@ -109,6 +114,7 @@ what bounds how late a flushed commit leaves for the standby.`)
 		return fail("%v", err)
 	}
 	defer stop()
+	serveMetrics(ctx, metricsLn, log, sidecarMetrics(tailers))
 	kctx, stopKeeper := context.WithCancel(ctx)
 	var keeperDone chan struct{}
 	if !*noSlot {
@@ -176,6 +182,7 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 		return nil
 	})
 	poll := fs.Duration("poll", tail.DefaultPoll, "with --relay-to: how often to look for newly durable WAL")
+	metrics := metricsFlag(fs)
 	logger := logFlags(fs)
 	profile := profileFlag(fs)
 	if rc := parse(fs, args); rc >= 0 {
@@ -195,6 +202,10 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	log, err := logger()
 	if err != nil {
 		return usageError(fs, "%v", err)
+	}
+	metricsLn, err := listenMetrics(*metrics)
+	if err != nil {
+		return fail("%v", err)
 	}
 	tlsConf, err := transport.ServerTLS(*tlsDir)
 	if err != nil {
@@ -223,6 +234,7 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 		return fail("%v", err)
 	}
 	defer stop()
+	serveMetrics(ctx, metricsLn, log, receiverMetrics(r))
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)

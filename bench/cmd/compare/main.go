@@ -20,6 +20,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -49,7 +50,13 @@ type config struct {
 	pgbenchFor  time.Duration
 	catchupMB   int
 	scale       int
+	only        map[string]bool // the scenarios to run; empty: all
 }
+
+// scenarios are the parts of a run, in their order, as --only names them.
+var scenarios = []string{"crash", "pgbench", "catchup", "idle"}
+
+func (c config) runs(scenario string) bool { return len(c.only) == 0 || c.only[scenario] }
 
 func main() {
 	var c config
@@ -60,7 +67,18 @@ func main() {
 	flag.DurationVar(&c.pgbenchFor, "pgbench-time", 20*time.Second, "length of each pgbench run")
 	flag.IntVar(&c.catchupMB, "catchup-mb", 2048, "size of the WAL backlog in the catch-up scenario, MiB")
 	flag.IntVar(&c.scale, "scale", 20, "pgbench scale")
+	only := flag.String("only", "", "run only these scenarios, comma-separated, of "+strings.Join(scenarios, ", ")+" (default: all)")
 	flag.Parse()
+	if *only != "" {
+		c.only = map[string]bool{}
+		for _, s := range strings.Split(*only, ",") {
+			if !slices.Contains(scenarios, s) {
+				fmt.Fprintf(os.Stderr, "compare: --only: no scenario %q; there are %s\n", s, strings.Join(scenarios, ", "))
+				os.Exit(2)
+			}
+			c.only[s] = true
+		}
+	}
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "compare:", err)
 		os.Exit(1)
@@ -86,21 +104,23 @@ func run(c config) error {
 	if v, err := exec.Command("pg_config", "--version").Output(); err == nil {
 		r.version += ", " + strings.TrimSpace(string(v))
 	}
-	step("crash trials: %d rounds of %s", c.crashRounds, strings.Join([]string{walshipDrain, walshipLost, receivewal, archive5, archive60}, ", "))
-	if err := crashTrials(ctx, c, r); err != nil {
-		return err
-	}
-	step("pgbench: %d rounds of %s with each shipper and none", c.rounds, c.pgbenchFor)
-	if err := pgbenchRounds(ctx, c, r); err != nil {
-		return err
-	}
-	step("catch-up: %d MiB of backlog, %d rounds", c.catchupMB, c.rounds)
-	if err := catchUp(ctx, c, r); err != nil {
-		return err
-	}
-	step("idle cost: walship with an idle primary for 10 s")
-	if err := idleCost(ctx, c, r); err != nil {
-		return err
+	for _, sc := range []struct {
+		name  string
+		about string
+		run   func(context.Context, config, *results) error
+	}{
+		{"crash", fmt.Sprintf("crash trials: %d rounds of %s", c.crashRounds, strings.Join(crashKinds, ", ")), crashTrials},
+		{"pgbench", fmt.Sprintf("pgbench: %d rounds of %s with each shipper and none, then the lag runs", c.rounds, c.pgbenchFor), pgbenchRounds},
+		{"catchup", fmt.Sprintf("catch-up: %d MiB of backlog, %d rounds", c.catchupMB, c.rounds), catchUp},
+		{"idle", "idle cost: walship with an idle primary for 10 s", idleCost},
+	} {
+		if !c.runs(sc.name) {
+			continue
+		}
+		step("%s", sc.about)
+		if err := sc.run(ctx, c, r); err != nil {
+			return err
+		}
 	}
 	md := r.markdown(c)
 	fmt.Println()
@@ -292,10 +312,11 @@ type trial struct {
 	window time.Duration
 }
 
+var crashKinds = []string{walshipDrain, walshipLost, receivewal, archive5, archive60}
+
 func crashTrials(ctx context.Context, c config, r *results) error {
-	kinds := []string{walshipDrain, walshipLost, receivewal, archive5, archive60}
 	for round := 1; round <= c.crashRounds; round++ {
-		for _, kind := range kinds {
+		for _, kind := range crashKinds {
 			tr, err := crashTrial(ctx, c, kind)
 			if err != nil {
 				return fmt.Errorf("crash trial %d, %s: %w", round, kind, err)
@@ -399,6 +420,7 @@ func waitExit(ctx context.Context, cmd *exec.Cmd) error {
 type benchRun struct {
 	kind    string
 	round   int
+	lagRun  bool // a run for the lag: its TPS and cost are not the shipper's alone
 	tps     float64
 	lags    []time.Duration // time until the shipper was durable past each sampled flush
 	lagB    []int64         // bytes between flush and durable at each sample
@@ -413,22 +435,35 @@ type procCost struct {
 
 var tpsRE = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
 
+// pgbenchRounds runs pgbench with each shipper and none, for TPS and the shippers' cost,
+// then once more with walship and with pg_receivewal while the lag sampler runs: the
+// sampler's queries would otherwise weigh on the TPS of the runs it watches alone.
 func pgbenchRounds(ctx context.Context, c config, r *results) error {
-	kinds := []string{none, walshipName, receivewal, archive60}
+	type run struct {
+		kind string
+		lag  bool
+	}
+	runs := []run{{none, false}, {walshipName, false}, {receivewal, false}, {archive60, false}, {walshipName, true}, {receivewal, true}}
 	for round := 1; round <= c.rounds; round++ {
-		for _, kind := range kinds {
-			br, err := pgbenchRun(ctx, c, kind, round)
+		for _, rn := range runs {
+			br, err := pgbenchRun(ctx, c, rn.kind, round, rn.lag)
 			if err != nil {
-				return fmt.Errorf("pgbench round %d, %s: %w", round, kind, err)
+				return fmt.Errorf("pgbench round %d, %s: %w", round, rn.kind, err)
 			}
-			fmt.Printf("  round %d  %-30s %8.0f tps  %6.1f MiB/s of WAL\n", round, kind, br.tps, br.walMiBs)
+			what := "tps"
+			if rn.lag {
+				what = fmt.Sprintf("lag p50 %.2f ms, p99 %.2f ms", ms(percentile(br.lags, 0.5)), ms(percentile(br.lags, 0.99)))
+			}
+			fmt.Printf("  round %d  %-30s %8.0f tps  %6.1f MiB/s of WAL  (%s)\n", round, rn.kind, br.tps, br.walMiBs, what)
 			r.bench = append(r.bench, br)
 		}
 	}
 	return nil
 }
 
-func pgbenchRun(ctx context.Context, c config, kind string, round int) (benchRun, error) {
+// pgbenchRun runs pgbench on new clusters with the kind's shipper; with lag, the lag
+// sampler watches the shipper throughout.
+func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool) (benchRun, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.pgbenchFor+10*time.Minute)
 	defer cancel()
 	n, err := newNode(ctx, c, kind, nil)
@@ -465,13 +500,36 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int) (benchRun
 		return benchRun{}, err
 	}
 	sctx, stopSampling := context.WithCancel(ctx)
-	samples := make(chan []sample, 1)
-	go func() { samples <- sampleLag(sctx, n) }()
+	defer stopSampling()
+	type sampled struct {
+		lags   []time.Duration
+		behind []int64
+	}
+	samples := make(chan sampled, 1)
+	if lag {
+		go func() {
+			lags, behind := sampleLag(sctx, n)
+			samples <- sampled{lags, behind}
+		}()
+	} else {
+		samples <- sampled{}
+	}
 	t0 := time.Now()
 	out, err := n.primary.Command(ctx, "pgbench", "-c", "4", "-j", "2", "-T", strconv.Itoa(int(c.pgbenchFor.Seconds())), "postgres").CombinedOutput()
 	elapsed := time.Since(t0)
-	// Let the shipper finish what the run wrote before sampling stops.
-	time.Sleep(200 * time.Millisecond) // a grace period for the last samples, not a wait for a condition
+	if lag && err == nil {
+		// Sample until the shipper has what the run wrote.
+		end, ferr := n.primary.FlushLSN(ctx)
+		if ferr != nil {
+			return benchRun{}, ferr
+		}
+		if werr := lab.Wait(ctx, 10*time.Millisecond, "the shipper to catch up after the run", func() (bool, error) {
+			d, err := n.durable(ctx)
+			return err == nil && d >= end, nil
+		}); werr != nil {
+			return benchRun{}, werr
+		}
+	}
 	stopSampling()
 	ss := <-samples
 	if err != nil {
@@ -481,7 +539,7 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int) (benchRun
 	if m == nil {
 		return benchRun{}, fmt.Errorf("pgbench printed no tps:\n%s", out)
 	}
-	br := benchRun{kind: kind, round: round, cost: map[string]procCost{}}
+	br := benchRun{kind: kind, round: round, lagRun: lag, cost: map[string]procCost{}}
 	br.tps, _ = strconv.ParseFloat(m[1], 64)
 	end, err := n.primary.FlushLSN(ctx)
 	if err != nil {
@@ -492,63 +550,42 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int) (benchRun
 	for name, a := range after {
 		br.cost[name] = procCost{cpu: a.cpu - before[name].cpu, peakKB: a.peakKB}
 	}
-	if kind == walshipName || kind == receivewal {
-		br.lags, br.lagB = lagsOf(ss)
-	}
+	br.lags, br.lagB = ss.lags, ss.behind
 	return br, nil
 }
 
-type sample struct {
-	at      time.Time
-	flush   wal.LSN
-	durable wal.LSN
-}
-
-// sampleLag reads the primary's flush position and the shipper's durable position every
-// 10 ms until ctx ends.
-func sampleLag(ctx context.Context, n *node) []sample {
-	var out []sample
-	if n.kind != walshipName && n.kind != receivewal {
-		return nil
-	}
+// sampleLag measures the shipper's lag until ctx ends: every 10 ms it asks the primary
+// for its flush position, notes the bytes the shipper's durable position is behind it,
+// then reads the durable position every half millisecond until it has passed the flush
+// position, and takes the time from the asking to that read. The lag so measured errs
+// long, never short: the position may have been flushed a little after the asking.
+func sampleLag(ctx context.Context, n *node) (lags []time.Duration, behind []int64) {
 	for ctx.Err() == nil {
+		asked := time.Now()
 		flush, err := n.primary.FlushLSN(ctx)
 		if err != nil {
 			break
 		}
-		d, err := n.durable(ctx)
-		if err != nil {
-			break
+		for first := true; ctx.Err() == nil; first = false {
+			d, err := n.durable(ctx)
+			if err != nil {
+				return lags, behind
+			}
+			if first {
+				behind = append(behind, max(int64(flush)-int64(d), 0))
+			}
+			if d >= flush {
+				lags = append(lags, time.Since(asked))
+				break
+			}
+			time.Sleep(500 * time.Microsecond) // the reading's resolution
 		}
-		out = append(out, sample{time.Now(), flush, d})
 		select {
 		case <-ctx.Done():
-		case <-time.After(10 * time.Millisecond):
+		case <-time.After(time.Until(asked.Add(10 * time.Millisecond))):
 		}
 	}
-	return out
-}
-
-// lagsOf turns samples into time lags (for each sampled flush position, how long until
-// a later sample showed it durable) and byte lags.
-func lagsOf(ss []sample) ([]time.Duration, []int64) {
-	var lags []time.Duration
-	var bytes []int64
-	j := 0
-	for i, s := range ss {
-		bytes = append(bytes, max(int64(s.flush)-int64(s.durable), 0))
-		if j < i {
-			j = i
-		}
-		for j < len(ss) && ss[j].durable < s.flush {
-			j++
-		}
-		if j == len(ss) {
-			break
-		}
-		lags = append(lags, ss[j].at.Sub(s.at))
-	}
-	return lags, bytes
+	return lags, behind
 }
 
 // costs reads the CPU time and peak RSS of each process.
@@ -779,7 +816,7 @@ func (r *results) markdown(c config) string {
 
 	fmt.Fprintf(&b, "## Crash trials (%d per shipper)\n\nOne connection commits single-row inserts; the primary's postmaster is killed 3 to 5 s in; the standby (base backup plus what the shipper received) is promoted. Lost: acknowledged commits missing on it. Window: kill time minus the acknowledgement of the newest commit it has (negative: a backend of the dead postmaster still committed after the kill).\n\n", c.crashRounds)
 	b.WriteString("| shipper | lost, median [min, max] | trials losing nothing | window ms, median [min, max] | window p99 ms |\n|---|---|---|---|---|\n")
-	for _, kind := range []string{walshipDrain, walshipLost, receivewal, archive5, archive60} {
+	for _, kind := range crashKinds {
 		lost, window := r.trialsOf(kind)
 		if len(lost) == 0 {
 			continue
@@ -798,7 +835,7 @@ func (r *results) markdown(c config) string {
 			float64(percentile(ws, 0.99))/float64(time.Millisecond))
 	}
 
-	fmt.Fprintf(&b, "\n## Under pgbench (scale %d, 4 clients, %s a run, %d rounds)\n\nTPS ratio: the run's TPS over the same round's TPS with no shipper. Lag: sampled every 10 ms, the time until the shipper's durable position passed each sampled flush position, and the bytes between them.\n\n", c.scale, c.pgbenchFor, c.rounds)
+	fmt.Fprintf(&b, "\n## Under pgbench (scale %d, 4 clients, %s a run, %d rounds)\n\nTPS ratio: the run's TPS over the same round's TPS with no shipper. Lag (separate runs, for the sampler's queries weigh on the primary): every 10 ms the primary's flush position is asked, and the shipper's durable position read every 0.5 ms until it has passed it; the time from the asking to that read (it errs long: the position may have been flushed after the asking), and the bytes the shipper was behind when asked. walship's durable position is read from the receiver's --metrics (it counts a byte once fsynced), pg_receivewal's from pg_stat_replication.flush_lsn (it reports after each fsync with --synchronous).\n\n", c.scale, c.pgbenchFor, c.rounds)
 	b.WriteString("| shipper | TPS | TPS ratio | WAL MiB/s | lag p50 ms | lag p99 ms | lag max ms | bytes behind p99 |\n|---|---|---|---|---|---|---|---|\n")
 	base := map[int]float64{}
 	for _, br := range r.bench {
@@ -814,14 +851,17 @@ func (r *results) markdown(c config) string {
 			if br.kind != kind {
 				continue
 			}
+			if br.lagRun {
+				lags = append(lags, br.lags...)
+				for _, x := range br.lagB {
+					lagB = append(lagB, float64(x))
+				}
+				continue
+			}
 			tps = append(tps, br.tps)
 			mibs = append(mibs, br.walMiBs)
 			if base[br.round] > 0 {
 				ratio = append(ratio, br.tps/base[br.round])
-			}
-			lags = append(lags, br.lags...)
-			for _, x := range br.lagB {
-				lagB = append(lagB, float64(x))
 			}
 		}
 		if len(tps) == 0 {
@@ -863,6 +903,9 @@ func (r *results) markdown(c config) string {
 	loadCost := map[string][]float64{}
 	loadRSS := map[string]float64{}
 	for _, br := range r.bench {
+		if br.lagRun {
+			continue
+		}
 		for name, pc := range br.cost {
 			loadCost[name] = append(loadCost[name], pc.cpu.Seconds()/c.pgbenchFor.Seconds())
 			loadRSS[name] = max(loadRSS[name], float64(pc.peakKB)/1024)
@@ -931,7 +974,7 @@ func (r *results) targets(c config) string {
 	}
 	var ratio []float64
 	for _, br := range r.bench {
-		if br.kind == walshipName && base[br.round] > 0 {
+		if br.kind == walshipName && !br.lagRun && base[br.round] > 0 {
 			ratio = append(ratio, br.tps/base[br.round])
 		}
 	}
