@@ -24,10 +24,14 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/tail"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -50,6 +54,7 @@ type config struct {
 	pgbenchFor  time.Duration
 	catchupMB   int
 	scale       int
+	poll        time.Duration // walship tail's --poll
 	only        map[string]bool // the scenarios to run; empty: all
 }
 
@@ -67,6 +72,7 @@ func main() {
 	flag.DurationVar(&c.pgbenchFor, "pgbench-time", 20*time.Second, "length of each pgbench run")
 	flag.IntVar(&c.catchupMB, "catchup-mb", 2048, "size of the WAL backlog in the catch-up scenario, MiB")
 	flag.IntVar(&c.scale, "scale", 20, "pgbench scale")
+	flag.DurationVar(&c.poll, "poll", tail.DefaultPoll, "walship tail's --poll")
 	only := flag.String("only", "", "run only these scenarios, comma-separated, of "+strings.Join(scenarios, ", ")+" (default: all)")
 	flag.Parse()
 	if *only != "" {
@@ -103,6 +109,9 @@ func run(c config) error {
 	}
 	if v, err := exec.Command("pg_config", "--version").Output(); err == nil {
 		r.version += ", " + strings.TrimSpace(string(v))
+	}
+	if c.poll != tail.DefaultPoll {
+		r.version += fmt.Sprintf(", walship tail --poll %s", c.poll)
 	}
 	for _, sc := range []struct {
 		name  string
@@ -145,8 +154,41 @@ type node struct {
 	recv    *exec.Cmd    // pg_receivewal
 	recvDir string
 	archive string
-	// sidecarArgs are added to walship tail's flags.
-	sidecarArgs []string
+	// sidecarArgs and receiverArgs are added to walship tail's and receive's flags.
+	sidecarArgs, receiverArgs []string
+	// pg is a connection to the primary kept for the many small queries of the lag
+	// sampler and the waits: a connection each would fork a backend each.
+	pgMu sync.Mutex
+	pg   *pgx.Conn
+}
+
+// query runs a query returning one text value on the node's connection to the primary.
+func (n *node) query(ctx context.Context, sql string) (string, error) {
+	n.pgMu.Lock()
+	defer n.pgMu.Unlock()
+	if n.pg == nil {
+		conn, err := n.primary.Connect(ctx)
+		if err != nil {
+			return "", err
+		}
+		n.pg = conn
+	}
+	var s string
+	if err := n.pg.QueryRow(ctx, sql).Scan(&s); err != nil {
+		n.pg.Close(context.Background())
+		n.pg = nil
+		return "", err
+	}
+	return s, nil
+}
+
+// flush is the primary's flush position.
+func (n *node) flush(ctx context.Context) (wal.LSN, error) {
+	s, err := n.query(ctx, "SELECT pg_current_wal_flush_lsn()::text")
+	if err != nil {
+		return 0, err
+	}
+	return wal.ParseLSN(s)
 }
 
 func archiveSettings(dir string, timeout string) map[string]string {
@@ -206,6 +248,9 @@ func merge(a, b map[string]string) map[string]string {
 }
 
 func (n *node) close() {
+	if n.pg != nil {
+		n.pg.Close(context.Background())
+	}
 	if n.ws != nil {
 		n.ws.Kill()
 	}
@@ -226,12 +271,41 @@ func (n *node) startShipper(ctx context.Context) error {
 				return err
 			}
 		}
-		if err := n.ws.StartReceiver(ctx); err != nil {
+		if err := n.ws.StartReceiver(ctx, n.receiverArgs...); err != nil {
 			return err
 		}
-		return n.ws.StartSidecar(ctx, n.primary, n.sidecarArgs...)
+		return n.ws.StartSidecar(ctx, n.primary, append([]string{"--poll", n.c.poll.String()}, n.sidecarArgs...)...)
 	case receivewal:
 		return n.startReceivewal(ctx)
+	}
+	return nil
+}
+
+// profile makes walship's sidecar and receiver write CPU profiles when they stop.
+func (n *node) profile() {
+	n.sidecarArgs = append(n.sidecarArgs, "--cpu-profile", filepath.Join(n.dir, "sidecar.pprof"))
+	n.receiverArgs = append(n.receiverArgs, "--cpu-profile", filepath.Join(n.dir, "receiver.pprof"))
+}
+
+// writeProfiles stops walship's sidecar and receiver, which write their CPU profiles as
+// they stop, and writes each profile's top functions to pprof-<scenario>-<process>.txt
+// in the output directory.
+func (n *node) writeProfiles(ctx context.Context, scenario, during string) error {
+	for name, p := range map[string]*lab.Proc{"sidecar": n.ws.Sidecar, "receiver": n.ws.Receiver} {
+		if err := p.Stop(ctx); err != nil {
+			return err
+		}
+		text := fmt.Sprintf("# CPU profile of the walship %s during %s\n", name, during)
+		for _, sort := range []string{"-flat", "-cum"} {
+			out, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", sort, "-nodecount=30", n.c.bin, filepath.Join(n.dir, name+".pprof")).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("go tool pprof: %v\n%s", err, out)
+			}
+			text += fmt.Sprintf("\n# go tool pprof -top %s -nodecount=30\n\n%s", sort, out)
+		}
+		if err := os.WriteFile(filepath.Join(n.c.out, "pprof-"+scenario+"-"+name+".txt"), []byte(text), 0o644); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -282,7 +356,7 @@ func (n *node) stopReceivewal() {
 func (n *node) durable(ctx context.Context) (wal.LSN, error) {
 	switch n.kind {
 	case receivewal:
-		s, err := n.primary.QueryString(ctx, "SELECT coalesce((SELECT flush_lsn::text FROM pg_stat_replication LIMIT 1), '0/0')")
+		s, err := n.query(ctx, "SELECT coalesce((SELECT flush_lsn::text FROM pg_stat_replication LIMIT 1), '0/0')")
 		if err != nil {
 			return 0, err
 		}
@@ -477,13 +551,18 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 	if err := n.primary.Exec(ctx, "CHECKPOINT"); err != nil {
 		return benchRun{}, err
 	}
+	// walship's first TPS run is profiled: the primary's TPS is what its CPU costs.
+	profile := round == 1 && kind == walshipName && !lag
+	if profile {
+		n.profile()
+	}
 	if err := n.startShipper(ctx); err != nil {
 		return benchRun{}, err
 	}
 	if kind == walshipName || kind == receivewal {
 		// A new copy starts with the segment being written: let the shipper have it
 		// before the run, so that the lag measured is the steady state's.
-		flush, err := n.primary.FlushLSN(ctx)
+		flush, err := n.flush(ctx)
 		if err != nil {
 			return benchRun{}, err
 		}
@@ -495,7 +574,7 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 		}
 	}
 	before := costs(n.pids())
-	start, err := n.primary.FlushLSN(ctx)
+	start, err := n.flush(ctx)
 	if err != nil {
 		return benchRun{}, err
 	}
@@ -519,7 +598,7 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 	elapsed := time.Since(t0)
 	if lag && err == nil {
 		// Sample until the shipper has what the run wrote.
-		end, ferr := n.primary.FlushLSN(ctx)
+		end, ferr := n.flush(ctx)
 		if ferr != nil {
 			return benchRun{}, ferr
 		}
@@ -541,7 +620,7 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 	}
 	br := benchRun{kind: kind, round: round, lagRun: lag, cost: map[string]procCost{}}
 	br.tps, _ = strconv.ParseFloat(m[1], 64)
-	end, err := n.primary.FlushLSN(ctx)
+	end, err := n.flush(ctx)
 	if err != nil {
 		return benchRun{}, err
 	}
@@ -551,18 +630,24 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 		br.cost[name] = procCost{cpu: a.cpu - before[name].cpu, peakKB: a.peakKB}
 	}
 	br.lags, br.lagB = ss.lags, ss.behind
+	if profile {
+		during := fmt.Sprintf("a pgbench run of %s at %.0f tps and %.1f MiB/s of WAL (the profile also covers its start)", c.pgbenchFor, br.tps, br.walMiBs)
+		if err := n.writeProfiles(ctx, "pgbench", during); err != nil {
+			return benchRun{}, err
+		}
+	}
 	return br, nil
 }
 
 // sampleLag measures the shipper's lag until ctx ends: every 10 ms it asks the primary
 // for its flush position, notes the bytes the shipper's durable position is behind it,
-// then reads the durable position every half millisecond until it has passed the flush
+// then reads the durable position every millisecond until it has passed the flush
 // position, and takes the time from the asking to that read. The lag so measured errs
 // long, never short: the position may have been flushed a little after the asking.
 func sampleLag(ctx context.Context, n *node) (lags []time.Duration, behind []int64) {
 	for ctx.Err() == nil {
 		asked := time.Now()
-		flush, err := n.primary.FlushLSN(ctx)
+		flush, err := n.flush(ctx)
 		if err != nil {
 			break
 		}
@@ -578,7 +663,7 @@ func sampleLag(ctx context.Context, n *node) (lags []time.Duration, behind []int
 				lags = append(lags, time.Since(asked))
 				break
 			}
-			time.Sleep(500 * time.Microsecond) // the reading's resolution
+			time.Sleep(time.Millisecond) // the reading's resolution
 		}
 		select {
 		case <-ctx.Done():
@@ -647,7 +732,7 @@ func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catch
 	defer n.close()
 	profile = profile && n.kind == walshipName
 	if profile {
-		n.sidecarArgs = []string{"--cpu-profile", filepath.Join(n.dir, "sidecar.pprof")}
+		n.profile()
 	}
 	if err := n.startShipper(ctx); err != nil {
 		return catchRun{}, err
@@ -661,13 +746,13 @@ func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catch
 	if err := n.primary.Exec(ctx, "CREATE TABLE backlog (id int, pad text); ALTER TABLE backlog ALTER pad SET STORAGE EXTERNAL"); err != nil {
 		return catchRun{}, err
 	}
-	start, err := n.primary.FlushLSN(ctx)
+	start, err := n.flush(ctx)
 	if err != nil {
 		return catchRun{}, err
 	}
 	target := start + wal.LSN(c.catchupMB)<<20
 	for {
-		flush, err := n.primary.FlushLSN(ctx)
+		flush, err := n.flush(ctx)
 		if err != nil {
 			return catchRun{}, err
 		}
@@ -678,17 +763,13 @@ func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catch
 			return catchRun{}, err
 		}
 	}
-	end, err := n.primary.FlushLSN(ctx)
+	end, err := n.flush(ctx)
 	if err != nil {
 		return catchRun{}, err
 	}
 	t0 := time.Now()
 	if n.ws != nil {
-		var args []string
-		if profile {
-			args = []string{"--cpu-profile", filepath.Join(n.dir, "receiver.pprof")}
-		}
-		if err := n.ws.StartReceiver(ctx, args...); err != nil {
+		if err := n.ws.StartReceiver(ctx, n.receiverArgs...); err != nil {
 			return catchRun{}, err
 		}
 	} else if err := n.startReceivewal(ctx); err != nil {
@@ -702,19 +783,8 @@ func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catch
 	}
 	cr := catchRun{kind: kind, secs: time.Since(t0).Seconds(), mib: float64(end-start) / (1 << 20)}
 	if profile {
-		// SIGTERM: each writes its profile as it stops.
-		for name, p := range map[string]*lab.Proc{"sidecar": n.ws.Sidecar, "receiver": n.ws.Receiver} {
-			if err := p.Stop(ctx); err != nil {
-				return catchRun{}, err
-			}
-			out, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=30", c.bin, filepath.Join(n.dir, name+".pprof")).CombinedOutput()
-			if err != nil {
-				return catchRun{}, fmt.Errorf("go tool pprof: %v\n%s", err, out)
-			}
-			head := fmt.Sprintf("# CPU profile of the walship %s during a %.0f MiB catch-up (%.1f MiB/s)\n# go tool pprof -top -nodecount=30\n\n", name, cr.mib, cr.mib/cr.secs)
-			if err := os.WriteFile(filepath.Join(c.out, "pprof-catchup-"+name+".txt"), append([]byte(head), out...), 0o644); err != nil {
-				return catchRun{}, err
-			}
+		if err := n.writeProfiles(ctx, "catchup", fmt.Sprintf("a %.0f MiB catch-up (%.1f MiB/s)", cr.mib, cr.mib/cr.secs)); err != nil {
+			return catchRun{}, err
 		}
 	}
 	cr.ddMBs, err = ddReference(ctx, n.dir, int(cr.mib))
@@ -835,7 +905,7 @@ func (r *results) markdown(c config) string {
 			float64(percentile(ws, 0.99))/float64(time.Millisecond))
 	}
 
-	fmt.Fprintf(&b, "\n## Under pgbench (scale %d, 4 clients, %s a run, %d rounds)\n\nTPS ratio: the run's TPS over the same round's TPS with no shipper. Lag (separate runs, for the sampler's queries weigh on the primary): every 10 ms the primary's flush position is asked, and the shipper's durable position read every 0.5 ms until it has passed it; the time from the asking to that read (it errs long: the position may have been flushed after the asking), and the bytes the shipper was behind when asked. walship's durable position is read from the receiver's --metrics (it counts a byte once fsynced), pg_receivewal's from pg_stat_replication.flush_lsn (it reports after each fsync with --synchronous).\n\n", c.scale, c.pgbenchFor, c.rounds)
+	fmt.Fprintf(&b, "\n## Under pgbench (scale %d, 4 clients, %s a run, %d rounds)\n\nTPS ratio: the run's TPS over the same round's TPS with no shipper. Lag (separate runs, for the sampler's queries weigh on the primary): every 10 ms the primary's flush position is asked, and the shipper's durable position read every 1 ms until it has passed it; the time from the asking to that read (it errs long: the position may have been flushed after the asking), and the bytes the shipper was behind when asked. walship's durable position is read from the receiver's --metrics (it counts a byte once fsynced), pg_receivewal's from pg_stat_replication.flush_lsn (it reports after each fsync with --synchronous).\n\n", c.scale, c.pgbenchFor, c.rounds)
 	b.WriteString("| shipper | TPS | TPS ratio | WAL MiB/s | lag p50 ms | lag p99 ms | lag max ms | bytes behind p99 |\n|---|---|---|---|---|---|---|---|\n")
 	base := map[int]float64{}
 	for _, br := range r.bench {
@@ -997,6 +1067,6 @@ func (r *results) targets(c config) string {
 		u := pc.cpu.Seconds() / r.idleFor.Seconds()
 		row("idle sidecar under 1 percent of a core", fmt.Sprintf("%.2f percent", 100*u), u < 0.01)
 	}
-	b.WriteString("\nWhere a target is missed, the CPU profiles of the catch-up (`pprof-catchup-*.txt`) are beside this file; see also the notes in the README.\n")
+	b.WriteString("\nWhere a target is missed, the CPU profiles of walship's first pgbench run (`pprof-pgbench-*.txt`) and first catch-up (`pprof-catchup-*.txt`) are beside this file; see also the notes in the README.\n")
 	return b.String()
 }
