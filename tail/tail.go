@@ -22,7 +22,13 @@ import (
 
 // Defaults of Config.
 const (
-	DefaultPoll  = 10 * time.Millisecond
+	DefaultPoll     = 2 * time.Millisecond
+	DefaultIdlePoll = 10 * time.Millisecond
+	// DefaultRelayPoll is how often a relay looks for newly durable WAL in its spool.
+	DefaultRelayPoll = 10 * time.Millisecond
+	// idleAfter is how long the flush position must stay still before polls slow down
+	// to IdlePoll.
+	idleAfter    = time.Second
 	defaultChunk = 256 << 10
 	maxBackoff   = 5 * time.Second
 )
@@ -40,10 +46,14 @@ type Config struct {
 	To string
 	// TLS is the client configuration (transport.ClientTLS). Required.
 	TLS *tls.Config
-	// Poll is how often the flush position is read. Zero means DefaultPoll. Each poll is
-	// one trivial query on the primary; the poll interval bounds how late a flushed byte
-	// leaves for the standby.
+	// Poll is how often the flush position is read while it moves. Zero means
+	// DefaultPoll. Each poll is one trivial query on the primary; the poll interval
+	// bounds how late a flushed byte leaves for the standby.
 	Poll time.Duration
+	// IdlePoll is how often it is read once it has stood still for a second: the bound
+	// for the first commit after a quiet spell. Zero means DefaultIdlePoll; never less
+	// than Poll. A relay uses Poll throughout.
+	IdlePoll time.Duration
 	// ArchiveDir is where the primary's archive_command puts whole segments. A segment
 	// that pg_wal no longer holds (removed or recycled before it was shipped, as can
 	// happen without the slot) is taken from there; without it, that is a gap error.
@@ -72,9 +82,16 @@ func (c *Config) validate() error {
 		return errors.New("tail: no tls configuration")
 	case c.Poll < 0:
 		return fmt.Errorf("tail: poll interval %s is negative", c.Poll)
-	case c.Poll == 0:
+	case c.IdlePoll < 0:
+		return fmt.Errorf("tail: idle poll interval %s is negative", c.IdlePoll)
+	}
+	if c.Poll == 0 {
 		c.Poll = DefaultPoll
 	}
+	if c.IdlePoll == 0 {
+		c.IdlePoll = DefaultIdlePoll
+	}
+	c.IdlePoll = max(c.IdlePoll, c.Poll)
 	return nil
 }
 
@@ -193,8 +210,11 @@ func (t *Tailer) session(ctx context.Context) error {
 	go func() { acks <- t.readAcks(c, ends) }()
 	sh := &shipper{dir: pgwal, archive: t.cfg.ArchiveDir, stream: hello.Stream(), tli: tli, conn: c, log: t.log}
 	defer sh.close()
-	tick := time.NewTicker(t.cfg.Poll)
-	defer tick.Stop()
+	// Polls come every Poll while the flush position moves, every IdlePoll once it has
+	// stood still for idleAfter.
+	next := time.NewTimer(t.cfg.Poll)
+	defer next.Stop()
+	moved := time.Now()
 	for {
 		if flush > from {
 			if err := sh.ship(from, flush); err != nil {
@@ -202,13 +222,19 @@ func (t *Tailer) session(ctx context.Context) error {
 			}
 			from = flush
 			t.shipped.Store(uint64(from))
+			moved = time.Now()
 		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case err := <-acks:
 			return err
-		case <-tick.C:
+		case <-next.C:
+		}
+		if time.Since(moved) < idleAfter {
+			next.Reset(t.cfg.Poll)
+		} else {
+			next.Reset(t.cfg.IdlePoll)
 		}
 		var now uint32
 		flush, now, err = srv.Flush(ctx, pg)

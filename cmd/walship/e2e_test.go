@@ -324,9 +324,10 @@ func TestStreamUnderLoad(t *testing.T) {
 	}, side)
 }
 
-// TestMetricsAddress: a malformed --metrics is a usage error, a busy one an error, and
-// either stops the command before it creates its spool.
-func TestMetricsAddress(t *testing.T) {
+// TestFlagErrors: a malformed --metrics is a usage error, a busy one an error, and
+// either stops the command before it creates its spool; an --idle-poll below --poll is a
+// usage error.
+func TestFlagErrors(t *testing.T) {
 	dir := t.TempDir()
 	spool := filepath.Join(dir, "spool")
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
@@ -351,6 +352,12 @@ func TestMetricsAddress(t *testing.T) {
 			require.NoDirExists(t, spool)
 		}
 	}
+	out, err := exec.Command(walshipBin, "tail", "--dsn", "host=/nonexistent", "--to", "127.0.0.1:1", "--tls-dir", dir,
+		"--poll", "5ms", "--idle-poll", "1ms").CombinedOutput()
+	var exit *exec.ExitError
+	require.ErrorAs(t, err, &exit, "%s", out)
+	require.Equal(t, 2, exit.ExitCode(), "%s", out)
+	require.Contains(t, string(out), "--idle-poll 1ms is shorter than --poll 5ms")
 }
 
 // freeTCPAddr is a loopback address with a port free at the time of asking.

@@ -44,9 +44,11 @@ crash of the server alone loses no commit. The check needs to see the server's p
 and System V shared memory (same host, or the same PID and IPC namespaces); elsewhere
 use --no-drain.
 
-Poll cost: each poll is one trivial query. At the default 10ms that is 100 queries a
-second, well under 1% of a core on the primary and on this host; the poll interval is
-what bounds how late a flushed commit leaves for the standby.`)
+Polling: the poll interval bounds how late a flushed commit leaves for the standby,
+and so what a lost host can lose. While the flush position moves it is read every
+--poll (2ms: 500 trivial queries a second); once it has stood still for a second,
+every --idle-poll (10ms: 100 a second, well under 1% of a core on either side), which
+then bounds the first commit after the quiet spell.`)
 	dsn := fs.String("dsn", "", "connection string of the primary, e.g. 'host=/var/run/postgresql user=postgres' (required)")
 	var to []string
 	fs.Func("to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)", func(v string) error {
@@ -55,7 +57,8 @@ what bounds how late a flushed commit leaves for the standby.`)
 	})
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, sidecar.crt and sidecar.key, as made by 'walship certs' (required)")
 	pgdata := fs.String("pgdata", "", "the primary's data directory as seen from here (default: the server's data_directory)")
-	poll := fs.Duration("poll", tail.DefaultPoll, "how often to read the flush position")
+	poll := fs.Duration("poll", tail.DefaultPoll, "how often to read the flush position while it moves")
+	idlePoll := fs.Duration("idle-poll", tail.DefaultIdlePoll, "how often to read it once it has stood still for a second (at least --poll)")
 	slot := fs.String("slot", tail.DefaultSlot, "name of the physical replication slot that keeps WAL for the receivers")
 	noSlot := fs.Bool("no-slot", false, "keep no replication slot (a receiver down for long can then miss WAL: see --archive-dir)")
 	slotWarn := fs.Uint64("slot-warn", tail.DefaultSlotWarn, "warn when the slot holds back more than this many bytes of WAL")
@@ -75,7 +78,9 @@ what bounds how late a flushed commit leaves for the standby.`)
 	case *tlsDir == "":
 		return usageError(fs, "--tls-dir is required")
 	case *poll <= 0:
-		return usageError(fs, "--poll %s: want a positive duration such as 10ms", *poll)
+		return usageError(fs, "--poll %s: want a positive duration such as 2ms", *poll)
+	case *idlePoll < *poll:
+		return usageError(fs, "--idle-poll %s is shorter than --poll %s", *idlePoll, *poll)
 	case *slot == "" && !*noSlot:
 		return usageError(fs, "--slot is empty: give a name, or --no-slot")
 	}
@@ -102,7 +107,7 @@ what bounds how late a flushed commit leaves for the standby.`)
 		if err != nil {
 			return fail("%v", err)
 		}
-		t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: addr, TLS: tlsConf, Poll: *poll,
+		t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: addr, TLS: tlsConf, Poll: *poll, IdlePoll: *idlePoll,
 			ArchiveDir: *archive, NoDrain: *noDrain, Logger: log.With().Str("receiver", addr).Logger()})
 		if err != nil {
 			return fail("%v", err)
@@ -181,7 +186,7 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 		relayTo = append(relayTo, v)
 		return nil
 	})
-	poll := fs.Duration("poll", tail.DefaultPoll, "with --relay-to: how often to look for newly durable WAL")
+	poll := fs.Duration("poll", tail.DefaultRelayPoll, "with --relay-to: how often to look for newly durable WAL")
 	metrics := metricsFlag(fs)
 	logger := logFlags(fs)
 	profile := profileFlag(fs)

@@ -54,7 +54,7 @@ type config struct {
 	pgbenchFor  time.Duration
 	catchupMB   int
 	scale       int
-	poll        time.Duration // walship tail's --poll
+	poll        time.Duration   // walship tail's --poll
 	only        map[string]bool // the scenarios to run; empty: all
 }
 
