@@ -366,6 +366,19 @@ func (n *node) durable(ctx context.Context) (wal.LSN, error) {
 	}
 }
 
+// waitCaughtUp waits until the shipper is durable at the primary's flush position of
+// now.
+func (n *node) waitCaughtUp(ctx context.Context, what string) error {
+	flush, err := n.flush(ctx)
+	if err != nil {
+		return err
+	}
+	return lab.Wait(ctx, 10*time.Millisecond, what, func() (bool, error) {
+		d, err := n.durable(ctx)
+		return err == nil && d >= flush, nil
+	})
+}
+
 // pids are the shipper's processes, for their CPU time and memory.
 func (n *node) pids() map[string]int {
 	switch {
@@ -562,14 +575,7 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 	if kind == walshipName || kind == receivewal {
 		// A new copy starts with the segment being written: let the shipper have it
 		// before the run, so that the lag measured is the steady state's.
-		flush, err := n.flush(ctx)
-		if err != nil {
-			return benchRun{}, err
-		}
-		if err := lab.Wait(ctx, 10*time.Millisecond, "the shipper to catch up", func() (bool, error) {
-			d, err := n.durable(ctx)
-			return err == nil && d >= flush, nil
-		}); err != nil {
+		if err := n.waitCaughtUp(ctx, "the shipper to catch up"); err != nil {
 			return benchRun{}, err
 		}
 	}
@@ -598,14 +604,7 @@ func pgbenchRun(ctx context.Context, c config, kind string, round int, lag bool)
 	elapsed := time.Since(t0)
 	if lag && err == nil {
 		// Sample until the shipper has what the run wrote.
-		end, ferr := n.flush(ctx)
-		if ferr != nil {
-			return benchRun{}, ferr
-		}
-		if werr := lab.Wait(ctx, 10*time.Millisecond, "the shipper to catch up after the run", func() (bool, error) {
-			d, err := n.durable(ctx)
-			return err == nil && d >= end, nil
-		}); werr != nil {
+		if werr := n.waitCaughtUp(ctx, "the shipper to catch up after the run"); werr != nil {
 			return benchRun{}, werr
 		}
 	}
