@@ -736,12 +736,14 @@ func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catch
 	if err := n.startShipper(ctx); err != nil {
 		return catchRun{}, err
 	}
-	// Stop the receiving side; the slot keeps the WAL it has not taken.
-	if n.ws != nil {
-		n.ws.Receiver.Kill()
-	} else {
-		n.stopReceivewal()
+	// Stop the shipper once it holds the current segment (an empty spool would start
+	// again at the segment being written and skip the backlog); the slot keeps the WAL
+	// it has not taken. walship's sidecar stops too, so that the catch-up is timed from
+	// a start, as pg_receivewal's is, not from its reconnection backoff.
+	if err := n.waitCaughtUp(ctx, "the shipper to hold the current segment"); err != nil {
+		return catchRun{}, err
 	}
+	n.stopShipper()
 	if err := n.primary.Exec(ctx, "CREATE TABLE backlog (id int, pad text); ALTER TABLE backlog ALTER pad SET STORAGE EXTERNAL"); err != nil {
 		return catchRun{}, err
 	}
@@ -767,11 +769,7 @@ func catchUpRun(ctx context.Context, c config, kind string, profile bool) (catch
 		return catchRun{}, err
 	}
 	t0 := time.Now()
-	if n.ws != nil {
-		if err := n.ws.StartReceiver(ctx, n.receiverArgs...); err != nil {
-			return catchRun{}, err
-		}
-	} else if err := n.startReceivewal(ctx); err != nil {
+	if err := n.startShipper(ctx); err != nil {
 		return catchRun{}, err
 	}
 	if err := lab.Wait(ctx, 5*time.Millisecond, "the backlog to be durable", func() (bool, error) {
@@ -948,7 +946,7 @@ func (r *results) markdown(c config) string {
 		fmt.Fprintf(&b, "| %s | %.0f [%.0f, %.0f] | %.3f [%.3f, %.3f] | %.1f %s |\n", kind, tm, tl, th, rm, rl, rh, mm, lagCols)
 	}
 
-	fmt.Fprintf(&b, "\n## Catch-up from a %d MiB backlog (%d rounds)\n\nThe receiving side stopped while the backlog was written (the slot keeps it), then started; the time until it is durable at the receiver. Beside it, dd writing the same bytes with conv=fdatasync in the same place.\n\n", c.catchupMB, c.rounds)
+	fmt.Fprintf(&b, "\n## Catch-up from a %d MiB backlog (%d rounds)\n\nThe shipper stopped (walship's sidecar and receiver) while the backlog was written (the slot keeps it), then started; the time from the start until the backlog is durable at the receiver. Beside it, dd writing the same bytes with conv=fdatasync in the same place.\n\n", c.catchupMB, c.rounds)
 	b.WriteString("| shipper | MiB/s, median [min, max] | dd MB/s | share of dd |\n|---|---|---|---|\n")
 	for _, kind := range []string{walshipName, receivewal} {
 		var rate, dd, share []float64
