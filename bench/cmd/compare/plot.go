@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"path/filepath"
 
@@ -12,11 +13,14 @@ import (
 
 // charts draws the loss windows of the crash trials, one column of points per shipper
 // on a log scale, and the catch-up throughput as bars.
+// charts draws each chart whose scenario ran.
 func (r *results) charts(dir string) error {
-	if err := r.lossChart(filepath.Join(dir, "loss-window.png")); err != nil {
-		return err
+	for name, draw := range map[string]func(string) error{"loss-window.png": r.lossChart, "throughput.png": r.throughputChart} {
+		if err := draw(filepath.Join(dir, name)); err != nil && !errors.Is(err, errNoData) {
+			return err
+		}
 	}
-	return r.throughputChart(filepath.Join(dir, "throughput.png"))
+	return nil
 }
 
 func (r *results) lossChart(path string) error {
