@@ -47,8 +47,8 @@ use --no-drain.
 Polling: the poll interval bounds how late a flushed commit leaves for the standby,
 and so what a lost host can lose. While the flush position moves it is read every
 --poll (2ms: 500 trivial queries a second); once it has stood still for a second,
-every --idle-poll (10ms: 100 a second, well under 1% of a core on either side), which
-then bounds the first commit after the quiet spell.`)
+every --idle-poll (10ms: 100 a second, about 5% of a core for the sidecar on a small
+host), which then bounds the first commit after the quiet spell.`)
 	dsn := fs.String("dsn", "", "connection string of the primary, e.g. 'host=/var/run/postgresql user=postgres' (required)")
 	var to []string
 	fs.Func("to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)", func(v string) error {
