@@ -9,9 +9,9 @@
 //
 // Promote runs the failover, in this order:
 //  1. check that the spool belongs to the standby's cluster and the standby is in recovery;
-//  2. freeze the spool (receiver.FreezeFile) and wait for the writer lock, so that no
+//  2. freeze the spool (spool.FreezeFile) and wait for the writer lock, so that no
 //     receiver, running or restarted, writes into it again;
-//  3. write the trigger (receiver.TriggerFile): the partial segment and how many of its
+//  3. write the trigger (spool.TriggerFile): the partial segment and how many of its
 //     bytes recovery gets, with their hash;
 //  4. ask the server to promote (pg_promote() in standby mode; in archive recovery the
 //     waiting restore_command sees the trigger itself);

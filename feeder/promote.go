@@ -4,19 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/cespare/xxhash/v2"
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
-	"github.com/walship/walship/receiver"
-	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -82,7 +79,7 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	log := cfg.Logger
-	id, ok, err := receiver.ReadIdentity(cfg.Spool)
+	id, ok, err := spool.ReadIdentity(cfg.Spool)
 	if err != nil {
 		return Report{}, err
 	}
@@ -112,12 +109,12 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 		cfg.PGData = dataDir
 	}
 	if sysid != id.SysID {
-		return Report{}, fmt.Errorf("promote: %w: spool %s holds system identifier %d, the standby is %d", receiver.ErrWrongCluster, cfg.Spool, id.SysID, sysid)
+		return Report{}, fmt.Errorf("promote: %w: spool %s holds system identifier %d, the standby is %d", spool.ErrWrongCluster, cfg.Spool, id.SysID, sysid)
 	}
 	_, err = os.Stat(filepath.Join(cfg.PGData, "standby.signal"))
 	rep := Report{StandbyMode: err == nil}
 
-	trig, triggered, err := ReadTrigger(cfg.Spool)
+	trig, triggered, err := spool.ReadTrigger(cfg.Spool)
 	if err != nil {
 		return Report{}, err
 	}
@@ -128,15 +125,16 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 		if rep.Drained, rep.DrainEnd, err = awaitDrain(ctx, cfg.Spool, log); err != nil {
 			return Report{}, err
 		}
-		if trig, err = freeze(ctx, cfg.Spool, id, log); err != nil {
-			return Report{}, err
-		}
-		log.Info().Str("segment", trig.Segment).Uint64("bytes", trig.Bytes).Msg("spool frozen; trigger set")
-		if rep.StandbyMode {
-			if _, err := conn.Exec(ctx, "SELECT pg_promote(false)"); err != nil {
-				undo(cfg.Spool, log)
-				return Report{}, fmt.Errorf("promote: pg_promote(): %w (the spool was unfrozen)", err)
+		if trig, err = freeze(ctx, cfg.Spool, id, log, func(ctx context.Context) error {
+			if !rep.StandbyMode {
+				return nil // in archive recovery the waiting restore_command sees the trigger itself
 			}
+			if _, err := conn.Exec(ctx, "SELECT pg_promote(false)"); err != nil {
+				return fmt.Errorf("pg_promote(): %w", err)
+			}
+			return nil
+		}); err != nil {
+			return Report{}, err
 		}
 	} else {
 		rep.AlreadyDone = !inRecovery
@@ -169,16 +167,16 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 // record its end-of-WAL mark (it drains the primary's pg_wal once the server is gone)
 // or for the session to end. A session holds the writer lock; a mark left by a session
 // that has ended counts too.
-func awaitDrain(ctx context.Context, spool string, log zerolog.Logger) (drained bool, end string, err error) {
+func awaitDrain(ctx context.Context, dir string, log zerolog.Logger) (drained bool, end string, err error) {
 	waiting := false
 	err = waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
-		m, ok, err := receiver.ReadEnd(spool)
+		m, ok, err := spool.ReadEnd(dir)
 		if err != nil || ok {
-			drained, end = ok, fmt.Sprintf("%s on timeline %d", m.LSN, m.TLI)
+			drained, end = ok, m.Position.String()
 			return true, err
 		}
-		lock, err := receiver.LockWriter(spool)
-		if errors.Is(err, receiver.ErrLocked) {
+		lock, err := spool.LockWriter(dir)
+		if errors.Is(err, spool.ErrLocked) {
 			if !waiting {
 				log.Info().Msg("a sidecar is connected; waiting for it to drain the primary's WAL and mark its end " +
 					"(a sidecar lost with its host shows once the receiver's session times out, within 10s)")
@@ -193,78 +191,82 @@ func awaitDrain(ctx context.Context, spool string, log zerolog.Logger) (drained 
 	})
 	if errors.Is(err, context.DeadlineExceeded) {
 		return false, "", fmt.Errorf("promote: a sidecar is still streaming into %s and sent no end-of-WAL mark: "+
-			"is the primary still running? Stop it first; the sidecar then drains its WAL and promote goes on (nothing was changed)", spool)
+			"is the primary still running? Stop it first; the sidecar then drains its WAL and promote goes on (nothing was changed)", dir)
 	}
 	return drained, end, err
 }
 
-// freeze stops the receivers and writes the trigger.
-func freeze(ctx context.Context, spool string, id receiver.Identity, log zerolog.Logger) (Trigger, error) {
-	if err := durable.WriteFile(filepath.Join(spool, receiver.FreezeFile), []byte(time.Now().UTC().Format(time.RFC3339Nano)+"\n"), 0o644); err != nil {
-		return Trigger{}, err
+// freeze stops the receivers, writes the trigger and runs start, the request to the
+// server to promote. If any step fails, the spool is unfrozen again: a promotion that
+// did not start leaves the standby as it was.
+func freeze(ctx context.Context, dir string, id spool.Identity, log zerolog.Logger, start func(context.Context) error) (trig spool.Trigger, err error) {
+	if err := spool.Freeze(dir); err != nil {
+		return spool.Trigger{}, err
 	}
+	defer func() {
+		if err == nil {
+			return
+		}
+		if uerr := spool.Unfreeze(dir); uerr != nil {
+			log.Error().Err(uerr).Msgf("could not undo the freeze; remove %s and %s from the spool by hand", spool.TriggerFile, spool.FreezeFile)
+			err = fmt.Errorf("%w (undoing the freeze failed too: %w)", err, uerr)
+			return
+		}
+		err = fmt.Errorf("%w (the spool was unfrozen)", err)
+	}()
 	var lock *os.File
-	err := waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
+	err = waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
 		var err error
-		lock, err = receiver.LockWriter(spool)
-		if errors.Is(err, receiver.ErrLocked) {
+		lock, err = spool.LockWriter(dir)
+		if errors.Is(err, spool.ErrLocked) {
 			return false, nil
 		}
 		return err == nil, err
 	})
 	if err != nil {
-		undo(spool, log)
-		return Trigger{}, fmt.Errorf("promote: freeze the spool: wait for the receiver to stop writing: %w (the spool was unfrozen)", err)
+		return spool.Trigger{}, fmt.Errorf("promote: freeze the spool: wait for the receiver to stop writing: %w", err)
 	}
 	defer lock.Close()
-	c, err := receiver.Scan(spool, id.SegSize)
-	if err != nil {
-		undo(spool, log)
-		return Trigger{}, err
+	if trig, err = frozenTail(dir, id, log); err != nil {
+		return spool.Trigger{}, fmt.Errorf("promote: %w", err)
 	}
-	pos, _ := c.Position(id.SegSize)
-	trig := Trigger{TLI: pos.TLI, At: time.Now().UTC().Format(time.RFC3339Nano)}
-	if p, ok := c.Partials[pos.TLI]; ok {
-		b, err := os.ReadFile(filepath.Join(spool, p.Seg.Name(id.SegSize)+receiver.PartialSuffix))
-		if err != nil {
-			undo(spool, log)
-			return Trigger{}, err
-		}
-		// Hand recovery only pages that check: a host crash can leave a partial longer
-		// than what was fsynced.
-		if err := id.Stream().CheckPages(b, p.Seg.Start(id.SegSize), p.Seg.TLI); err != nil {
-			var pe *wal.PageError
-			if !errors.As(err, &pe) {
-				undo(spool, log)
-				return Trigger{}, err
-			}
-			b = b[:pe.At-p.Seg.Start(id.SegSize)]
-			log.Warn().Err(err).Int("kept_bytes", len(b)).Msg("the partial segment ends with pages that do not check; recovery gets the bytes before them")
-		}
-		trig.Segment, trig.Bytes, trig.Hash = p.Seg.Name(id.SegSize), uint64(len(b)), fmt.Sprintf("%016x", xxhash.Sum64(b))
-	} else {
-		next, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
-		trig.Segment = next.Name(id.SegSize)
+	if err := spool.WriteTrigger(dir, trig); err != nil {
+		return spool.Trigger{}, fmt.Errorf("promote: %w", err)
 	}
-	content := fmt.Sprintf("{\n  \"timeline\": %d,\n  \"segment\": %q,\n  \"bytes\": %d,\n  \"xxhash64\": %q,\n  \"frozen_at\": %q\n}\n",
-		trig.TLI, trig.Segment, trig.Bytes, trig.Hash, trig.At)
-	if err := durable.WriteFile(filepath.Join(spool, receiver.TriggerFile), []byte(content), 0o644); err != nil {
-		undo(spool, log)
-		return Trigger{}, err
+	log.Info().Str("segment", trig.Segment).Uint64("bytes", trig.Bytes).Msg("spool frozen; trigger set")
+	if err := start(ctx); err != nil {
+		return spool.Trigger{}, fmt.Errorf("promote: %w", err)
 	}
 	return trig, nil
 }
 
-// undo removes the freeze marker and the trigger, for a promotion that did not start.
-func undo(spool string, log zerolog.Logger) {
-	for _, f := range []string{receiver.TriggerFile, receiver.FreezeFile} {
-		if err := os.Remove(filepath.Join(spool, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			log.Error().Err(err).Str("file", f).Msg("could not undo the freeze; remove the file by hand")
+// frozenTail decides what recovery gets of a frozen spool: its newest timeline's
+// partial, only as far as its pages check (a host crash can leave a partial longer than
+// what was fsynced), or, without a partial, nothing of the segment after its end.
+func frozenTail(dir string, id spool.Identity, log zerolog.Logger) (spool.Trigger, error) {
+	c, err := spool.Scan(dir, id.SegSize)
+	if err != nil {
+		return spool.Trigger{}, err
+	}
+	pos, _ := c.Position(id.SegSize)
+	p, ok := c.Partials[pos.TLI]
+	if !ok {
+		next, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
+		return spool.Trigger{TLI: pos.TLI, Segment: next.Name(id.SegSize)}, nil
+	}
+	b, err := os.ReadFile(spool.PartialPath(dir, p.Seg, id.SegSize))
+	if err != nil {
+		return spool.Trigger{}, err
+	}
+	if err := id.Stream().CheckPages(b, p.Seg.Start(id.SegSize), p.Seg.TLI); err != nil {
+		var pe *wal.PageError
+		if !errors.As(err, &pe) {
+			return spool.Trigger{}, err
 		}
+		b = b[:pe.At-p.Seg.Start(id.SegSize)]
+		log.Warn().Err(err).Int("kept_bytes", len(b)).Msg("the partial segment ends with pages that do not check; recovery gets the bytes before them")
 	}
-	if err := durable.SyncDir(spool); err != nil {
-		log.Error().Err(err).Msg("could not fsync the spool after undoing the freeze")
-	}
+	return spool.Trigger{TLI: pos.TLI, Segment: p.Seg.Name(id.SegSize), Bytes: uint64(len(b)), Hash: spool.HashTail(b)}, nil
 }
 
 func waitPromoted(ctx context.Context, dsn string) error {

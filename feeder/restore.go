@@ -3,7 +3,6 @@ package feeder
 import (
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -14,11 +13,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cespare/xxhash/v2"
 	"github.com/rs/zerolog"
 
-	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -63,30 +61,6 @@ var (
 	backupName = regexp.MustCompile(`^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$`)
 )
 
-// Trigger is the content of receiver.TriggerFile.
-type Trigger struct {
-	TLI     uint32 `json:"timeline"`
-	Segment string `json:"segment"`
-	Bytes   uint64 `json:"bytes"` // how many bytes of the partial recovery gets
-	Hash    string `json:"xxhash64"`
-	At      string `json:"frozen_at"`
-}
-
-// ReadTrigger reads the promotion trigger; ok is false when there is none.
-func ReadTrigger(spool string) (t Trigger, ok bool, err error) {
-	b, err := os.ReadFile(filepath.Join(spool, receiver.TriggerFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		return Trigger{}, false, nil
-	}
-	if err != nil {
-		return Trigger{}, false, fmt.Errorf("read promotion trigger: %w", err)
-	}
-	if err := json.Unmarshal(b, &t); err != nil {
-		return Trigger{}, false, fmt.Errorf("read promotion trigger %s: %w", filepath.Join(spool, receiver.TriggerFile), err)
-	}
-	return t, true, nil
-}
-
 // Restore answers one restore_command call: nil when the file was restored to Target,
 // ErrNotAvailable when it is not there, another error when something is wrong.
 func Restore(ctx context.Context, cfg RestoreConfig) error {
@@ -103,7 +77,7 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		return fmt.Errorf("restore: spool %s: %w", cfg.Spool, err)
 	}
 	name := cfg.File
-	id, haveID, err := receiver.ReadIdentity(cfg.Spool)
+	id, haveID, err := spool.ReadIdentity(cfg.Spool)
 	if err != nil {
 		return err
 	}
@@ -113,9 +87,9 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 	}
 	seg, segErr := wal.ParseSegmentName(name, segSize)
 	_, histErr := wal.ParseHistoryName(name)
-	isPartial := strings.HasSuffix(name, receiver.PartialSuffix)
+	isPartial := strings.HasSuffix(name, spool.PartialSuffix)
 	if isPartial {
-		_, err := wal.ParseSegmentName(strings.TrimSuffix(name, receiver.PartialSuffix), segSize)
+		_, err := wal.ParseSegmentName(strings.TrimSuffix(name, spool.PartialSuffix), segSize)
 		isPartial = err == nil
 	}
 	if segErr != nil && histErr != nil && !isPartial && !backupName.MatchString(name) {
@@ -144,18 +118,18 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		case <-time.After(cfg.WaitInterval):
 		}
 		if !haveID {
-			if id, haveID, err = receiver.ReadIdentity(cfg.Spool); err != nil {
+			if id, haveID, err = spool.ReadIdentity(cfg.Spool); err != nil {
 				return err
 			}
 		}
 	}
 }
 
-func restoreSegment(cfg RestoreConfig, id receiver.Identity, seg wal.Segment, haveID bool) error {
+func restoreSegment(cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveID bool) error {
 	if !haveID {
 		return fmt.Errorf("restore %s: the spool is empty: %w", cfg.File, ErrNotAvailable)
 	}
-	trig, triggered, err := ReadTrigger(cfg.Spool)
+	trig, triggered, err := spool.ReadTrigger(cfg.Spool)
 	if err != nil {
 		return err
 	}
@@ -194,7 +168,7 @@ func restoreSegment(cfg RestoreConfig, id receiver.Identity, seg wal.Segment, ha
 
 // checkRecords walks a segment's records: every page header, xl_prev and CRC must hold
 // up to the end of the bytes (the last record may run on into the next segment).
-func checkRecords(id receiver.Identity, seg wal.Segment, b []byte) error {
+func checkRecords(id spool.Identity, seg wal.Segment, b []byte) error {
 	start := seg.Start(id.SegSize)
 	_, _, stop, err := wal.ValidEnd(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
 	if err != nil {
@@ -207,11 +181,11 @@ func checkRecords(id receiver.Identity, seg wal.Segment, b []byte) error {
 }
 
 // restorePartial hands the frozen partial segment, zero-padded to the segment size.
-func restorePartial(cfg RestoreConfig, id receiver.Identity, trig Trigger) error {
+func restorePartial(cfg RestoreConfig, id spool.Identity, trig spool.Trigger) error {
 	if trig.Bytes == 0 {
 		return fmt.Errorf("restore %s: the promotion froze no bytes of it: %w", cfg.File, ErrNotAvailable)
 	}
-	path := filepath.Join(cfg.Spool, trig.Segment+receiver.PartialSuffix)
+	path := filepath.Join(cfg.Spool, trig.Segment+spool.PartialSuffix)
 	f, err := os.Open(path)
 	if err != nil {
 		return fmt.Errorf("restore %s from the frozen partial: %w", cfg.File, err)
@@ -221,7 +195,7 @@ func restorePartial(cfg RestoreConfig, id receiver.Identity, trig Trigger) error
 	if _, err := io.ReadFull(f, b[:trig.Bytes]); err != nil {
 		return fmt.Errorf("restore %s: %w: frozen partial %s is shorter than the %d bytes frozen: %w", cfg.File, ErrCorrupt, path, trig.Bytes, err)
 	}
-	if got := fmt.Sprintf("%016x", xxhash.Sum64(b[:trig.Bytes])); got != trig.Hash {
+	if got := spool.HashTail(b[:trig.Bytes]); got != trig.Hash {
 		return fmt.Errorf("restore %s: %w: frozen partial %s changed since the promotion froze it (xxhash64 %s, want %s)", cfg.File, ErrCorrupt, path, got, trig.Hash)
 	}
 	seg, err := wal.ParseSegmentName(trig.Segment, id.SegSize)
@@ -255,7 +229,7 @@ func restoreAsIs(cfg RestoreConfig, name string) error {
 
 // checkCluster refuses a spool of another cluster than the standby's. The system
 // identifier is the first field of global/pg_control (pg_control.h: ControlFileData).
-func checkCluster(pgdata string, id receiver.Identity) error {
+func checkCluster(pgdata string, id spool.Identity) error {
 	explicit := pgdata != ""
 	if !explicit {
 		pgdata = "."
@@ -271,7 +245,7 @@ func checkCluster(pgdata string, id receiver.Identity) error {
 		return fmt.Errorf("read the standby's system identifier: %s is %d bytes", filepath.Join(pgdata, "global", "pg_control"), len(b))
 	}
 	if sys := binary.LittleEndian.Uint64(b); sys != id.SysID {
-		return fmt.Errorf("%w: the spool holds system identifier %d, this standby is %d", receiver.ErrWrongCluster, id.SysID, sys)
+		return fmt.Errorf("%w: the spool holds system identifier %d, this standby is %d", spool.ErrWrongCluster, id.SysID, sys)
 	}
 	return nil
 }

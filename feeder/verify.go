@@ -9,7 +9,7 @@ import (
 	"sort"
 	"strings"
 
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -41,14 +41,14 @@ type segFile struct {
 // VerifySpool checks every published segment and partial of a spool: page headers
 // (with the spool's system identifier), the record chain across files and every CRC.
 func VerifySpool(dir string) ([]Verdict, error) {
-	id, ok, err := receiver.ReadIdentity(dir)
+	id, ok, err := spool.ReadIdentity(dir)
 	if err != nil {
 		return nil, err
 	}
 	if !ok {
-		return nil, fmt.Errorf("verify: %s is not a spool that has received anything (no %s)", dir, receiver.IdentityFile)
+		return nil, fmt.Errorf("verify: %s is not a spool that has received anything (no %s)", dir, spool.IdentityFile)
 	}
-	c, err := receiver.Scan(dir, id.SegSize)
+	c, err := spool.Scan(dir, id.SegSize)
 	if err != nil {
 		return nil, err
 	}
@@ -57,7 +57,7 @@ func VerifySpool(dir string) ([]Verdict, error) {
 		byTLI[s.TLI] = append(byTLI[s.TLI], segFile{s, filepath.Join(dir, s.Name(id.SegSize)), int64(id.SegSize)})
 	}
 	for tli, p := range c.Partials {
-		byTLI[tli] = append(byTLI[tli], segFile{p.Seg, filepath.Join(dir, p.Seg.Name(id.SegSize)+receiver.PartialSuffix), int64(p.Size)})
+		byTLI[tli] = append(byTLI[tli], segFile{p.Seg, filepath.Join(dir, p.Seg.Name(id.SegSize)+spool.PartialSuffix), int64(p.Size)})
 	}
 	var tlis []uint32
 	for tli := range byTLI {
@@ -89,7 +89,7 @@ func VerifyFiles(paths []string) ([]Verdict, error) {
 
 func verifyFile(path string) (Verdict, error) {
 	base := filepath.Base(path)
-	name := strings.TrimSuffix(base, receiver.PartialSuffix)
+	name := strings.TrimSuffix(base, spool.PartialSuffix)
 	info, err := os.Stat(path)
 	if err != nil {
 		return Verdict{}, fmt.Errorf("verify: %w", err)
@@ -116,7 +116,7 @@ func verifyFile(path string) (Verdict, error) {
 	if err != nil {
 		return Verdict{}, fmt.Errorf("verify %s: %w", path, err)
 	}
-	if !strings.HasSuffix(base, receiver.PartialSuffix) && uint64(info.Size()) != st.SegSize {
+	if !strings.HasSuffix(base, spool.PartialSuffix) && uint64(info.Size()) != st.SegSize {
 		return Verdict{File: base, Bytes: info.Size(), At: seg.Start(st.SegSize) + wal.LSN(info.Size()), Offset: info.Size(),
 			Reason: fmt.Sprintf("%d bytes, want %d", info.Size(), st.SegSize)}, nil
 	}

@@ -3,6 +3,7 @@ package receiver
 import (
 	"testing"
 
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -14,7 +15,7 @@ func BenchmarkRebuild(b *testing.B) {
 	b.SetBytes(int64(len(ref)))
 	b.ReportAllocs()
 	for b.Loop() {
-		r := NewRebuild(testStream, Contents{})
+		r := NewRebuild(testStream, spool.Contents{})
 		for off := 0; off < len(ref); off += chunk {
 			st, err := r.Offer(1, 0, uint64(off), ref[off:off+chunk], false)
 			if err != nil {

@@ -6,6 +6,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/transport"
 )
 
@@ -13,7 +14,7 @@ func TestCheckHello(t *testing.T) {
 	good := &transport.Hello{Version: transport.Version, SysID: 7, SegSize: 16 << 20, BlockSize: 8192, Magic: 0xD110, TLI: 1, ServerVersion: 150018}
 	id, err := checkHello(good)
 	require.NoError(t, err)
-	require.Equal(t, Identity{SysID: 7, SegSize: 16 << 20, BlockSize: 8192, Magic: 0xD110, ServerVersion: 150018}, id)
+	require.Equal(t, spool.Identity{SysID: 7, SegSize: 16 << 20, BlockSize: 8192, Magic: 0xD110, ServerVersion: 150018}, id)
 
 	bad := map[string]struct {
 		f    transport.Frame

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -11,9 +12,6 @@ var (
 	// ErrGap means a frame starts past the end of what the spool holds: bytes in between
 	// were never received. The stream is ordered, so this is the sidecar's fault.
 	ErrGap = errors.New("gap in the wal stream")
-	// ErrConflict means a frame carries bytes that differ from those already held at the
-	// same place. The spool keeps what it has; nothing is overwritten.
-	ErrConflict = errors.New("conflicting bytes for a position already held")
 	// ErrTimeline means a frame is for a timeline the spool cannot take now: an older one,
 	// or a newer one whose history file has not arrived.
 	ErrTimeline = errors.New("unexpected timeline")
@@ -24,7 +22,7 @@ var (
 //
 //  1. if Step.Open, create the segment's .partial file;
 //  2. compare Step.Held with the bytes already in the file at Step.HeldAt, and stop with
-//     ErrConflict if they differ;
+//     spool.ErrConflict if they differ;
 //  3. write Step.Write at Step.WriteAt;
 //  4. if Step.Complete, fsync the file and publish it under its final name;
 //  5. Commit the step, only once all of the above succeeded;
@@ -47,7 +45,7 @@ type Rebuild struct {
 }
 
 // NewRebuild starts from the spool's contents.
-func NewRebuild(stream wal.Stream, c Contents) *Rebuild {
+func NewRebuild(stream wal.Stream, c spool.Contents) *Rebuild {
 	r := &Rebuild{stream: stream, histories: map[uint32]bool{}}
 	for _, h := range c.Histories {
 		r.histories[h] = true
@@ -70,12 +68,9 @@ func (r *Rebuild) Empty() bool { return r.tli == 0 }
 
 // Durable is the position after the last byte held. It is durable only once the caller
 // has fsynced what the steps so far wrote.
-func (r *Rebuild) Durable() Position {
-	return Position{TLI: r.tli, LSN: wal.LSN(r.seg*r.stream.SegSize + r.have)}
+func (r *Rebuild) Durable() wal.Position {
+	return wal.Position{TLI: r.tli, LSN: wal.LSN(r.seg*r.stream.SegSize + r.have)}
 }
-
-// Current is the segment being rebuilt (or next to be), on the current timeline.
-func (r *Rebuild) Current() wal.Segment { return wal.Segment{TLI: r.tli, No: r.seg} }
 
 // AddHistory records that the spool now holds timeline tli's history file.
 func (r *Rebuild) AddHistory(tli uint32) { r.histories[tli] = true }

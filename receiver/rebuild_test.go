@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -63,7 +64,7 @@ func (m *memSpool) do(st Step) error {
 		return fmt.Errorf("step for %s without an open partial", st.Seg)
 	}
 	if len(st.Held) > 0 && !bytes.Equal(f[st.HeldAt:st.HeldAt+uint64(len(st.Held))], st.Held) {
-		return ErrConflict
+		return spool.ErrConflict
 	}
 	if st.WriteAt != uint64(len(f)) && len(st.Write) > 0 {
 		return fmt.Errorf("write at %d, but the partial holds %d bytes", st.WriteAt, len(f))
@@ -111,7 +112,7 @@ func TestRebuild(t *testing.T) {
 		{"append in pieces", []op{{0, 100, 1, false, nil}, {100, 9000, 1, false, nil}, {9000, 20000, 1, false, nil}}, 20000},
 		{"exact duplicate is harmless", []op{{0, 9000, 1, false, nil}, {0, 9000, 1, false, nil}}, 9000},
 		{"overlap that extends", []op{{0, 9000, 1, false, nil}, {8000, 12000, 1, false, nil}}, 12000},
-		{"overlap with other bytes", []op{{0, 9000, 1, false, nil}, {100, 8000, 1, true, ErrConflict}}, 9000},
+		{"overlap with other bytes", []op{{0, 9000, 1, false, nil}, {100, 8000, 1, true, spool.ErrConflict}}, 9000},
 		{"gap", []op{{0, 9000, 1, false, nil}, {9001, 10000, 1, false, ErrGap}}, 9000},
 		{"first frame mid-segment", []op{{100, 9000, 1, false, ErrGap}}, 0},
 		{"crossing into the next segment", []op{{0, wal.LSN(seg), 1, false, nil}, {wal.LSN(seg), wal.LSN(seg) + 50, 1, false, nil}}, wal.LSN(seg) + 50},
@@ -121,7 +122,7 @@ func TestRebuild(t *testing.T) {
 		{"stale page header", []op{{0, 8192, 1, false, nil}, {8192, 8192 + 100, 1, false, wal.ErrPage}}, 8192},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := NewRebuild(testStream, Contents{})
+			r := NewRebuild(testStream, spool.Contents{})
 			m := newMemSpool()
 			for i, o := range tc.ops {
 				b := append([]byte(nil), ref[o.from:o.to]...)
@@ -164,7 +165,7 @@ func TestRebuildSwitchPadding(t *testing.T) {
 	ref := refWAL(2, 1)
 	pad := make([]byte, seg-3*8192)
 	copy(pad, ref[5*8192:]) // stale pages: their headers are wrong for this position
-	r := NewRebuild(testStream, Contents{})
+	r := NewRebuild(testStream, spool.Contents{})
 	m := newMemSpool()
 	require.NoError(t, m.offer(r, 1, 0, ref[:3*8192]))
 	require.ErrorIs(t, m.offerPad(r, 1, 0, 3*8192, pad[:8192], false), wal.ErrPage, "unmarked stale pages are refused")
@@ -173,31 +174,31 @@ func TestRebuildSwitchPadding(t *testing.T) {
 	require.NoError(t, m.offerPad(r, 1, 0, 4*8192, pad[8192:], true))
 	require.Len(t, m.published, 1, "the padded segment is complete")
 	require.NoError(t, m.offer(r, 1, wal.LSN(seg), ref[seg:seg+8192]), "the next segment is checked again")
-	fresh := NewRebuild(testStream, Contents{Segments: []wal.Segment{{TLI: 1, No: 0}}})
+	fresh := NewRebuild(testStream, spool.Contents{Segments: []wal.Segment{{TLI: 1, No: 0}}})
 	require.ErrorIs(t, newMemSpool().offerPad(fresh, 1, 1, 0, ref[seg:seg+100], true), ErrGap, "a segment cannot start with padding")
 }
 
 func TestRebuildNewTimeline(t *testing.T) {
-	r := NewRebuild(testStream, Contents{})
+	r := NewRebuild(testStream, spool.Contents{})
 	m := newMemSpool()
 	ref1, ref2 := refWAL(2, 1), refWAL(2, 2)
 	require.NoError(t, m.offer(r, 1, 0, ref1[:5000]))
 	r.AddHistory(2)
 	require.ErrorIs(t, m.offer(r, 2, 100, ref2[100:5000]), ErrGap, "a new timeline starts at a segment start")
 	require.NoError(t, m.offer(r, 2, 0, ref2[:7000]))
-	require.Equal(t, Position{TLI: 2, LSN: 7000}, r.Durable())
+	require.Equal(t, wal.Position{TLI: 2, LSN: 7000}, r.Durable())
 	require.ErrorIs(t, m.offer(r, 1, 5000, ref1[5000:6000]), ErrTimeline, "the old timeline is closed")
 	require.Len(t, m.partial, 2, "the old timeline's partial stays beside the new one")
 }
 
 func TestRebuildResumesFromSpool(t *testing.T) {
 	seg := testStream.SegSize
-	c := Contents{
+	c := spool.Contents{
 		Segments: []wal.Segment{{TLI: 1, No: 0}},
-		Partials: map[uint32]Partial{1: {Seg: wal.Segment{TLI: 1, No: 1}, Size: 9000}},
+		Partials: map[uint32]spool.Partial{1: {Seg: wal.Segment{TLI: 1, No: 1}, Size: 9000}},
 	}
 	r := NewRebuild(testStream, c)
-	require.Equal(t, Position{TLI: 1, LSN: wal.LSN(seg + 9000)}, r.Durable())
+	require.Equal(t, wal.Position{TLI: 1, LSN: wal.LSN(seg + 9000)}, r.Durable())
 	ref := refWAL(2, 1)
 	st, err := r.Offer(1, 1, 9000, ref[seg+9000:seg+10000], false)
 	require.NoError(t, err)
@@ -205,8 +206,8 @@ func TestRebuildResumesFromSpool(t *testing.T) {
 	require.Equal(t, uint64(9000), st.WriteAt)
 
 	// Without a partial, the next segment starts fresh.
-	r = NewRebuild(testStream, Contents{Segments: []wal.Segment{{TLI: 1, No: 0}}, Partials: map[uint32]Partial{}})
-	require.Equal(t, Position{TLI: 1, LSN: wal.LSN(seg)}, r.Durable())
+	r = NewRebuild(testStream, spool.Contents{Segments: []wal.Segment{{TLI: 1, No: 0}}, Partials: map[uint32]spool.Partial{}})
+	require.Equal(t, wal.Position{TLI: 1, LSN: wal.LSN(seg)}, r.Durable())
 	st, err = r.Offer(1, 1, 0, ref[seg:seg+100], false)
 	require.NoError(t, err)
 	require.True(t, st.Open)
@@ -222,7 +223,7 @@ func FuzzRebuild(f *testing.F) {
 	ref := refWAL(3, 1)
 	seg := testStream.SegSize
 	f.Fuzz(func(t *testing.T, ops []byte) {
-		r := NewRebuild(testStream, Contents{})
+		r := NewRebuild(testStream, spool.Contents{})
 		m := newMemSpool()
 		for len(ops) >= 4 {
 			// Each op: a start near the durable position and a length, one flipped bit maybe.
@@ -252,7 +253,7 @@ func FuzzRebuild(f *testing.F) {
 			if err != nil && r.Durable() != before {
 				t.Fatalf("a refused frame moved the position from %v to %v", before, r.Durable())
 			}
-			if err != nil && !errors.Is(err, ErrGap) && !errors.Is(err, ErrConflict) && !errors.Is(err, wal.ErrPage) {
+			if err != nil && !errors.Is(err, ErrGap) && !errors.Is(err, spool.ErrConflict) && !errors.Is(err, wal.ErrPage) {
 				t.Fatalf("unexpected error %v", err)
 			}
 			if err == nil && corrupt {

@@ -1,22 +1,19 @@
 package receiver
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io/fs"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
 
-	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -58,20 +55,20 @@ type Receiver struct {
 	cancel  context.CancelFunc
 	session chan struct{} // closed when the current session has ended
 
-	durable atomic.Pointer[Position] // the spool's durable end; nil while it holds no WAL
+	durable atomic.Pointer[wal.Position] // the spool's durable end; nil while it holds no WAL
 }
 
 // Durable is where the spool's durable WAL ends: everything before it is fsynced (and
 // acknowledged, once a sidecar has sent it). ok is false while the spool holds no WAL.
-func (r *Receiver) Durable() (Position, bool) {
+func (r *Receiver) Durable() (wal.Position, bool) {
 	p := r.durable.Load()
 	if p == nil {
-		return Position{}, false
+		return wal.Position{}, false
 	}
 	return *p, true
 }
 
-func (r *Receiver) setDurable(p Position) { r.durable.Store(&p) }
+func (r *Receiver) setDurable(p wal.Position) { r.durable.Store(&p) }
 
 // New opens (creating if needed) and locks the spool, and starts listening.
 func New(cfg Config) (*Receiver, error) {
@@ -81,7 +78,7 @@ func New(cfg Config) (*Receiver, error) {
 	if err := os.MkdirAll(cfg.Spool, 0o755); err != nil {
 		return nil, fmt.Errorf("receiver: create spool: %w", err)
 	}
-	lock, err := LockReceiver(cfg.Spool)
+	lock, err := spool.LockReceiver(cfg.Spool)
 	if err != nil {
 		return nil, err
 	}
@@ -91,12 +88,11 @@ func New(cfg Config) (*Receiver, error) {
 		return nil, err
 	}
 	r := &Receiver{cfg: cfg, log: cfg.Logger, ln: ln, lock: lock}
-	// What the spool holds from before is durable, once crash leftovers are dealt with;
-	// a spool frozen for a promotion stays exactly as it is.
-	id, ok, err := ReadIdentity(cfg.Spool)
+	// What the spool holds from before is durable, once crash leftovers are dealt with.
+	id, ok, err := spool.ReadIdentity(cfg.Spool)
 	if err == nil && ok {
-		var c Contents
-		if c, err = recoverIdle(cfg.Spool, id, cfg.Logger); err == nil {
+		var c spool.Contents
+		if c, err = spool.RecoverIdle(cfg.Spool, id, cfg.Logger); err == nil {
 			if pos, ok := c.Position(id.SegSize); ok {
 				r.setDurable(pos)
 			}
@@ -108,26 +104,6 @@ func New(cfg Config) (*Receiver, error) {
 		return nil, err
 	}
 	return r, nil
-}
-
-// recoverIdle runs Recover on a spool no session writes, under the writer lock and
-// unless it is frozen; otherwise it only scans it.
-func recoverIdle(dir string, id Identity, log zerolog.Logger) (Contents, error) {
-	wlock, err := LockWriter(dir)
-	if errors.Is(err, ErrLocked) {
-		return Scan(dir, id.SegSize) // a promotion is freezing it
-	}
-	if err != nil {
-		return Contents{}, err
-	}
-	defer wlock.Close()
-	if frozen, err := Frozen(dir); err != nil || frozen {
-		if err != nil {
-			return Contents{}, err
-		}
-		return Scan(dir, id.SegSize)
-	}
-	return Recover(dir, id.Stream(), log)
 }
 
 // Addr is the address the receiver listens on.
@@ -189,63 +165,124 @@ func (r *Receiver) takeOver(ctx context.Context, c *transport.Conn) {
 	log.Info().Msg("session ended")
 }
 
-// serve runs one session from hello to close.
+// serve runs one session from hello to close: admission, then the frame loop. Every
+// error that is the session's verdict rather than a lost connection is sent to the
+// sidecar as a refusal first (see refusal).
 func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Logger) error {
 	defer c.Close("session ended")
+	s, err := r.admit(c, log)
+	if err == nil {
+		defer s.close()
+		err = s.run(ctx)
+	}
+	var rf *refusal
+	if errors.As(err, &rf) {
+		c.Refuse(err.Error(), rf.fatal())
+	}
+	return err
+}
+
+// refusal is an error that ends a session and is told to the sidecar.
+type refusal struct{ err error }
+
+func refuse(err error) error { return &refusal{err} }
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }
+
+// fatal says whether a sidecar refused for this reason must stop rather than try again:
+// a hello that cannot be served, a spool of another cluster, or a spool frozen for a
+// promotion. Anything else (a bad frame, a full disk, a lock held a moment) may pass.
+func (r *refusal) fatal() bool {
+	return errors.Is(r.err, errBadHello) || errors.Is(r.err, spool.ErrWrongCluster) || errors.Is(r.err, spool.ErrFrozen)
+}
+
+// errBadHello is wrapped by every reason checkHello refuses a session's first frame.
+var errBadHello = errors.New("handshake")
+
+// session is an admitted sidecar's session: it holds the writer lock on the spool.
+type session struct {
+	dir   string
+	c     *transport.Conn
+	log   zerolog.Logger
+	wlock *os.File
+	rb    *Rebuild
+	w     *spool.Writer
+	r     *Receiver
+}
+
+// admit runs the session's start: check the hello, bind the spool to its cluster, take
+// the writer lock, check the freeze marker, recover the spool and send the welcome.
+// The writer lock comes first, the freeze marker second: walship promote makes the
+// marker first and takes the lock second, so one of the two sees the other.
+func (r *Receiver) admit(c *transport.Conn, log zerolog.Logger) (*session, error) {
+	dir := r.cfg.Spool
 	f, err := c.Recv()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	id, err := checkHello(f)
 	if err != nil {
-		c.Refuse(err.Error(), true)
-		return err
+		return nil, refuse(err)
 	}
-	if err := Bind(r.cfg.Spool, id); err != nil {
-		c.Refuse(err.Error(), errors.Is(err, ErrWrongCluster))
-		return err
+	if err := spool.Bind(dir, id); err != nil {
+		return nil, refuse(err)
 	}
-	// The writer lock first, the freeze marker second: walship promote makes the
-	// marker first and takes the lock second, so one of us sees the other.
-	wlock, err := LockWriter(r.cfg.Spool)
+	wlock, err := spool.LockWriter(dir)
 	if err != nil {
-		c.Refuse(err.Error(), false)
-		return err
+		return nil, refuse(err)
 	}
-	defer wlock.Close()
-	if frozen, err := Frozen(r.cfg.Spool); err != nil || frozen {
-		if err == nil {
-			err = ErrFrozen
-		}
-		c.Refuse(err.Error(), true)
-		return err
-	}
-	// A session means the primary's server is up again: its WAL goes on past any mark.
-	if err := clearEnd(r.cfg.Spool); err != nil {
-		c.Refuse(err.Error(), false)
-		return err
-	}
-	contents, err := Recover(r.cfg.Spool, id.Stream(), log)
+	contents, err := startWriting(dir, id, log)
 	if err != nil {
-		c.Refuse(err.Error(), false)
-		return err
+		wlock.Close()
+		return nil, refuse(err)
 	}
-	rb := NewRebuild(id.Stream(), contents)
-	w := &writer{dir: r.cfg.Spool, segSize: id.SegSize}
-	defer w.close()
-	pos := rb.Durable()
-	if err := c.Send(&transport.Welcome{Version: transport.Version, Empty: rb.Empty(), TLI: pos.TLI, LSN: pos.LSN}); err != nil {
-		return err
+	s := &session{dir: dir, c: c, log: log, wlock: wlock, rb: NewRebuild(id.Stream(), contents), w: spool.NewWriter(dir, id.SegSize), r: r}
+	pos := s.rb.Durable()
+	if err := c.Send(&transport.Welcome{Version: transport.Version, Empty: s.rb.Empty(), TLI: pos.TLI, LSN: pos.LSN}); err != nil {
+		s.close()
+		return nil, err
 	}
-	log.Info().Uint64("system_identifier", id.SysID).Stringer("position", pos).Bool("empty", rb.Empty()).Msg("sidecar session started")
+	log.Info().Uint64("system_identifier", id.SysID).Stringer("position", pos).Bool("empty", s.rb.Empty()).Msg("sidecar session started")
+	return s, nil
+}
 
+// startWriting readies a spool whose writer lock the caller holds: it must not be
+// frozen; a session means the primary's server is up again, so its WAL goes on past
+// any end-of-WAL mark; and crash leftovers are dealt with.
+func startWriting(dir string, id spool.Identity, log zerolog.Logger) (spool.Contents, error) {
+	frozen, err := spool.Frozen(dir)
+	if err == nil && frozen {
+		err = spool.ErrFrozen
+	}
+	if err == nil {
+		err = spool.ClearEnd(dir)
+	}
+	if err != nil {
+		return spool.Contents{}, err
+	}
+	return spool.Recover(dir, id.Stream(), log)
+}
+
+func (s *session) close() {
+	s.w.Close()
+	s.wlock.Close()
+}
+
+// freezeCheck is how often a session looks for the freeze marker.
+const freezeCheck = 50 * time.Millisecond
+
+// run is the frame loop: apply each frame, and once no more are waiting, fsync and
+// ack what is durable. The freeze marker is checked between frames and, while none
+// come, every freezeCheck, so that a promotion waits for this session at most that long.
+func (s *session) run(ctx context.Context) error {
 	frames := make(chan transport.Frame, 64)
 	recvErr := make(chan error, 1)
 	go func() {
 		defer close(frames)
 		for {
-			// A fresh buffer per frame: frames wait in the channel while the next is read.
-			f, _, err := transport.ReadFrame(streamReader{c}, nil)
+			// A buffer per frame: frames wait in the channel while the next is read.
+			f, _, err := s.c.RecvInto(nil)
 			if err != nil {
 				recvErr <- err
 				return
@@ -258,8 +295,6 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 		}
 	}()
 
-	// The freeze marker is checked between frames and, while none come, every
-	// freezeCheck, so that a promotion waits for this session at most that long.
 	tick := time.NewTicker(freezeCheck)
 	defer tick.Stop()
 	lastCheck := time.Now()
@@ -270,112 +305,98 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-tick.C:
-			if err := checkFrozen(r.cfg.Spool, c, w); err != nil {
+			if err := s.checkFrozen(); err != nil {
 				return err
 			}
 			lastCheck = time.Now()
 			continue
 		case f, ok = <-frames:
 			if !ok {
-				return fmt.Errorf("receive: %w", <-recvErr)
+				return <-recvErr
 			}
 		}
 		if time.Since(lastCheck) >= freezeCheck {
-			if err := checkFrozen(r.cfg.Spool, c, w); err != nil {
+			if err := s.checkFrozen(); err != nil {
 				return err
 			}
 			lastCheck = time.Now()
 		}
 		if end, ok := f.(*transport.End); ok {
-			if err := r.end(end, rb, w, log); err != nil {
-				c.Refuse(err.Error(), false)
-				return err
+			if err := s.end(end); err != nil {
+				return refuse(err)
 			}
 			// Everything before the mark is durable now; the echo tells the sidecar that
 			// the mark is too.
-			r.setDurable(rb.Durable())
-			if err := c.Send(end); err != nil {
+			s.r.setDurable(s.rb.Durable())
+			if err := s.c.Send(end); err != nil {
 				return err
 			}
 			continue
-		} else if err := r.apply(f, rb, w, log); err != nil {
-			c.Refuse(err.Error(), false)
-			return err
+		}
+		if err := s.apply(f); err != nil {
+			return refuse(err)
 		}
 		if len(frames) > 0 {
 			continue // group the fsync and the ack with the frames already waiting
 		}
-		if err := w.sync(); err != nil {
-			c.Refuse(err.Error(), false)
-			return err
+		if err := s.w.Sync(); err != nil {
+			return refuse(err)
 		}
-		pos := rb.Durable()
-		r.setDurable(pos)
-		if err := c.Send(&transport.Ack{TLI: pos.TLI, LSN: pos.LSN}); err != nil {
+		pos := s.rb.Durable()
+		s.r.setDurable(pos)
+		if err := s.c.Send(&transport.Ack{TLI: pos.TLI, LSN: pos.LSN}); err != nil {
 			return err
 		}
 	}
 }
 
 // checkHello checks a session's first frame: a hello of this protocol version that
-// describes a WAL stream walship can take. Every failure is fatal for the session.
-func checkHello(f transport.Frame) (Identity, error) {
+// describes a WAL stream walship can take. Every failure wraps errBadHello.
+func checkHello(f transport.Frame) (spool.Identity, error) {
 	hello, ok := f.(*transport.Hello)
 	if !ok {
-		return Identity{}, fmt.Errorf("handshake: %w: first frame is %T, not a hello", transport.ErrMalformed, f)
+		return spool.Identity{}, fmt.Errorf("%w: %w: first frame is %T, not a hello", errBadHello, transport.ErrMalformed, f)
 	}
 	if hello.Version != transport.Version {
-		return Identity{}, fmt.Errorf("%w: sidecar speaks version %d, receiver %d", transport.ErrVersion, hello.Version, transport.Version)
+		return spool.Identity{}, fmt.Errorf("%w: %w: sidecar speaks version %d, receiver %d", errBadHello, transport.ErrVersion, hello.Version, transport.Version)
 	}
-	id := Identity{SysID: hello.SysID, SegSize: uint64(hello.SegSize), BlockSize: uint64(hello.BlockSize), Magic: hello.Magic, ServerVersion: hello.ServerVersion}
+	id := spool.Identity{SysID: hello.SysID, SegSize: uint64(hello.SegSize), BlockSize: uint64(hello.BlockSize), Magic: hello.Magic, ServerVersion: hello.ServerVersion}
 	if err := id.Stream().Validate(); err != nil {
-		return Identity{}, fmt.Errorf("handshake: %w", err)
+		return spool.Identity{}, fmt.Errorf("%w: %w", errBadHello, err)
 	}
 	return id, nil
 }
 
-// freezeCheck is how often a session looks for the freeze marker.
-const freezeCheck = 50 * time.Millisecond
-
 // checkFrozen ends the session when the spool has been frozen for a promotion; what is
 // written so far is fsynced first, so that the partial the promotion reads is durable.
-func checkFrozen(dir string, c *transport.Conn, w *writer) error {
-	frozen, err := Frozen(dir)
+func (s *session) checkFrozen() error {
+	frozen, err := spool.Frozen(s.dir)
 	if err == nil && !frozen {
 		return nil
 	}
 	if err == nil {
-		err = ErrFrozen
+		err = spool.ErrFrozen
 	}
-	if serr := w.sync(); serr != nil {
-		err = errors.Join(err, serr)
-	}
-	c.Refuse(err.Error(), true)
-	return err
+	return refuse(errors.Join(err, s.w.Sync()))
 }
 
-// streamReader lets ReadFrame read from a Conn's stream without the Conn's buffer.
-type streamReader struct{ c *transport.Conn }
-
-func (s streamReader) Read(p []byte) (int, error) { return s.c.Read(p) }
-
 // apply does the I/O for one frame.
-func (r *Receiver) apply(f transport.Frame, rb *Rebuild, w *writer, log zerolog.Logger) error {
+func (s *session) apply(f transport.Frame) error {
 	switch f := f.(type) {
 	case *transport.Data:
 		if err := f.CheckHash(); err != nil {
 			return err
 		}
-		st, err := rb.Offer(f.TLI, f.Seg, uint64(f.Offset), f.Payload, f.Padding)
+		st, err := s.rb.Offer(f.TLI, f.Seg, uint64(f.Offset), f.Payload, f.Padding)
 		if err != nil {
 			return err
 		}
-		if err := w.do(st); err != nil {
+		if err := do(s.w, st); err != nil {
 			return err
 		}
-		rb.Commit(st)
+		s.rb.Commit(st)
 		if st.Complete {
-			log.Debug().Str("segment", st.Seg.Name(w.segSize)).Msg("segment published")
+			s.log.Debug().Stringer("segment", st.Seg).Msg("segment published")
 		}
 		return nil
 	case *transport.File:
@@ -386,182 +407,53 @@ func (r *Receiver) apply(f transport.Frame, rb *Rebuild, w *writer, log zerolog.
 		if err != nil {
 			return fmt.Errorf("file frame: %w", err)
 		}
-		if err := publishOnce(filepath.Join(r.cfg.Spool, f.Name), f.Content); err != nil {
+		if err := spool.PublishOnce(s.dir, f.Name, f.Content); err != nil {
 			return err
 		}
-		rb.AddHistory(tli)
-		log.Info().Str("file", f.Name).Msg("history file published")
+		s.rb.AddHistory(tli)
+		s.log.Info().Str("file", f.Name).Msg("history file published")
 		return nil
 	default:
 		return fmt.Errorf("%w: unexpected frame %T in a session", transport.ErrMalformed, f)
 	}
 }
 
-// end records the sidecar's end-of-WAL mark once every byte before it is durable. The
-// mark must sit exactly where the received WAL ends: anything else means frames were
-// lost or the sidecar is confused, and recording it would mislead the promotion.
-func (r *Receiver) end(e *transport.End, rb *Rebuild, w *writer, log zerolog.Logger) error {
-	if err := w.sync(); err != nil {
+// do carries out a Rebuild step with the spool's writer, in the order Rebuild's
+// documentation gives.
+func do(w *spool.Writer, st Step) error {
+	if err := w.Use(st.Seg, st.Open); err != nil {
 		return err
-	}
-	pos := rb.Durable()
-	if pos.TLI != e.TLI || pos.LSN != e.LSN {
-		return fmt.Errorf("end-of-WAL mark at %s on timeline %d, but the spool holds WAL up to %s", e.LSN, e.TLI, pos)
-	}
-	if err := writeEnd(r.cfg.Spool, pos); err != nil {
-		return err
-	}
-	log.Info().Stringer("end", pos).Msg("the sidecar drained the primary's WAL; end-of-WAL mark recorded")
-	return nil
-}
-
-// publishOnce publishes content at path unless the same content is there already; other
-// content there is ErrConflict and stays.
-func publishOnce(path string, content []byte) error {
-	have, err := os.ReadFile(path)
-	switch {
-	case err == nil && bytes.Equal(have, content):
-		return nil
-	case err == nil:
-		return fmt.Errorf("%s: %w", path, ErrConflict)
-	case !errors.Is(err, fs.ErrNotExist):
-		return err
-	}
-	return durable.WriteFile(path, content, 0o644)
-}
-
-// writer does the file I/O of Rebuild steps for the segment being rebuilt.
-type writer struct {
-	dir     string
-	segSize uint64
-	f       *os.File
-	seg     wal.Segment
-	dirty   bool
-}
-
-func (w *writer) partialPath(seg wal.Segment) string {
-	return filepath.Join(w.dir, seg.Name(w.segSize)+PartialSuffix)
-}
-
-func (w *writer) do(st Step) error {
-	if st.Open || w.f == nil || w.seg != st.Seg {
-		if err := w.sync(); err != nil {
-			return err
-		}
-		w.close()
-		f, err := os.OpenFile(w.partialPath(st.Seg), os.O_RDWR|os.O_CREATE, 0o644)
-		if err != nil {
-			return fmt.Errorf("open partial segment: %w", err)
-		}
-		if st.Open {
-			// The new file's name must survive a crash before its first ack.
-			if err := durable.SyncDir(w.dir); err != nil {
-				f.Close()
-				return err
-			}
-		}
-		w.f, w.seg = f, st.Seg
 	}
 	if len(st.Held) > 0 {
-		have := make([]byte, len(st.Held))
-		if _, err := w.f.ReadAt(have, int64(st.HeldAt)); err != nil {
-			return fmt.Errorf("read %s at %d: %w", w.f.Name(), st.HeldAt, err)
-		}
-		if !bytes.Equal(have, st.Held) {
-			return fmt.Errorf("segment %s at offset %d (%d bytes): %w", st.Seg.Name(w.segSize), st.HeldAt, len(st.Held), ErrConflict)
+		if err := w.Check(st.HeldAt, st.Held); err != nil {
+			return err
 		}
 	}
 	if len(st.Write) > 0 {
-		if _, err := w.f.WriteAt(st.Write, int64(st.WriteAt)); err != nil {
-			// Cut back whatever part of the write landed, so that the file holds only
-			// bytes the rebuild knows of.
-			w.f.Truncate(int64(st.WriteAt))
-			return fmt.Errorf("write segment %s at offset %d: %w", st.Seg.Name(w.segSize), st.WriteAt, err)
-		}
-		w.dirty = true
-	}
-	if st.Complete {
-		f := w.f
-		w.f, w.dirty = nil, false
-		if err := durable.Rename(f, filepath.Join(w.dir, st.Seg.Name(w.segSize))); err != nil {
+		if err := w.WriteAt(st.WriteAt, st.Write); err != nil {
 			return err
 		}
 	}
+	if st.Complete {
+		return w.Publish()
+	}
 	return nil
 }
 
-// sync makes everything written so far durable.
-func (w *writer) sync() error {
-	if !w.dirty {
-		return nil
+// end records the sidecar's end-of-WAL mark once every byte before it is durable. The
+// mark must sit exactly where the received WAL ends: anything else means frames were
+// lost or the sidecar is confused, and recording it would mislead the promotion.
+func (s *session) end(e *transport.End) error {
+	if err := s.w.Sync(); err != nil {
+		return err
 	}
-	if err := w.f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", w.f.Name(), err)
+	pos := s.rb.Durable()
+	if pos.TLI != e.TLI || pos.LSN != e.LSN {
+		return fmt.Errorf("end-of-WAL mark at %s on timeline %d, but the spool holds WAL up to %s", e.LSN, e.TLI, pos)
 	}
-	w.dirty = false
+	if err := spool.WriteEnd(s.dir, pos); err != nil {
+		return err
+	}
+	s.log.Info().Stringer("end", pos).Msg("the sidecar drained the primary's WAL; end-of-WAL mark recorded")
 	return nil
-}
-
-func (w *writer) close() {
-	if w.f != nil {
-		w.f.Close()
-		w.f = nil
-	}
-}
-
-// Recover brings a spool to a clean state before a session: leftovers of interrupted
-// publishes are removed, a partial that is already whole (a crash between its last write
-// and its rename) is published, and the page headers of each timeline's partial are
-// checked; a partial is cut back to its first bad page, whose bytes were never fsynced
-// and acked (a crash of the host can leave a file longer than its durable data).
-func Recover(dir string, stream wal.Stream, log zerolog.Logger) (Contents, error) {
-	c, err := Scan(dir, stream.SegSize)
-	if err != nil {
-		return Contents{}, err
-	}
-	for _, t := range c.Temps {
-		if err := os.Remove(filepath.Join(dir, t)); err != nil {
-			return Contents{}, fmt.Errorf("recover spool: %w", err)
-		}
-		log.Info().Str("file", t).Msg("removed the leftover of an interrupted publish")
-	}
-	changed := len(c.Temps) > 0
-	for _, p := range c.Partials {
-		name := filepath.Join(dir, p.Seg.Name(stream.SegSize)+PartialSuffix)
-		data, err := os.ReadFile(name)
-		if err != nil {
-			return Contents{}, fmt.Errorf("recover spool: %w", err)
-		}
-		good := uint64(len(data))
-		if err := stream.CheckPages(data, p.Seg.Start(stream.SegSize), p.Seg.TLI); err != nil {
-			var pe *wal.PageError
-			if !errors.As(err, &pe) {
-				return Contents{}, err
-			}
-			good = uint64(pe.At - p.Seg.Start(stream.SegSize))
-			log.Warn().Str("file", name).Err(err).Uint64("kept_bytes", good).Msg("cutting a partial segment back to its last good page")
-			if err := os.Truncate(name, int64(good)); err != nil {
-				return Contents{}, fmt.Errorf("recover spool: %w", err)
-			}
-			changed = true
-		}
-		if good == stream.SegSize {
-			f, err := os.OpenFile(name, os.O_RDWR, 0)
-			if err != nil {
-				return Contents{}, fmt.Errorf("recover spool: %w", err)
-			}
-			if err := durable.Rename(f, filepath.Join(dir, p.Seg.Name(stream.SegSize))); err != nil {
-				return Contents{}, fmt.Errorf("recover spool: %w", err)
-			}
-			log.Info().Str("file", name).Msg("published a whole partial segment left by a crash")
-			changed = true
-		}
-	}
-	if !changed {
-		return c, nil
-	}
-	if err := durable.SyncDir(dir); err != nil {
-		return Contents{}, err
-	}
-	return Scan(dir, stream.SegSize)
 }

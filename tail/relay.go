@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -19,8 +19,8 @@ var errNothingYet = errors.New("the spool holds no WAL yet")
 // that of pg_wal's files, and its end-of-WAL mark is passed on once everything before
 // it has been sent.
 func (t *Tailer) relaySession(ctx context.Context) error {
-	spool := t.cfg.Spool
-	id, ok, err := receiver.ReadIdentity(spool)
+	dir := t.cfg.Spool
+	id, ok, err := spool.ReadIdentity(dir)
 	if err != nil {
 		return err
 	}
@@ -31,7 +31,7 @@ func (t *Tailer) relaySession(ctx context.Context) error {
 	tli, durable := pos.TLI, pos.LSN
 	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
 		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: tli, ServerVersion: id.ServerVersion}
-	c, welcome, from, err := t.open(ctx, hello, durable, spool)
+	c, welcome, from, err := t.open(ctx, hello, durable, dir)
 	if err != nil {
 		return err
 	}
@@ -39,11 +39,13 @@ func (t *Tailer) relaySession(ctx context.Context) error {
 	if welcome.Empty {
 		// An empty spool downstream gets all this one holds of the timeline, not just
 		// the segment being written: the two nodes then serve the same base backups.
-		if from, err = oldestRun(spool, id.SegSize, tli, from); err != nil {
+		c, err := spool.Scan(dir, id.SegSize)
+		if err != nil {
 			return err
 		}
+		from = c.OldestRun(tli, from, id.SegSize)
 	}
-	t.log.Info().Str("spool", spool).Uint32("timeline", tli).Stringer("from", from).Stringer("durable", durable).Msg("relaying")
+	t.log.Info().Str("spool", dir).Uint32("timeline", tli).Stringer("from", from).Stringer("durable", durable).Msg("relaying")
 	t.shipped.Store(uint64(from))
 	t.acked.Store(uint64(from))
 	t.known.Store(true)
@@ -51,7 +53,7 @@ func (t *Tailer) relaySession(ctx context.Context) error {
 	acks := make(chan error, 1)
 	ends := make(chan wal.LSN, 1)
 	go func() { acks <- t.readAcks(c, ends) }()
-	sh := &shipper{dir: spool, spool: true, stream: hello.Stream(), tli: tli, conn: c, log: t.log}
+	sh := &shipper{dir: dir, spool: true, stream: hello.Stream(), tli: tli, conn: c, log: t.log}
 	defer sh.close()
 	tick := time.NewTicker(t.cfg.Poll)
 	defer tick.Stop()
@@ -66,7 +68,7 @@ func (t *Tailer) relaySession(ctx context.Context) error {
 		}
 		// The mark goes on once the WAL before it has: the next receiver checks that it
 		// sits where its spool ends.
-		if m, ok, err := receiver.ReadEnd(spool); err == nil && ok && m.TLI == tli && m.LSN == from.String() && endSent != from {
+		if m, ok, err := spool.ReadEnd(dir); err == nil && ok && m.Position == (wal.Position{TLI: tli, LSN: from}) && endSent != from {
 			if err := c.Send(&transport.End{TLI: tli, LSN: from}); err != nil {
 				return err
 			}
@@ -87,24 +89,4 @@ func (t *Tailer) relaySession(ctx context.Context) error {
 		}
 		durable = pos.LSN
 	}
-}
-
-// oldestRun returns the start of the oldest published segment of timeline tli from
-// which the spool holds every segment up to from.
-func oldestRun(spool string, segSize uint64, tli uint32, from wal.LSN) (wal.LSN, error) {
-	c, err := receiver.Scan(spool, segSize)
-	if err != nil {
-		return 0, err
-	}
-	have := map[uint64]bool{}
-	for _, s := range c.Segments {
-		if s.TLI == tli {
-			have[s.No] = true
-		}
-	}
-	seg, _ := wal.SegmentOf(tli, from, segSize)
-	for seg.No > 0 && have[seg.No-1] {
-		seg.No--
-	}
-	return seg.Start(segSize), nil
 }

@@ -15,7 +15,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -65,7 +65,7 @@ type Config struct {
 	// Spool, when set, makes the Tailer a relay: it ships this receiver's spool instead
 	// of a primary's pg_wal, up to SpoolDurable, and DSN is not used.
 	Spool        string
-	SpoolDurable func() (receiver.Position, bool)
+	SpoolDurable func() (wal.Position, bool)
 	// Logger receives progress and errors. The zero value logs nothing.
 	Logger zerolog.Logger
 }
@@ -495,12 +495,12 @@ func (s *shipper) open(seg wal.Segment) error {
 	}
 	s.close()
 	name := seg.Name(s.stream.SegSize)
-	f, err := os.Open(filepath.Join(s.dir, name))
-	if errors.Is(err, fs.ErrNotExist) && s.spool {
-		f, err = os.Open(filepath.Join(s.dir, name+receiver.PartialSuffix))
-		if errors.Is(err, fs.ErrNotExist) {
-			f, err = os.Open(filepath.Join(s.dir, name)) // published meanwhile
-		}
+	var f *os.File
+	var err error
+	if s.spool {
+		f, err = spool.OpenSegment(s.dir, seg, s.stream.SegSize)
+	} else {
+		f, err = os.Open(filepath.Join(s.dir, name))
 	}
 	if errors.Is(err, fs.ErrNotExist) && s.archive != "" {
 		if f, err = openArchived(filepath.Join(s.archive, name), s.stream.SegSize); err == nil {

@@ -58,12 +58,21 @@ func (c *Conn) Send(f Frame) error {
 
 // Recv reads one frame. Byte slices in it stay valid until the next Recv.
 func (c *Conn) Recv() (Frame, error) {
-	f, buf, err := ReadFrame(c.st, c.rbuf)
+	f, buf, err := c.RecvInto(c.rbuf)
 	c.rbuf = buf
+	return f, err
+}
+
+// RecvInto reads one frame into buf (grown as needed; nil for a new one) and returns
+// the buffer, which the frame aliases: a caller that keeps frames while it reads the
+// next passes a buffer of its own each time, and hands one back only once done with
+// the frame read into it. It must not be called concurrently with Recv.
+func (c *Conn) RecvInto(buf []byte) (Frame, []byte, error) {
+	f, buf, err := ReadFrame(c.st, buf)
 	if err != nil {
-		return nil, fmt.Errorf("receive from %s: %w", c.qc.RemoteAddr(), err)
+		return nil, buf, fmt.Errorf("receive from %s: %w", c.qc.RemoteAddr(), err)
 	}
-	return f, nil
+	return f, buf, nil
 }
 
 // RemoteAddr is the peer's address.
@@ -237,7 +246,3 @@ func Handshake(ctx context.Context, c *Conn, hello *Hello) (*Welcome, error) {
 		return nil, fmt.Errorf("handshake with %s: %w: got frame kind %d, want welcome", c.RemoteAddr(), ErrMalformed, f.kind())
 	}
 }
-
-// Read reads raw bytes of the session's stream, for callers that decode frames with
-// ReadFrame into buffers of their own.
-func (c *Conn) Read(p []byte) (int, error) { return c.st.Read(p) }

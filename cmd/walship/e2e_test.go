@@ -15,7 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -175,14 +175,14 @@ func flushLSN(t *testing.T, ctx context.Context, c *lab.Cluster) wal.LSN {
 }
 
 // spoolPosition is where the spool's WAL ends.
-func spoolPosition(t *testing.T, spool string) (receiver.Position, receiver.Contents) {
+func spoolPosition(t *testing.T, dir string) (wal.Position, spool.Contents) {
 	t.Helper()
-	id, ok, err := receiver.ReadIdentity(spool)
+	id, ok, err := spool.ReadIdentity(dir)
 	require.NoError(t, err)
 	if !ok {
-		return receiver.Position{}, receiver.Contents{}
+		return wal.Position{}, spool.Contents{}
 	}
-	c, err := receiver.Scan(spool, id.SegSize)
+	c, err := spool.Scan(dir, id.SegSize)
 	require.NoError(t, err)
 	pos, _ := c.Position(id.SegSize)
 	return pos, c
@@ -192,7 +192,7 @@ func spoolPosition(t *testing.T, spool string) (receiver.Position, receiver.Cont
 func (r *rig) waitSpoolAt(ctx context.Context, lsn wal.LSN) {
 	r.t.Helper()
 	err := lab.Wait(ctx, 10*time.Millisecond, "spool at "+lsn.String(), func() (bool, error) {
-		id, ok, _ := receiver.ReadIdentity(r.spool)
+		id, ok, _ := spool.ReadIdentity(r.spool)
 		if !ok {
 			return false, nil
 		}
@@ -226,15 +226,15 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 	// Settle: the spool at a flush position that is still the primary's (background
 	// WAL, a checkpoint or autovacuum, may move it while we look).
 	var flush wal.LSN
-	var pos receiver.Position
-	var c receiver.Contents
+	var pos wal.Position
+	var c spool.Contents
 	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the spool to settle at the flush position", func() (bool, error) {
 		flush = flushLSN(t, ctx, r.primary)
 		r.waitSpoolAt(ctx, flush)
 		pos, c = spoolPosition(t, r.spool)
 		return pos.LSN == flush && flushLSN(t, ctx, r.primary) == flush, nil
 	}))
-	id, ok, err := receiver.ReadIdentity(r.spool)
+	id, ok, err := spool.ReadIdentity(r.spool)
 	require.NoError(t, err)
 	require.True(t, ok, "spool has no identity")
 	for i, seg := range c.Segments {
@@ -252,7 +252,7 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 	}
 	if p, ok := c.Partials[pos.TLI]; ok {
 		name := p.Seg.Name(id.SegSize)
-		got, err := os.ReadFile(filepath.Join(r.spool, name+receiver.PartialSuffix))
+		got, err := os.ReadFile(filepath.Join(r.spool, name+spool.PartialSuffix))
 		require.NoError(t, err)
 		f, err := os.Open(filepath.Join(r.primary.Data, "pg_wal", name))
 		require.NoError(t, err)
@@ -268,7 +268,7 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 
 // helloFor is the hello a sidecar of the spool's cluster sends, for tests that speak
 // the protocol themselves.
-func helloFor(id receiver.Identity) *transport.Hello {
+func helloFor(id spool.Identity) *transport.Hello {
 	return &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
 		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: 1, ServerVersion: id.ServerVersion}
 }
@@ -329,7 +329,7 @@ func TestStreamUnderLoad(t *testing.T) {
 // usage error.
 func TestFlagErrors(t *testing.T) {
 	dir := t.TempDir()
-	spool := filepath.Join(dir, "spool")
+	spoolDir := filepath.Join(dir, "spool")
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	defer busy.Close()
@@ -341,7 +341,7 @@ func TestFlagErrors(t *testing.T) {
 		{busy.Addr().String(), "address already in use", 1},
 	} {
 		for _, args := range [][]string{
-			{"receive", "--listen", "127.0.0.1:1", "--spool", spool, "--tls-dir", dir, "--metrics", c.addr},
+			{"receive", "--listen", "127.0.0.1:1", "--spool", spoolDir, "--tls-dir", dir, "--metrics", c.addr},
 			{"tail", "--dsn", "host=/nonexistent", "--to", "127.0.0.1:1", "--tls-dir", dir, "--metrics", c.addr},
 		} {
 			out, err := exec.Command(walshipBin, args...).CombinedOutput()
@@ -349,7 +349,7 @@ func TestFlagErrors(t *testing.T) {
 			require.ErrorAs(t, err, &exit, "%v: %s", args, out)
 			require.Equal(t, c.code, exit.ExitCode(), "%v: %s", args, out)
 			require.Contains(t, string(out), c.want, args)
-			require.NoDirExists(t, spool)
+			require.NoDirExists(t, spoolDir)
 		}
 	}
 	out, err := exec.Command(walshipBin, "tail", "--dsn", "host=/nonexistent", "--to", "127.0.0.1:1", "--tls-dir", dir,

@@ -16,7 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -166,10 +166,10 @@ func TestFailoverStandbyMode(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, want, hist)
 	pos, c := spoolPosition(t, r2.spool)
-	require.Equal(t, receiver.Position{TLI: 2, LSN: flush}, pos)
+	require.Equal(t, wal.Position{TLI: 2, LSN: flush}, pos)
 	p, ok := c.Partials[2]
 	require.True(t, ok, "timeline 2's segment in progress is in the spool")
-	got, err := os.ReadFile(filepath.Join(r2.spool, p.Seg.Name(1<<20)+receiver.PartialSuffix))
+	got, err := os.ReadFile(filepath.Join(r2.spool, p.Seg.Name(1<<20)+spool.PartialSuffix))
 	require.NoError(t, err)
 	f, err := os.ReadFile(filepath.Join(sb.Data, "pg_wal", p.Seg.Name(1<<20)))
 	require.NoError(t, err)
@@ -194,7 +194,7 @@ func TestFailoverArchiveRecovery(t *testing.T) {
 	// A receiver started on the frozen spool refuses every sidecar, and the spool stays.
 	before := snapshot(t, r.spool)
 	r.startReceiver(ctx)
-	id, _, err := receiver.ReadIdentity(r.spool)
+	id, _, err := spool.ReadIdentity(r.spool)
 	require.NoError(t, err)
 	good, err := transport.ClientTLS(r.tlsDir, "127.0.0.1")
 	require.NoError(t, err)

@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -127,7 +127,7 @@ func TestRefusals(t *testing.T) {
 	r.checkIdentical(ctx)
 	r.sidecar.Kill()
 	before := snapshot(t, r.spool)
-	id, _, err := receiver.ReadIdentity(r.spool)
+	id, _, err := spool.ReadIdentity(r.spool)
 	require.NoError(t, err)
 	hello := helloFor(id)
 
@@ -210,7 +210,7 @@ func TestRefusals(t *testing.T) {
 		refuse, ok := f.(*transport.Refuse)
 		require.True(t, ok, "got %T, want a refusal", f)
 		require.Contains(t, refuse.Reason, "end-of-WAL mark at "+(w.LSN+8).String())
-		require.NoFileExists(t, filepath.Join(r.spool, receiver.EndFile))
+		require.NoFileExists(t, filepath.Join(r.spool, spool.EndFile))
 	})
 	require.Equal(t, before, snapshot(t, r.spool), "a refused mark must not change the spool")
 	t.Run("end-of-WAL mark recorded, then cleared by the next session", func(t *testing.T) {
@@ -221,17 +221,17 @@ func TestRefusals(t *testing.T) {
 		f := endAt(c, &transport.End{TLI: w.TLI, LSN: w.LSN})
 		require.Equal(t, &transport.End{TLI: w.TLI, LSN: w.LSN}, f, "the receiver echoes a recorded mark")
 		c.Close("")
-		m, ok, err := receiver.ReadEnd(r.spool)
+		m, ok, err := spool.ReadEnd(r.spool)
 		require.NoError(t, err)
 		require.True(t, ok)
-		require.Equal(t, receiver.EndMark{TLI: w.TLI, LSN: w.LSN.String(), At: m.At}, m)
+		require.Equal(t, spool.EndMark{Position: wal.Position{TLI: w.TLI, LSN: w.LSN}, At: m.At}, m)
 
 		c2, err := transport.Dial(ctx, r.addr, good)
 		require.NoError(t, err)
 		defer c2.Close("")
 		_, err = transport.Handshake(ctx, c2, hello)
 		require.NoError(t, err)
-		require.NoFileExists(t, filepath.Join(r.spool, receiver.EndFile))
+		require.NoFileExists(t, filepath.Join(r.spool, spool.EndFile))
 	})
 	require.Equal(t, before, snapshot(t, r.spool), "marks must not change the spool's WAL")
 

@@ -17,7 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -115,33 +115,33 @@ func TestRestoreCommand(t *testing.T) {
 		absent(t)
 	})
 	t.Run("corrupt page header", func(t *testing.T) {
-		spool := copySpool(t, r.spool)
-		p := filepath.Join(spool, second)
+		spoolDir := copySpool(t, r.spool)
+		p := filepath.Join(spoolDir, second)
 		b, err := os.ReadFile(p)
 		require.NoError(t, err)
 		binary.LittleEndian.PutUint64(b[5*8192+8:], 0) // xlp_pageaddr of the sixth page
 		require.NoError(t, os.WriteFile(p, b, 0o644))
-		res := restoreCmd(t, ctx, "--spool", spool, second, target)
+		res := restoreCmd(t, ctx, "--spool", spoolDir, second, target)
 		require.Equal(t, 3, res.code, res.stderr)
 		require.Contains(t, res.stderr, "corrupt")
 		require.Contains(t, res.stderr, "xlp_pageaddr")
 		absent(t)
 	})
 	t.Run("flipped bit inside a record", func(t *testing.T) {
-		spool := copySpool(t, r.spool)
-		p := filepath.Join(spool, second)
-		b, rec, start := nthRecord(t, spool, c.Segments[1], 50)
+		spoolDir := copySpool(t, r.spool)
+		p := filepath.Join(spoolDir, second)
+		b, rec, start := nthRecord(t, spoolDir, c.Segments[1], 50)
 		b[int(rec.LSN-start)+5] ^= 0x02 // xl_xid: page headers cannot tell, the CRC can
 		require.NoError(t, os.WriteFile(p, b, 0o644))
-		res := restoreCmd(t, ctx, "--spool", spool, second, target)
+		res := restoreCmd(t, ctx, "--spool", spoolDir, second, target)
 		require.Equal(t, 3, res.code, res.stderr)
 		require.Contains(t, res.stderr, "record crc")
 		absent(t)
 	})
 	t.Run("truncated segment", func(t *testing.T) {
-		spool := copySpool(t, r.spool)
-		require.NoError(t, os.Truncate(filepath.Join(spool, second), 1<<20-8192))
-		res := restoreCmd(t, ctx, "--spool", spool, second, target)
+		spoolDir := copySpool(t, r.spool)
+		require.NoError(t, os.Truncate(filepath.Join(spoolDir, second), 1<<20-8192))
+		res := restoreCmd(t, ctx, "--spool", spoolDir, second, target)
 		require.Equal(t, 3, res.code, res.stderr)
 		require.Contains(t, res.stderr, "holds 1040384 bytes, want 1048576")
 		absent(t)
@@ -196,7 +196,7 @@ func TestRestoreCommand(t *testing.T) {
 		out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", r.primary.DSN()).CombinedOutput()
 		require.Error(t, err)
 		require.Contains(t, string(out), "not in recovery")
-		for _, f := range []string{receiver.FreezeFile, receiver.TriggerFile} {
+		for _, f := range []string{spool.FreezeFile, spool.TriggerFile} {
 			_, err := os.Stat(filepath.Join(r.spool, f))
 			require.ErrorIs(t, err, os.ErrNotExist, "a refused promotion leaves the spool as it was")
 		}
@@ -205,13 +205,13 @@ func TestRestoreCommand(t *testing.T) {
 		require.Contains(t, string(out), "has received nothing yet")
 	})
 	t.Run("cleanup", func(t *testing.T) {
-		spool := copySpool(t, r.spool)
-		require.NoError(t, os.WriteFile(filepath.Join(spool, "00000002.history"), []byte("1\t0/1000000\tx\n"), 0o644))
-		before, err := receiver.Scan(spool, 1<<20)
+		spoolDir := copySpool(t, r.spool)
+		require.NoError(t, os.WriteFile(filepath.Join(spoolDir, "00000002.history"), []byte("1\t0/1000000\tx\n"), 0o644))
+		before, err := spool.Scan(spoolDir, 1<<20)
 		require.NoError(t, err)
-		res := restoreCmd(t, ctx, "--spool", spool, "--cleanup", second, target, second)
+		res := restoreCmd(t, ctx, "--spool", spoolDir, "--cleanup", second, target, second)
 		require.Equal(t, 0, res.code, res.stderr)
-		after, err := receiver.Scan(spool, 1<<20)
+		after, err := spool.Scan(spoolDir, 1<<20)
 		require.NoError(t, err)
 		require.Equal(t, before.Segments[1:], after.Segments, "only segments older than %%r go")
 		require.Equal(t, before.Partials, after.Partials, "the partial stays")
@@ -222,11 +222,11 @@ func TestRestoreCommand(t *testing.T) {
 
 // nthRecord reads a published segment of a spool and returns its bytes, its n-th
 // record (counting from 1) and the segment's start LSN.
-func nthRecord(t *testing.T, spool string, seg wal.Segment, n int) ([]byte, wal.Record, wal.LSN) {
+func nthRecord(t *testing.T, spoolDir string, seg wal.Segment, n int) ([]byte, wal.Record, wal.LSN) {
 	t.Helper()
-	id, _, err := receiver.ReadIdentity(spool)
+	id, _, err := spool.ReadIdentity(spoolDir)
 	require.NoError(t, err)
-	b, err := os.ReadFile(filepath.Join(spool, seg.Name(id.SegSize)))
+	b, err := os.ReadFile(filepath.Join(spoolDir, seg.Name(id.SegSize)))
 	require.NoError(t, err)
 	start := seg.Start(id.SegSize)
 	rd := wal.NewReader(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
@@ -247,25 +247,25 @@ func TestVerify(t *testing.T) {
 	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat(md5(g::text), 5) AS pad FROM generate_series(1, 30000) g"))
 	r.checkIdentical(ctx)
 	r.sidecar.Kill()
-	spool := copySpool(t, r.spool)
+	spoolDir := copySpool(t, r.spool)
 
-	out, err := exec.CommandContext(ctx, walshipBin, "verify", "--spool", spool).CombinedOutput()
+	out, err := exec.CommandContext(ctx, walshipBin, "verify", "--spool", spoolDir).CombinedOutput()
 	require.NoError(t, err, "%s", out)
-	_, c := spoolPosition(t, spool)
+	_, c := spoolPosition(t, spoolDir)
 	require.Equal(t, len(c.Segments)+len(c.Partials), strings.Count(string(out), " ok: "), "%s", out)
 	t.Logf("clean spool:\n%s", out)
 
-	second := filepath.Join(spool, c.Segments[1].Name(1<<20))
+	second := filepath.Join(spoolDir, c.Segments[1].Name(1<<20))
 	out, err = exec.CommandContext(ctx, walshipBin, "verify", second).CombinedOutput()
 	require.NoError(t, err, "a single published segment verifies on its own: %s", out)
 
 	// Damage the 100th record of the second segment.
-	b, rec, start := nthRecord(t, spool, c.Segments[1], 100)
+	b, rec, start := nthRecord(t, spoolDir, c.Segments[1], 100)
 	off := int64(rec.LSN - start)
 	b[off+4] ^= 0x01 // a bit of xl_xid: only the CRC can tell
 	require.NoError(t, os.WriteFile(second, b, 0o644))
 
-	for _, args := range [][]string{{"--spool", spool}, {second}} {
+	for _, args := range [][]string{{"--spool", spoolDir}, {second}} {
 		out, err = exec.CommandContext(ctx, walshipBin, append([]string{"verify"}, args...)...).CombinedOutput()
 		require.Error(t, err, "verify %v must fail: %s", args, out)
 		want := fmt.Sprintf("%s BAD at offset %d (%s): record crc", filepath.Base(second), off, rec.LSN)

@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
-	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -52,9 +52,9 @@ func inPGWAL(c *lab.Cluster, lsn wal.LSN) (string, bool) {
 }
 
 // watchSpool scans the spool every 20 ms for as long as the test runs and fails it if a
-// scan ever finds a published segment of the wrong size (receiver.Scan refuses one) or
+// scan ever finds a published segment of the wrong size (spool.Scan refuses one) or
 // a damaged spool; the final checks compare the contents.
-func watchSpool(t *testing.T, ctx context.Context, spool string) {
+func watchSpool(t *testing.T, ctx context.Context, spoolDir string) {
 	t.Helper()
 	wctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -66,11 +66,11 @@ func watchSpool(t *testing.T, ctx context.Context, spool string) {
 				return
 			case <-time.After(20 * time.Millisecond):
 			}
-			id, ok, err := receiver.ReadIdentity(spool)
+			id, ok, err := spool.ReadIdentity(spoolDir)
 			if err != nil || !ok {
 				continue
 			}
-			if _, err := receiver.Scan(spool, id.SegSize); err != nil {
+			if _, err := spool.Scan(spoolDir, id.SegSize); err != nil {
 				done <- err
 				return
 			}
@@ -78,7 +78,7 @@ func watchSpool(t *testing.T, ctx context.Context, spool string) {
 	}()
 	t.Cleanup(func() {
 		cancel()
-		require.NoError(t, <-done, "the spool %s was seen damaged", spool)
+		require.NoError(t, <-done, "the spool %s was seen damaged", spoolDir)
 	})
 }
 

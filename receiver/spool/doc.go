@@ -1,0 +1,22 @@
+// Package spool owns a walship spool's on-disk format: the one place that knows which
+// files a spool holds and what each means. The receiver writes WAL into a spool; the
+// feeder (restore, promote, verify), the relay and every command that reads a spool go
+// through this package, never around it.
+//
+// A spool directory holds:
+//   - walship.json, the Identity: the cluster whose WAL it takes (Bind writes it once);
+//   - published segments under their own names, whole and fsynced, and for each
+//     timeline at most one <segment>.partial, the exact bytes received of the segment in
+//     progress (Writer writes both; Scan lists them);
+//   - timeline history files, published whole;
+//   - walship.end, the end-of-WAL mark of a drained primary (WriteEnd, ClearEnd);
+//   - walship.freeze and walship.promote, the freeze marker and the promotion trigger
+//     (Freeze, WriteTrigger, Unfreeze);
+//   - two lock files: one receiver process per spool (LockReceiver), one writer at a
+//     time (LockWriter);
+//   - leftovers of interrupted publishes (durable.TempPrefix), which Recover removes.
+//
+// Duties of a writer, in order: hold LockWriter; check Frozen after taking it (a
+// promotion makes the marker first and takes the lock second, so one of the two sees the
+// other); Recover before the first write; acknowledge only what Sync has made durable.
+package spool

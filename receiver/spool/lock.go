@@ -1,0 +1,40 @@
+package spool
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+)
+
+// ErrLocked means another process holds a spool lock.
+var ErrLocked = errors.New("spool is locked by another process")
+
+// lock takes an exclusive lock on a file of the spool without waiting. The lock goes
+// with the process; Close of the returned file releases it.
+func lock(dir, name, who string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, name), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("lock spool %s: %w", dir, err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("lock spool %s: %w (%s)", dir, ErrLocked, who)
+		}
+		return nil, fmt.Errorf("lock spool %s: %w", dir, err)
+	}
+	return f, nil
+}
+
+// LockReceiver takes the lock that keeps a second receiver process off the spool.
+func LockReceiver(dir string) (*os.File, error) {
+	return lock(dir, receiverLockFile, "another walship receiver runs on it")
+}
+
+// LockWriter takes the lock that anyone writing WAL into the spool holds: a receiver's
+// session, or walship promote while it freezes the spool.
+func LockWriter(dir string) (*os.File, error) {
+	return lock(dir, writerLockFile, "a receiver session or a promotion is writing it")
+}

@@ -1,0 +1,123 @@
+package spool
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+
+	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/tail/wal"
+)
+
+// ErrFrozen means the spool was frozen for a promotion and takes no more WAL.
+var ErrFrozen = errors.New("spool is frozen for promotion")
+
+// Frozen says whether the spool has been frozen for a promotion.
+func Frozen(dir string) (bool, error) {
+	_, err := os.Stat(filepath.Join(dir, FreezeFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// Freeze makes the freeze marker. A receiver's session that sees it stops writing; the
+// caller then takes LockWriter to know that none writes any more.
+func Freeze(dir string) error {
+	return durable.WriteFile(filepath.Join(dir, FreezeFile), []byte(now()+"\n"), 0o644)
+}
+
+// Unfreeze removes the promotion trigger and the freeze marker, for a promotion that
+// did not start. It tries both and returns what failed.
+func Unfreeze(dir string) error {
+	var errs []error
+	for _, f := range []string{TriggerFile, FreezeFile} {
+		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	errs = append(errs, durable.SyncDir(dir))
+	return errors.Join(errs...)
+}
+
+// Trigger is the content of TriggerFile: the partial segment the promotion froze and how
+// many of its bytes recovery gets. Segment names the segment after the spool's end, with
+// Bytes 0, when the spool held no partial.
+type Trigger struct {
+	TLI     uint32 `json:"timeline"`
+	Segment string `json:"segment"`
+	Bytes   uint64 `json:"bytes"`
+	Hash    string `json:"xxhash64"` // of the Bytes frozen, as 16 hex digits
+	At      string `json:"frozen_at"`
+}
+
+// HashTail is the Hash of a trigger for the frozen bytes b.
+func HashTail(b []byte) string { return fmt.Sprintf("%016x", xxhash.Sum64(b)) }
+
+// ReadTrigger reads the promotion trigger; ok is false when there is none.
+func ReadTrigger(dir string) (t Trigger, ok bool, err error) {
+	ok, err = readJSON(dir, TriggerFile, "promotion trigger", &t)
+	return t, ok, err
+}
+
+// WriteTrigger publishes the promotion trigger; At is set to now when empty.
+func WriteTrigger(dir string, t Trigger) error {
+	if t.At == "" {
+		t.At = now()
+	}
+	return writeJSON(dir, TriggerFile, t)
+}
+
+// EndMark is the content of EndFile: where the drained primary's WAL ends.
+type EndMark struct {
+	wal.Position
+	At string `json:"recorded_at"`
+}
+
+// ReadEnd reads the spool's end-of-WAL mark; ok is false when there is none.
+func ReadEnd(dir string) (m EndMark, ok bool, err error) {
+	ok, err = readJSON(dir, EndFile, "end-of-WAL mark", &m)
+	return m, ok, err
+}
+
+// WriteEnd records the end-of-WAL mark durably.
+func WriteEnd(dir string, pos wal.Position) error {
+	return writeJSON(dir, EndFile, EndMark{Position: pos, At: now()})
+}
+
+// ClearEnd removes the end-of-WAL mark, durably, when there is one.
+func ClearEnd(dir string) error {
+	err := os.Remove(filepath.Join(dir, EndFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove the old end-of-WAL mark: %w", err)
+	}
+	return durable.SyncDir(dir)
+}
+
+// PublishOnce publishes a small whole file (a timeline history file) under name,
+// unless the same content is there already; other content there is ErrConflict and
+// stays.
+func PublishOnce(dir, name string, content []byte) error {
+	path := filepath.Join(dir, name)
+	have, err := os.ReadFile(path)
+	switch {
+	case err == nil && bytes.Equal(have, content):
+		return nil
+	case err == nil:
+		return fmt.Errorf("%s: %w", path, ErrConflict)
+	case !errors.Is(err, fs.ErrNotExist):
+		return err
+	}
+	return durable.WriteFile(path, content, 0o644)
+}
+
+func now() string { return time.Now().UTC().Format(time.RFC3339Nano) }
