@@ -215,69 +215,118 @@ func TestRebuildResumesFromSpool(t *testing.T) {
 
 // FuzzRebuild drives the rebuild with arbitrary frames cut from a reference WAL, some
 // corrupted, and checks against the simplest model: the spool only ever holds a prefix
-// of the reference, every published segment equals the reference, and the durable
-// position is the length of that prefix.
+// of the reference of each timeline, every published segment equals the reference, and
+// the durable position is the end of that prefix on the newest timeline.
+//
+// The reference is what a sidecar sends: timeline 1, whose segment 1 ends with switch
+// padding from fuzzPadAt on (stale pages, sent as padding), and timeline 2, which
+// branches off at the start of segment 2 and whose history file the sidecar may or may
+// not have sent before its first frame.
 func FuzzRebuild(f *testing.F) {
 	f.Add([]byte{0, 0, 10, 0, 1, 0, 30, 0, 0, 0, 2, 0})
 	f.Add([]byte{0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 1, 0, 0xFF, 0xFF, 0, 1, 0xFF, 0xFF})
-	ref := refWAL(3, 1)
+	// Through the padding of segment 1 into segment 2, then to timeline 2 with its history.
+	f.Add([]byte{0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 0, 0, 0xFF, 0x0F,
+		0, 0, 1, 0xFF, 0, 0, 0xFF, 0x0F, 0, 0, 0xFF, 0x0F})
+	// Timeline 2 before its history file.
+	f.Add([]byte{1, 0, 0xFF, 0x0F, 0, 0, 0, 0xFF, 0, 0, 10, 0})
 	seg := testStream.SegSize
+	ref := map[uint32][]byte{1: refWAL(4, 1), 2: refWAL(4, 2)}
+	copy(ref[1][seg+fuzzPadAt:2*seg], ref[1][5*8192:]) // stale pages: headers wrong for where they sit
+	branch := 2 * seg
 	f.Fuzz(func(t *testing.T, ops []byte) {
 		r := NewRebuild(testStream, spool.Contents{})
 		m := newMemSpool()
+		tli := uint32(1) // the sidecar's timeline
 		for len(ops) >= 4 {
-			// Each op: a start near the durable position and a length, one flipped bit maybe.
 			back := uint64(binary.LittleEndian.Uint16(ops[0:])) % 20000
 			n := uint64(binary.LittleEndian.Uint16(ops[2:]))*16 + 1
+			op := ops[:4]
 			ops = ops[4:]
+			if op[3] == 0xFF && op[2] < 2 && tli == 1 {
+				// The primary was promoted: the sidecar moves to timeline 2, and sends its
+				// history file first when op[2] says so.
+				tli = 2
+				if op[2] == 1 {
+					r.AddHistory(2)
+				}
+				continue
+			}
+			// Each frame: a start near the durable position and a length, one flipped bit
+			// maybe.
 			from := uint64(r.Durable().LSN)
+			if tli == 2 && r.Durable().TLI != 2 {
+				from = branch
+			}
 			if back%3 == 0 {
 				from += back // sometimes ahead: a gap
 			} else {
 				from -= min(from, back)
 			}
-			if from >= uint64(len(ref)) {
+			if from >= uint64(len(ref[tli])) || tli == 2 && from < branch {
 				continue
 			}
 			segStart := from / seg * seg
-			to := min(from+n, segStart+seg, uint64(len(ref)))
-			b := append([]byte(nil), ref[from:to]...)
+			to := min(from+n, segStart+seg, uint64(len(ref[tli])))
+			// The sidecar cuts a frame where the switch padding begins.
+			padStart := seg + fuzzPadAt
+			padding := tli == 1 && from >= padStart && from < 2*seg
+			if tli == 1 && from < padStart && to > padStart {
+				to = padStart
+			}
+			b := append([]byte(nil), ref[tli][from:to]...)
 			before := r.Durable()
 			// Corrupt only bytes the spool holds already: corruption of new bytes is the
 			// frame hash's to catch, before the rebuild sees the frame.
-			corrupt := n%7 == 0 && from+uint64(len(b)/2) < uint64(before.LSN)
+			corrupt := n%7 == 0 && before.TLI == tli && from+uint64(len(b)/2) < uint64(before.LSN)
 			if corrupt {
 				b[len(b)/2] ^= 0x40
 			}
-			err := m.offer(r, 1, wal.LSN(from), b)
+			s, off := wal.SegmentOf(tli, wal.LSN(from), seg)
+			err := m.offerPad(r, tli, s.No, off, b, padding)
 			if err != nil && r.Durable() != before {
 				t.Fatalf("a refused frame moved the position from %v to %v", before, r.Durable())
 			}
-			if err != nil && !errors.Is(err, ErrGap) && !errors.Is(err, spool.ErrConflict) && !errors.Is(err, wal.ErrPage) {
+			if err != nil && !errors.Is(err, ErrGap) && !errors.Is(err, spool.ErrConflict) && !errors.Is(err, wal.ErrPage) && !errors.Is(err, ErrTimeline) {
 				t.Fatalf("unexpected error %v", err)
 			}
 			if err == nil && corrupt {
 				t.Fatalf("a corrupted resend of held bytes was accepted")
 			}
-		}
-		// The model: everything held is a prefix of the reference.
-		held := uint64(0)
-		for s, f := range m.published {
-			start := uint64(s.Start(seg))
-			if !bytes.Equal(ref[start:start+seg], f) {
-				t.Fatalf("published %s differs from the reference", s)
+			if err == nil && tli == 2 && !r.histories[2] {
+				t.Fatalf("a frame of timeline 2 was taken before its history file")
 			}
-			held = max(held, start+seg)
+		}
+		// The model: everything held of a timeline is a prefix of its reference.
+		held := map[uint32]uint64{}
+		check := func(s wal.Segment, f []byte, what string) {
+			start := uint64(s.Start(seg))
+			if !bytes.Equal(ref[s.TLI][start:start+uint64(len(f))], f) {
+				t.Fatalf("%s %s differs from the reference", what, s)
+			}
+			if s.TLI == 2 && start < branch {
+				t.Fatalf("%s %s of timeline 2 before its branch point", what, s)
+			}
+			held[s.TLI] = max(held[s.TLI], start+uint64(len(f)))
+		}
+		for s, f := range m.published {
+			if uint64(len(f)) != seg {
+				t.Fatalf("published %s holds %d bytes", s, len(f))
+			}
+			check(s, f, "published")
 		}
 		for s, f := range m.partial {
-			start := uint64(s.Start(seg))
-			if !bytes.Equal(ref[start:start+uint64(len(f))], f) {
-				t.Fatalf("partial %s differs from the reference", s)
-			}
-			held = max(held, start+uint64(len(f)))
+			check(s, f, "partial")
 		}
-		if r.Durable().LSN != wal.LSN(held) && !(held == 0 && r.Empty()) {
-			t.Fatalf("durable %v, but the spool holds %d bytes", r.Durable(), held)
+		d := r.Durable()
+		if d.LSN != wal.LSN(held[d.TLI]) && !(len(held) == 0 && r.Empty()) {
+			t.Fatalf("durable %v, but the spool holds %d bytes of timeline %d", d, held[d.TLI], d.TLI)
+		}
+		if len(held) == 2 && d.TLI != 2 {
+			t.Fatalf("durable %v, but the spool holds WAL of timeline 2", d)
 		}
 	})
 }
+
+// fuzzPadAt is where switch padding begins in segment 1 of FuzzRebuild's reference.
+const fuzzPadAt = 3 * 8192

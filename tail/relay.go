@@ -4,89 +4,128 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
 
+// Spool is a receiver's spool as a Tailer's source, for a relay: it ships the spool
+// onward as a sidecar ships pg_wal. The receiver's durable position takes the place of
+// the flush position, the spool's published segments and partial that of pg_wal's
+// files, and its end-of-WAL mark is passed on once everything before it has been sent.
+type Spool struct {
+	// Dir is the spool directory. Required.
+	Dir string
+	// Durable is the receiver's durable position; ok is false while the spool holds no
+	// WAL. Required.
+	Durable func() (pos wal.Position, ok bool)
+	// Poll is how often Durable is read. Zero means DefaultRelayPoll.
+	Poll time.Duration
+}
+
+func (s Spool) newSource(log zerolog.Logger) (source, error) {
+	switch {
+	case s.Dir == "":
+		return nil, errors.New("tail: a relay needs its spool")
+	case s.Durable == nil:
+		return nil, errors.New("tail: a relay needs the spool's durable position")
+	case s.Poll < 0:
+		return nil, fmt.Errorf("tail: relay poll interval %s is negative", s.Poll)
+	}
+	if s.Poll == 0 {
+		s.Poll = DefaultRelayPoll
+	}
+	return &relay{cfg: s, log: log}, nil
+}
+
 // errNothingYet is the retryable error of a relay whose spool holds no WAL yet.
 var errNothingYet = errors.New("the spool holds no WAL yet")
 
-// relaySession ships a receiver's spool onward, as a sidecar ships pg_wal: its durable
-// position takes the place of the flush position, its published segments and partial
-// that of pg_wal's files, and its end-of-WAL mark is passed on once everything before
-// it has been sent.
-func (t *Tailer) relaySession(ctx context.Context) error {
-	dir := t.cfg.Spool
-	id, ok, err := spool.ReadIdentity(dir)
-	if err != nil {
-		return err
-	}
-	pos, have := t.cfg.SpoolDurable()
-	if !ok || !have {
-		return errNothingYet
-	}
-	tli, durable := pos.TLI, pos.LSN
-	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
-		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: tli, ServerVersion: id.ServerVersion}
-	c, welcome, from, err := t.open(ctx, hello, durable, dir)
-	if err != nil {
-		return err
-	}
-	defer c.Close("relay stopping")
-	if welcome.Empty {
-		// An empty spool downstream gets all this one holds of the timeline, not just
-		// the segment being written: the two nodes then serve the same base backups.
-		c, err := spool.Scan(dir, id.SegSize)
-		if err != nil {
-			return err
-		}
-		from = c.OldestRun(tli, from, id.SegSize)
-	}
-	t.log.Info().Str("spool", dir).Uint32("timeline", tli).Stringer("from", from).Stringer("durable", durable).Msg("relaying")
-	t.shipped.Store(uint64(from))
-	t.acked.Store(uint64(from))
-	t.known.Store(true)
+// relay is a session's view of a spool.
+type relay struct {
+	cfg     Spool
+	log     zerolog.Logger
+	id      spool.Identity
+	tli     uint32
+	endSent wal.LSN // where the end-of-WAL mark was last passed on
+}
 
-	acks := make(chan error, 1)
-	ends := make(chan wal.LSN, 1)
-	go func() { acks <- t.readAcks(c, ends) }()
-	sh := &shipper{dir: dir, spool: true, stream: hello.Stream(), tli: tli, conn: c, log: t.log}
-	defer sh.close()
-	tick := time.NewTicker(t.cfg.Poll)
-	defer tick.Stop()
-	var endSent wal.LSN
-	for {
-		if durable > from {
-			if err := sh.ship(from, durable); err != nil {
-				return err
-			}
-			from = durable
-			t.shipped.Store(uint64(from))
-		}
-		// The mark goes on once the WAL before it has: the next receiver checks that it
-		// sits where its spool ends.
-		if m, ok, err := spool.ReadEnd(dir); err == nil && ok && m.Position == (wal.Position{TLI: tli, LSN: from}) && endSent != from {
-			if err := c.Send(&transport.End{TLI: tli, LSN: from}); err != nil {
-				return err
-			}
-			endSent = from
-			t.log.Info().Stringer("end", from).Msg("passed the end-of-WAL mark on")
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case err := <-acks:
-			return err
-		case <-ends:
-		case <-tick.C:
-		}
-		pos, _ := t.cfg.SpoolDurable()
-		if pos.TLI != tli {
-			return fmt.Errorf("the spool moved from timeline %d to %d", tli, pos.TLI)
-		}
-		durable = pos.LSN
+func (r *relay) begin(context.Context) (*transport.Hello, wal.LSN, wal.LSN, error) {
+	id, ok, err := spool.ReadIdentity(r.cfg.Dir)
+	if err != nil {
+		return nil, 0, 0, err
 	}
+	pos, have := r.cfg.Durable()
+	if !ok || !have {
+		return nil, 0, 0, errNothingYet
+	}
+	r.id, r.tli, r.endSent = id, pos.TLI, 0
+	hello := &transport.Hello{Version: transport.Version, SysID: id.SysID, SegSize: uint32(id.SegSize),
+		BlockSize: uint32(id.BlockSize), Magic: id.Magic, TLI: pos.TLI, ServerVersion: id.ServerVersion}
+	// An empty spool downstream gets all this one holds of the timeline, not just the
+	// segment being written: the two nodes then serve the same base backups.
+	c, err := spool.Scan(r.cfg.Dir, id.SegSize)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	durableSeg, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
+	return hello, pos.LSN, c.OldestRun(pos.TLI, durableSeg.Start(id.SegSize), id.SegSize), nil
+}
+
+func (r *relay) history(tli uint32) ([]byte, error) {
+	return os.ReadFile(filepath.Join(r.cfg.Dir, wal.HistoryName(tli)))
+}
+
+func (r *relay) files() segmentFiles { return spoolFiles{dir: r.cfg.Dir, segSize: r.id.SegSize} }
+
+func (r *relay) interval(time.Time) time.Duration { return r.cfg.Poll }
+
+func (r *relay) position(context.Context) (wal.LSN, error) {
+	pos, _ := r.cfg.Durable()
+	if pos.TLI != r.tli {
+		return 0, fmt.Errorf("the spool moved from timeline %d to %d", r.tli, pos.TLI)
+	}
+	return pos.LSN, nil
+}
+
+func (r *relay) lost(_ context.Context, _ *stream, err error) error { return err }
+
+// shipped passes the end-of-WAL mark on once the WAL before it has been sent: the next
+// receiver checks that the mark sits where its spool ends.
+func (r *relay) shipped(s *stream) error {
+	m, ok, err := spool.ReadEnd(r.cfg.Dir)
+	if err != nil || !ok || m.Position != (wal.Position{TLI: s.tli, LSN: s.from}) || r.endSent == s.from {
+		return nil
+	}
+	if err := s.conn.Send(&transport.End{TLI: s.tli, LSN: s.from}); err != nil {
+		return err
+	}
+	r.endSent = s.from
+	r.log.Info().Stringer("end", s.from).Msg("passed the end-of-WAL mark on")
+	return nil
+}
+
+func (r *relay) end() {}
+
+// spoolFiles are the segments of a spool, published or partial.
+type spoolFiles struct {
+	dir     string
+	segSize uint64
+}
+
+func (f spoolFiles) String() string  { return f.dir }
+func (f spoolFiles) padMidway() bool { return true }
+
+func (f spoolFiles) open(seg wal.Segment) (*os.File, error) {
+	file, err := spool.OpenSegment(f.dir, seg, f.segSize)
+	if err != nil {
+		return nil, fmt.Errorf("open segment %s of the spool: %w", seg.Name(f.segSize), err)
+	}
+	return file, nil
 }

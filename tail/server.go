@@ -19,9 +19,11 @@ type Server struct {
 	BlockSize  uint64 // wal_block_size, bytes
 	DataDir    string // data_directory
 	Magic      uint16 // XLOG_PAGE_MAGIC of the major version
-	// flushQuery returns the flush LSN and the WAL file name it falls in; its function
-	// names depend on the version (xlog/location before PostgreSQL 10).
-	flushQuery string
+}
+
+// stream is the WAL stream the server writes.
+func (s Server) stream() wal.Stream {
+	return wal.Stream{SysID: s.SysID, SegSize: s.SegSize, BlockSize: s.BlockSize, Magic: s.Magic}
 }
 
 // ErrInRecovery means the server is a standby: it has no flush position of its own to
@@ -43,12 +45,6 @@ func ReadServer(ctx context.Context, conn *pgx.Conn) (Server, error) {
 	if s.Magic, err = wal.MagicFor(n); err != nil {
 		return s, err
 	}
-	// Function names before PostgreSQL 10 say xlog and location (the design card).
-	walfn, lsnfn := "wal", "lsn"
-	if n < 100000 {
-		walfn, lsnfn = "xlog", "location"
-	}
-	s.flushQuery = fmt.Sprintf("SELECT pg_current_%[1]s_flush_%[2]s()::text, pg_%[1]sfile_name(pg_current_%[1]s_flush_%[2]s())", walfn, lsnfn)
 	err = conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()),
 		(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
 		(SELECT setting::bigint FROM pg_settings WHERE name = 'wal_block_size'),
@@ -71,17 +67,19 @@ func InRecovery(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	return r, nil
 }
 
+// flushQuery reads the flush position and the name of the WAL file it falls in.
+// MagicFor has refused servers before PostgreSQL 13, so the functions have their names
+// of PostgreSQL 10 and later.
+const flushQuery = "SELECT pg_current_wal_flush_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())"
+
 // Flush reads the primary's flush position and its timeline. The segment and offset are
 // computed from the LSN by the caller; the file name is used only for its timeline,
 // because pg_walfile_name() names the previous segment at an exact boundary up to
 // PostgreSQL 16.
 func (s Server) Flush(ctx context.Context, conn *pgx.Conn) (wal.LSN, uint32, error) {
-	var lsnText, file string
-	if err := conn.QueryRow(ctx, s.flushQuery).Scan(&lsnText, &file); err != nil {
-		return 0, 0, fmt.Errorf("read flush position: %w", err)
-	}
-	lsn, err := wal.ParseLSN(lsnText)
-	if err != nil {
+	var lsn wal.LSN
+	var file string
+	if err := conn.QueryRow(ctx, flushQuery).Scan(&lsn, &file); err != nil {
 		return 0, 0, fmt.Errorf("read flush position: %w", err)
 	}
 	if len(file) != 24 {

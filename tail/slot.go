@@ -44,7 +44,6 @@ type SlotKeeper struct {
 	cfg     SlotConfig
 	log     zerolog.Logger
 	tailers []*Tailer
-	pos     wal.LSN // the slot's restart_lsn as last read
 }
 
 // NewSlotKeeper returns a keeper for the receivers of tailers.
@@ -66,9 +65,6 @@ func NewSlotKeeper(cfg SlotConfig, tailers []*Tailer) (*SlotKeeper, error) {
 	}
 	return &SlotKeeper{cfg: cfg, log: cfg.Logger, tailers: tailers}, nil
 }
-
-// Position is the slot's restart_lsn as last read.
-func (k *SlotKeeper) Position() wal.LSN { return k.pos }
 
 // Run keeps the slot until ctx is done. Lost connections are retried; a slot the server
 // has invalidated (max_slot_wal_keep_size) is an error, logged at each attempt.
@@ -100,23 +96,22 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 	defer tick.Stop()
 	var lastWarn time.Time
 	for {
-		restart, current, status, err := k.read(ctx, pg)
+		pos, current, status, err := k.read(ctx, pg)
 		if err != nil {
 			return err
 		}
-		k.pos = restart
 		if status == "lost" {
 			return fmt.Errorf("the server invalidated slot %q (wal_status lost, see max_slot_wal_keep_size): WAL the receivers needed may be gone", k.cfg.Name)
 		}
 		target, slowest, known := k.target()
-		if known && target > restart {
-			if _, err := pg.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", k.cfg.Name, target.String()); err != nil {
+		if known && target > pos {
+			if _, err := pg.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", k.cfg.Name, target); err != nil {
 				return fmt.Errorf("advance slot %q to %s: %w", k.cfg.Name, target, err)
 			}
-			k.pos = target
+			pos = target
 		}
-		if held := uint64(current - k.pos); current > k.pos && held > k.cfg.Warn && time.Since(lastWarn) > time.Minute {
-			ev := k.log.Warn().Str("slot", k.cfg.Name).Uint64("held_bytes", held).Stringer("restart_lsn", k.pos).Stringer("current", current)
+		if held := uint64(current - pos); current > pos && held > k.cfg.Warn && time.Since(lastWarn) > time.Minute {
+			ev := k.log.Warn().Str("slot", k.cfg.Name).Uint64("held_bytes", held).Stringer("restart_lsn", pos).Stringer("current", current)
 			if known {
 				ev = ev.Str("slowest_receiver", slowest)
 			} else {
@@ -154,29 +149,24 @@ func (k *SlotKeeper) ensure(ctx context.Context, pg *pgx.Conn) error {
 	return nil
 }
 
+// read reads the slot's restart_lsn (zero while the slot reserves none), the primary's
+// flush position and the slot's wal_status.
 func (k *SlotKeeper) read(ctx context.Context, pg *pgx.Conn) (restart, current wal.LSN, status string, err error) {
-	var r, c *string
+	var r *wal.LSN
 	var st *string
-	err = pg.QueryRow(ctx, `SELECT restart_lsn::text, pg_current_wal_flush_lsn()::text, wal_status
-		FROM pg_replication_slots WHERE slot_name = $1`, k.cfg.Name).Scan(&r, &c, &st)
+	err = pg.QueryRow(ctx, `SELECT restart_lsn, pg_current_wal_flush_lsn(), wal_status
+		FROM pg_replication_slots WHERE slot_name = $1`, k.cfg.Name).Scan(&r, &current, &st)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, 0, "", fmt.Errorf("slot %q was dropped", k.cfg.Name)
 	}
 	if err != nil {
 		return 0, 0, "", fmt.Errorf("read slot %q: %w", k.cfg.Name, err)
 	}
+	if r != nil {
+		restart = *r
+	}
 	if st != nil {
 		status = *st
-	}
-	if r != nil {
-		if restart, err = wal.ParseLSN(*r); err != nil {
-			return 0, 0, "", err
-		}
-	}
-	if c != nil {
-		if current, err = wal.ParseLSN(*c); err != nil {
-			return 0, 0, "", err
-		}
 	}
 	return restart, current, status, nil
 }

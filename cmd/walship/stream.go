@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
-	"sync"
+
+	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/tail"
@@ -50,11 +52,8 @@ and so what a lost host can lose. While the flush position moves it is read ever
 every --idle-poll (10ms: 100 a second, about 5% of a core for the sidecar on a small
 host), which then bounds the first commit after the quiet spell.`)
 	dsn := fs.String("dsn", "", "connection string of the primary, e.g. 'host=/var/run/postgresql user=postgres' (required)")
-	var to []string
-	fs.Func("to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)", func(v string) error {
-		to = append(to, v)
-		return nil
-	})
+	var to addrList
+	fs.Var(&to, "to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)")
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, sidecar.crt and sidecar.key, as made by 'walship certs' (required)")
 	pgdata := fs.String("pgdata", "", "the primary's data directory as seen from here (default: the server's data_directory)")
 	poll := fs.Duration("poll", tail.DefaultPoll, "how often to read the flush position while it moves")
@@ -92,27 +91,10 @@ host), which then bounds the first commit after the quiet spell.`)
 	if err != nil {
 		return fail("%v", err)
 	}
-	seen := map[string]bool{}
-	var tailers []*tail.Tailer
-	for _, addr := range to {
-		host, _, err := net.SplitHostPort(addr)
-		if err != nil {
-			return usageError(fs, "--to %q: %v", addr, err)
-		}
-		if seen[addr] {
-			return usageError(fs, "--to %s is given twice", addr)
-		}
-		seen[addr] = true
-		tlsConf, err := transport.ClientTLS(*tlsDir, strings.Trim(host, "[]"))
-		if err != nil {
-			return fail("%v", err)
-		}
-		t, err := tail.New(tail.Config{DSN: *dsn, PGData: *pgdata, To: addr, TLS: tlsConf, Poll: *poll, IdlePoll: *idlePoll,
-			ArchiveDir: *archive, NoDrain: *noDrain, Logger: log.With().Str("receiver", addr).Logger()})
-		if err != nil {
-			return fail("%v", err)
-		}
-		tailers = append(tailers, t)
+	tailers, err := newTailers(to, *tlsDir, "receiver", log,
+		tail.Primary{DSN: *dsn, PGData: *pgdata, Poll: *poll, IdlePoll: *idlePoll, ArchiveDir: *archive, NoDrain: *noDrain})
+	if err != nil {
+		return fail("%v", err)
 	}
 	ctx, stop, err := runContext(profile)
 	if err != nil {
@@ -136,21 +118,9 @@ host), which then bounds the first commit after the quiet spell.`)
 	}
 	// Each receiver runs on its own; one that stops for good (another cluster's spool)
 	// leaves the others running, and its position keeps holding the slot.
-	errs := make(chan error, len(tailers))
-	for _, t := range tailers {
-		go func() {
-			err := t.Run(ctx)
-			if err != nil {
-				log.Error().Err(err).Str("receiver", t.Receiver()).Msg("shipping to this receiver stopped")
-			}
-			errs <- err
-		}()
-	}
 	rc := exitOK
-	for range tailers {
-		if err := <-errs; err != nil {
-			rc = exitError
-		}
+	if !runTailers(ctx, tailers, "receiver", log)() {
+		rc = exitError
 	}
 	stopKeeper()
 	if keeperDone != nil {
@@ -178,14 +148,8 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	listen := fs.String("listen", "", "UDP address to listen on, HOST:PORT (required)")
 	spool := fs.String("spool", "", "spool directory; created if missing (required)")
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, receiver.crt and receiver.key, as made by 'walship certs' (required)")
-	var relayTo []string
-	fs.Func("relay-to", "ship the spool onwards to the receiver at HOST:PORT (may be repeated)", func(v string) error {
-		if _, _, err := net.SplitHostPort(v); err != nil {
-			return fmt.Errorf("%q: %v", v, err)
-		}
-		relayTo = append(relayTo, v)
-		return nil
-	})
+	var relayTo addrList
+	fs.Var(&relayTo, "relay-to", "ship the spool onwards to the receiver at HOST:PORT (may be repeated)")
 	poll := fs.Duration("poll", tail.DefaultRelayPoll, "with --relay-to: how often to look for newly durable WAL")
 	metrics := metricsFlag(fs)
 	logger := logFlags(fs)
@@ -220,19 +184,9 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	if err != nil {
 		return fail("%v", err)
 	}
-	var relays []*tail.Tailer
-	for _, addr := range relayTo {
-		host, _, _ := net.SplitHostPort(addr)
-		clientTLS, err := transport.ClientTLS(*tlsDir, strings.Trim(host, "[]"))
-		if err != nil {
-			return fail("--relay-to %s: %v", addr, err)
-		}
-		t, err := tail.New(tail.Config{To: addr, TLS: clientTLS, Poll: *poll, Spool: *spool, SpoolDurable: r.Durable,
-			Logger: log.With().Str("relay_to", addr).Logger()})
-		if err != nil {
-			return fail("%v", err)
-		}
-		relays = append(relays, t)
+	relays, err := newTailers(relayTo, *tlsDir, "relay_to", log, tail.Spool{Dir: *spool, Durable: r.Durable, Poll: *poll})
+	if err != nil {
+		return fail("--relay-to: %v", err)
 	}
 	ctx, stop, err := runContext(profile)
 	if err != nil {
@@ -240,19 +194,9 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	}
 	defer stop()
 	serveMetrics(ctx, metricsLn, log, receiverMetrics(r))
-	var wg sync.WaitGroup
-	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
+	defer runTailers(ctx, relays, "relay_to", log)()
 	defer cancel() // before the wait: the relays end with the receiver
-	for _, t := range relays {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := t.Run(ctx); err != nil {
-				log.Error().Err(err).Str("relay_to", t.Receiver()).Msg("relaying to this receiver stopped")
-			}
-		}()
-	}
 	if err := r.Run(ctx); err != nil {
 		log.Error().Err(err).Msg("receiver stopped")
 		return exitError
@@ -280,6 +224,64 @@ overwritten.`)
 		return fail("%v", err)
 	}
 	return exitOK
+}
+
+// addrList is a repeatable flag of HOST:PORT addresses, each given once.
+type addrList []string
+
+func (a *addrList) String() string { return strings.Join(*a, ",") }
+func (a *addrList) Set(v string) error {
+	if _, _, err := net.SplitHostPort(v); err != nil {
+		return fmt.Errorf("%q: %v", v, err)
+	}
+	if slices.Contains(*a, v) {
+		return fmt.Errorf("%s is given twice", v)
+	}
+	*a = append(*a, v)
+	return nil
+}
+
+// newTailers makes a Tailer for each receiver address, each shipping from src on its
+// own; role names the receivers in the logs.
+func newTailers(addrs []string, tlsDir, role string, log zerolog.Logger, src tail.Source) ([]*tail.Tailer, error) {
+	var tailers []*tail.Tailer
+	for _, addr := range addrs {
+		host, _, _ := net.SplitHostPort(addr)
+		tlsConf, err := transport.ClientTLS(tlsDir, strings.Trim(host, "[]"))
+		if err != nil {
+			return nil, err
+		}
+		t, err := tail.New(tail.Config{To: addr, TLS: tlsConf, Logger: log.With().Str(role, addr).Logger()}, src)
+		if err != nil {
+			return nil, err
+		}
+		tailers = append(tailers, t)
+	}
+	return tailers, nil
+}
+
+// runTailers runs each Tailer until ctx ends or it stops for good, and returns a wait
+// for them all, which says whether every one ended without an error.
+func runTailers(ctx context.Context, tailers []*tail.Tailer, role string, log zerolog.Logger) (wait func() bool) {
+	errs := make(chan error, len(tailers))
+	for _, t := range tailers {
+		go func() {
+			err := t.Run(ctx)
+			if err != nil {
+				log.Error().Err(err).Str(role, t.Receiver()).Msg("shipping to this receiver stopped")
+			}
+			errs <- err
+		}()
+	}
+	return func() bool {
+		ok := true
+		for range tailers {
+			if err := <-errs; err != nil {
+				ok = false
+			}
+		}
+		return ok
+	}
 }
 
 type multiFlag []string

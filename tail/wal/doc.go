@@ -2,8 +2,10 @@
 // needs everywhere: the LSN, WAL segment names, and the page headers that start every
 // WAL page.
 //
-// The package is pure: no I/O, no clock, no global state. The segment size is never a
-// package variable; it is read from the server (wal_segment_size) and carried in values.
+// The format code is pure: no clock, no global state, and no I/O but through a Source,
+// which the caller supplies (Files reads segment files; Bytes is WAL in memory). The
+// segment size is never a package variable; it is read from the server
+// (wal_segment_size) and carried in values.
 //
 // Facts relied on (PostgreSQL src/include/access/xlog_internal.h, xlogdefs.h):
 //   - segment number = lsn / wal_segment_size, offset = lsn % wal_segment_size. We compute

@@ -2,7 +2,6 @@ package wal
 
 import (
 	"encoding/binary"
-	"errors"
 )
 
 // Record header layout, xlogrecord.h: xl_tot_len u32, xl_xid u32, xl_prev u64,
@@ -54,25 +53,4 @@ func SwitchEnd(page []byte, lsn LSN, segSize uint64) (end LSN, ok bool) {
 		return 0, false
 	}
 	return lsn + LSN(last) + LSN(binary.LittleEndian.Uint32(rec)), true
-}
-
-// CheckSegment checks the page headers of b, a segment's bytes from its start at
-// lsn on timeline tli, as a restore or a promotion hands them to recovery. Pages after
-// an XLOG_SWITCH record are padding the server never wrote, and are accepted; it returns
-// where such padding starts (len(b) when there is none).
-func (s Stream) CheckSegment(b []byte, lsn LSN, tli uint32) (padAt int, err error) {
-	err = s.CheckPages(b, lsn, tli)
-	var pe *PageError
-	if err == nil || !errors.As(err, &pe) {
-		return len(b), err
-	}
-	at := uint64(pe.At - lsn)
-	if at == 0 || at%s.BlockSize != 0 || at > uint64(len(b)) {
-		return 0, err
-	}
-	end, ok := SwitchEnd(b[at-s.BlockSize:at], pe.At-LSN(s.BlockSize), s.SegSize)
-	if !ok || end > pe.At {
-		return 0, err
-	}
-	return int(at), nil
 }

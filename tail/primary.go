@@ -1,0 +1,256 @@
+package tail
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
+)
+
+// Primary is a primary server as a Tailer's source: its flush position, read every
+// Poll, and the files of its pg_wal.
+type Primary struct {
+	// DSN is the primary's connection string. Required. The role needs to read
+	// data_directory and pg_control_system(): a superuser or pg_read_all_settings plus
+	// pg_monitor.
+	DSN string
+	// PGData is the primary's data directory as this process sees it. Empty means the
+	// server's data_directory setting.
+	PGData string
+	// Poll is how often the flush position is read while it moves. Zero means
+	// DefaultPoll. Each poll is one trivial query on the primary; the poll interval
+	// bounds how late a flushed byte leaves for the standby.
+	Poll time.Duration
+	// IdlePoll is how often it is read once it has stood still for a second: the bound
+	// for the first commit after a quiet spell. Zero means DefaultIdlePoll; it must not
+	// be less than Poll.
+	IdlePoll time.Duration
+	// ArchiveDir is where the primary's archive_command puts whole segments. A segment
+	// that pg_wal no longer holds (removed or recycled before it was shipped, as can
+	// happen without the slot) is taken from there; without it, that is a gap error.
+	ArchiveDir string
+	// NoDrain turns the drain off: when the server is lost, the sidecar stops at the
+	// last flush position it read. The drain needs to see the server's processes (same
+	// host, or the same PID and IPC namespaces); without that, turn it off.
+	NoDrain bool
+}
+
+func (p Primary) newSource(log zerolog.Logger) (source, error) {
+	switch {
+	case p.DSN == "":
+		return nil, errors.New("tail: no --dsn")
+	case p.Poll < 0:
+		return nil, fmt.Errorf("tail: poll interval %s is negative", p.Poll)
+	case p.IdlePoll < 0:
+		return nil, fmt.Errorf("tail: idle poll interval %s is negative", p.IdlePoll)
+	}
+	if p.Poll == 0 {
+		p.Poll = DefaultPoll
+	}
+	if p.IdlePoll == 0 {
+		p.IdlePoll = max(DefaultIdlePoll, p.Poll)
+	}
+	if p.IdlePoll < p.Poll {
+		return nil, fmt.Errorf("tail: idle poll interval %s is shorter than the poll interval %s", p.IdlePoll, p.Poll)
+	}
+	return &primary{cfg: p, log: log}, nil
+}
+
+// primary is a session's view of a primary server: a connection that reads its flush
+// position, and its pg_wal.
+type primary struct {
+	cfg    Primary
+	log    zerolog.Logger
+	pg     *pgx.Conn
+	srv    Server
+	tli    uint32
+	pgdata string
+}
+
+func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN, error) {
+	pg, err := pgx.Connect(ctx, p.cfg.DSN)
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("connect to the primary: %w", err)
+	}
+	p.pg = pg
+	fail := func(err error) (*transport.Hello, wal.LSN, wal.LSN, error) {
+		p.end()
+		return nil, 0, 0, err
+	}
+	if p.srv, err = ReadServer(ctx, pg); err != nil {
+		return fail(err)
+	}
+	if err := p.waitPrimary(ctx); err != nil {
+		return fail(err)
+	}
+	flush, tli, err := p.srv.Flush(ctx, pg)
+	if err != nil {
+		return fail(err)
+	}
+	p.tli, p.pgdata = tli, p.srv.DataDir
+	if p.cfg.PGData != "" {
+		p.pgdata = p.cfg.PGData
+	}
+	// The magic of the WAL on disk must be the version's: a wrong --pgdata shows here.
+	if err := checkWALDir(p.walDir(), p.srv, tli, flush); err != nil {
+		return fail(fmt.Errorf("%w: %w", errFatal, err))
+	}
+	srv := p.srv
+	hello := &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
+		BlockSize: uint32(srv.BlockSize), Magic: srv.Magic, TLI: tli, ServerVersion: uint32(srv.VersionNum)}
+	// A new spool starts with the segment being written.
+	flushSeg, _ := wal.SegmentOf(tli, flush, srv.SegSize)
+	return hello, flush, flushSeg.Start(srv.SegSize), nil
+}
+
+func (p *primary) walDir() string { return filepath.Join(p.pgdata, "pg_wal") }
+
+// waitPrimary waits while the server is a standby, so that a sidecar can be started
+// beside a standby ahead of its promotion.
+func (p *primary) waitPrimary(ctx context.Context) error {
+	logged := false
+	for {
+		rec, err := InRecovery(ctx, p.pg)
+		if err != nil || !rec {
+			return err
+		}
+		if !logged {
+			p.log.Info().Msg("server is in recovery; waiting for its promotion")
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(p.cfg.Poll * 10):
+		}
+	}
+}
+
+func (p *primary) history(tli uint32) ([]byte, error) {
+	return os.ReadFile(filepath.Join(p.walDir(), wal.HistoryName(tli)))
+}
+
+func (p *primary) files() segmentFiles {
+	return walFiles{dir: p.walDir(), archive: p.cfg.ArchiveDir, segSize: p.srv.SegSize, log: p.log}
+}
+
+// interval polls every Poll while the flush position moves, every IdlePoll once it has
+// stood still for idleAfter.
+func (p *primary) interval(moved time.Time) time.Duration {
+	if time.Since(moved) < idleAfter {
+		return p.cfg.Poll
+	}
+	return p.cfg.IdlePoll
+}
+
+func (p *primary) position(ctx context.Context) (wal.LSN, error) {
+	flush, tli, err := p.srv.Flush(ctx, p.pg)
+	if err != nil {
+		return 0, err
+	}
+	if tli != p.tli {
+		return 0, fmt.Errorf("the primary moved from timeline %d to %d", p.tli, tli)
+	}
+	return flush, nil
+}
+
+// lost runs when a read of the flush position failed: see serverLost.
+func (p *primary) lost(ctx context.Context, s *stream, err error) error {
+	if p.cfg.NoDrain {
+		return err
+	}
+	return p.serverLost(ctx, s, err)
+}
+
+func (p *primary) shipped(*stream) error { return nil }
+
+func (p *primary) end() {
+	if p.pg != nil {
+		p.pg.Close(context.Background())
+		p.pg = nil
+	}
+}
+
+// checkWALDir checks that the segment holding flush is readable in pgwal and starts
+// with a page of this server's version and cluster.
+func checkWALDir(pgwal string, srv Server, tli uint32, flush wal.LSN) error {
+	// The segment holding the last flushed byte: a flush position exactly on a boundary
+	// belongs to a segment whose file the server may not have created yet.
+	seg, _ := wal.SegmentOf(tli, max(flush, 1)-1, srv.SegSize)
+	name := filepath.Join(pgwal, seg.Name(srv.SegSize))
+	f, err := os.Open(name)
+	if err != nil {
+		return fmt.Errorf("open the primary's current segment (is --pgdata right?): %w", err)
+	}
+	defer f.Close()
+	head := make([]byte, wal.LongHeaderSize)
+	if _, err := io.ReadFull(f, head); err != nil {
+		return fmt.Errorf("read %s: %w", name, err)
+	}
+	st := wal.Stream{SysID: srv.SysID, SegSize: srv.SegSize, BlockSize: srv.BlockSize, Magic: srv.Magic}
+	if err := st.CheckPage(head, seg.Start(srv.SegSize), tli); err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
+
+// walFiles are the segments of a primary's pg_wal, and of its archive for those gone
+// from pg_wal.
+type walFiles struct {
+	dir     string
+	archive string // the primary's archive directory, or ""
+	segSize uint64
+	log     zerolog.Logger
+}
+
+func (w walFiles) String() string  { return w.dir }
+func (w walFiles) padMidway() bool { return false }
+
+func (w walFiles) open(seg wal.Segment) (*os.File, error) {
+	name := seg.Name(w.segSize)
+	f, err := os.Open(filepath.Join(w.dir, name))
+	if errors.Is(err, fs.ErrNotExist) && w.archive != "" {
+		if f, err = openArchived(filepath.Join(w.archive, name), w.segSize); err == nil {
+			w.log.Warn().Str("segment", name).Str("archive", w.archive).Msg("pg_wal no longer holds the segment; shipping the archived copy")
+		}
+	}
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: segment %s is gone from %s: the primary removed or recycled it before it was shipped; "+
+			"keep the replication slot on, give --archive-dir, or rebuild the standby from a new base backup", ErrGap, name, w.dir)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open segment %s: %w", name, err)
+	}
+	return f, nil
+}
+
+// ErrGap means WAL the receiver needs is no longer on the primary.
+var ErrGap = errors.New("gap in the WAL")
+
+// openArchived opens an archived segment, which must be whole; its pages are checked
+// as they are read, like those of pg_wal.
+func openArchived(path string, segSize uint64) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	info, err := f.Stat()
+	if err == nil && uint64(info.Size()) != segSize {
+		err = fmt.Errorf("archived segment %s holds %d bytes, want %d", path, info.Size(), segSize)
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}

@@ -1,0 +1,104 @@
+package tail
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
+)
+
+// segmentFiles opens the files a shipper reads segments from.
+type segmentFiles interface {
+	open(seg wal.Segment) (*os.File, error)
+	// padMidway says whether switch padding may be found in a segment that the end
+	// position has not left: a spool's durable end can stop inside the padding, while a
+	// primary's flush position moves past it to the segment's end at once.
+	padMidway() bool
+	// String names the directory, for messages.
+	String() string
+}
+
+// shipper reads byte ranges of segments and sends them.
+type shipper struct {
+	files  segmentFiles
+	stream wal.Stream
+	tli    uint32
+	conn   *transport.Conn
+	f      *os.File
+	seg    wal.Segment
+	padAt  uint64 // where switch padding begins in seg; 0 for none found
+	buf    []byte
+}
+
+// ship sends [from, to). It never reads a byte at or past to, the end position: beyond
+// a primary's flush position a recycled segment holds stale pages of an older one.
+func (s *shipper) ship(from, to wal.LSN) error {
+	segSize := s.stream.SegSize
+	for from < to {
+		c := nextChunk(s.tli, from, to, segSize, s.stream.BlockSize)
+		if err := s.open(c.seg); err != nil {
+			return err
+		}
+		if cap(s.buf) < int(c.n) {
+			s.buf = make([]byte, maxChunk)
+		}
+		b := s.buf[:c.n]
+		if _, err := s.f.ReadAt(b, int64(c.off)); err != nil {
+			return fmt.Errorf("read segment %s at %d: %w", c.seg.Name(segSize), c.off, err)
+		}
+		padding := s.padAt != 0 && c.off >= s.padAt
+		if !padding {
+			lsn := c.seg.Start(segSize) + wal.LSN(c.off)
+			if err := s.stream.CheckPages(b, lsn, s.tli); err != nil {
+				segLeft := to >= c.seg.Start(segSize)+wal.LSN(segSize)
+				padAt, ok := uint64(0), false
+				if segLeft || s.files.padMidway() {
+					padAt, ok = switchPadding(s.stream, c.seg, err, s.page)
+				}
+				if !ok {
+					return fmt.Errorf("segment %s in %s: %w", c.seg.Name(segSize), s.files, err)
+				}
+				s.padAt = padAt
+				if padAt <= c.off {
+					continue // the whole chunk is padding: read it again as such
+				}
+				b = b[:padAt-c.off]
+			}
+		}
+		d := transport.NewData(s.tli, c.seg.No, uint32(c.off), b)
+		d.Padding = padding
+		if err := s.conn.Send(d); err != nil {
+			return err
+		}
+		from = c.seg.Start(segSize) + wal.LSN(c.off) + wal.LSN(len(b))
+	}
+	return nil
+}
+
+// page reads the page at offset off of the open segment.
+func (s *shipper) page(off uint64) ([]byte, error) {
+	b := make([]byte, s.stream.BlockSize)
+	_, err := s.f.ReadAt(b, int64(off))
+	return b, err
+}
+
+func (s *shipper) open(seg wal.Segment) error {
+	if s.f != nil && s.seg == seg {
+		return nil
+	}
+	s.close()
+	f, err := s.files.open(seg)
+	if err != nil {
+		return err
+	}
+	s.f, s.seg, s.padAt = f, seg, 0
+	return nil
+}
+
+func (s *shipper) close() {
+	if s.f != nil {
+		s.f.Close()
+		s.f = nil
+	}
+}
