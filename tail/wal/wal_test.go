@@ -2,6 +2,7 @@ package wal
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"os"
 	"testing"
@@ -31,6 +32,35 @@ func TestLSN(t *testing.T) {
 		_, err := ParseLSN(bad)
 		require.Error(t, err, "ParseLSN(%q) must fail", bad)
 	}
+}
+
+// TestLSNEncodings: an LSN is written as PostgreSQL prints it in JSON and read back
+// from JSON, from a query's text or pg_lsn column, and a position compares as numbers.
+func TestLSNEncodings(t *testing.T) {
+	type doc struct {
+		At  LSN      `json:"at"`
+		Pos Position `json:"pos"`
+	}
+	in := doc{At: 0x16_B374D848, Pos: Position{TLI: 2, LSN: 0x1000028}}
+	b, err := json.Marshal(in)
+	require.NoError(t, err)
+	require.JSONEq(t, `{"at":"16/B374D848","pos":{"timeline":2,"lsn":"0/1000028"}}`, string(b))
+	var out doc
+	require.NoError(t, json.Unmarshal(b, &out))
+	require.Equal(t, in, out)
+	require.Error(t, json.Unmarshal([]byte(`{"at":"16-B374D848"}`), &out), "a malformed position is refused")
+	require.Error(t, json.Unmarshal([]byte(`{"at":12}`), &out), "a number is not a position")
+
+	var l LSN
+	require.NoError(t, l.Scan("0/3000000"))
+	require.Equal(t, LSN(0x3000000), l)
+	require.NoError(t, l.Scan([]byte("1/0")))
+	require.Equal(t, LSN(1<<32), l)
+	require.ErrorContains(t, l.Scan(nil), "NULL")
+	require.ErrorContains(t, l.Scan(int64(5)), "int64")
+	v, err := LSN(0x16_B374D848).Value()
+	require.NoError(t, err)
+	require.Equal(t, "16/B374D848", v)
 }
 
 func TestSegmentNames(t *testing.T) {
