@@ -107,10 +107,13 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		// History, backup and partial files: restored if present, at once either way.
 		return restoreAsIs(cfg, name)
 	}
-	for {
+	for waited := false; ; waited = true {
 		err := restoreSegment(cfg, id, seg, haveID)
 		if !errors.Is(err, ErrNotAvailable) || !cfg.Wait {
 			return err
+		}
+		if !waited {
+			cfg.Logger.Debug().Str("file", name).Msg("waiting for the file to be published or the promotion trigger")
 		}
 		select {
 		case <-ctx.Done():

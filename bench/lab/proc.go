@@ -23,6 +23,24 @@ type Proc struct {
 	err     error
 }
 
+// running holds every Proc started and not yet exited, so that a test suite can check
+// at its end that it left none behind (see RunningProcs).
+var running struct {
+	sync.Mutex
+	procs map[*Proc]struct{}
+}
+
+// RunningProcs returns the Procs started in this process that have not exited yet.
+func RunningProcs() []*Proc {
+	running.Lock()
+	defer running.Unlock()
+	procs := make([]*Proc, 0, len(running.procs))
+	for p := range running.procs {
+		procs = append(procs, p)
+	}
+	return procs
+}
+
 // StartProc starts bin with args, its output appended to logFile.
 func StartProc(name, logFile, bin string, args ...string) (*Proc, error) {
 	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -41,15 +59,29 @@ func StartProc(name, logFile, bin string, args ...string) (*Proc, error) {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	p := &Proc{Name: name, LogFile: logFile, logFrom: info.Size(), cmd: cmd, done: make(chan struct{})}
+	running.Lock()
+	if running.procs == nil {
+		running.procs = map[*Proc]struct{}{}
+	}
+	running.procs[p] = struct{}{}
+	running.Unlock()
 	go func() {
 		err := cmd.Wait()
 		f.Close()
 		p.mu.Lock()
 		p.err = err
 		p.mu.Unlock()
+		running.Lock()
+		delete(running.procs, p)
+		running.Unlock()
 		close(p.done)
 	}()
 	return p, nil
+}
+
+// String names the process by its name, pid and command line.
+func (p *Proc) String() string {
+	return fmt.Sprintf("%s (pid %d): %s", p.Name, p.Pid(), strings.Join(p.cmd.Args, " "))
 }
 
 // Pid is the process id.
@@ -100,6 +132,21 @@ func (p *Proc) Log() string {
 		return ""
 	}
 	return string(b[p.logFrom:])
+}
+
+// WaitMetrics waits until the process serves its --metrics at addr and they satisfy
+// cond; what says what that means, for the error ("to serve its metrics").
+func (p *Proc) WaitMetrics(ctx context.Context, addr, what string, cond func(map[string]uint64) bool) error {
+	return Wait(ctx, 10*time.Millisecond, p.Name+" "+what, func() (bool, error) {
+		if !p.Running() {
+			return false, fmt.Errorf("%s exited: %v\n%s", p.Name, p.Err(), p.Log())
+		}
+		m, err := Metrics(addr)
+		if err != nil {
+			return false, err // not serving yet
+		}
+		return cond(m), nil
+	})
 }
 
 // WaitLog waits until the process's output contains s.

@@ -36,6 +36,16 @@ func TestMain(m *testing.M) {
 	// Everything must be reachable by the postgres user the lab runs servers as.
 	os.Chmod(dir, 0o755)
 	code := m.Run()
+	// Every walship the tests run in the background is a lab.Proc, and each must end
+	// with the test that started it: one still running now has leaked.
+	if left := lab.RunningProcs(); len(left) > 0 {
+		fmt.Fprintln(os.Stderr, "FAIL: processes the tests started are still running (now killed):")
+		for _, p := range left {
+			fmt.Fprintf(os.Stderr, "\t%s\n", p)
+			p.Kill()
+		}
+		code = 1
+	}
 	os.RemoveAll(dir)
 	os.Exit(code)
 }
@@ -51,6 +61,12 @@ type rig struct {
 	addr     string
 	receiver *lab.Proc
 	sidecar  *lab.Proc
+
+	// recvMetrics and sideMetrics are the --metrics of the receiver and of the sidecar.
+	recvMetrics, sideMetrics string
+	// procs is every process the rig and its siblings started; the rig's cleanup ends
+	// them all, whichever rig field holds them by then.
+	procs *[]*lab.Proc
 	// sidecarTo replaces addr as the sidecar's --to list; sidecarArgs are added flags.
 	sidecarTo    []string
 	sidecarArgs  []string
@@ -62,20 +78,25 @@ func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
 	dir, err := os.MkdirTemp("", "walship-rig-")
 	require.NoError(t, err)
 	require.NoError(t, os.Chmod(dir, 0o755))
-	r := &rig{t: t, dir: dir, tlsDir: filepath.Join(dir, "tls"), spool: filepath.Join(dir, "spool"), archive: filepath.Join(dir, "archive")}
+	r := &rig{t: t, dir: dir, tlsDir: filepath.Join(dir, "tls"), spool: filepath.Join(dir, "spool"), archive: filepath.Join(dir, "archive"),
+		recvMetrics: freeTCPAddr(t), sideMetrics: freeTCPAddr(t), procs: new([]*lab.Proc)}
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, p := range []*lab.Proc{r.receiver, r.sidecar} {
-				if p != nil {
-					t.Logf("--- %s log:\n%s", p.Name, lastBytes(p.Log(), 6000))
+			// A log file holds every run of its process; the first run's Log shows them all.
+			shown := map[string]bool{}
+			for _, p := range *r.procs {
+				if !shown[p.LogFile] {
+					shown[p.LogFile] = true
+					name, _ := filepath.Rel(dir, p.LogFile)
+					t.Logf("--- %s:\n%s", name, lastBytes(p.Log(), 6000))
 				}
 			}
 			if r.primary != nil {
 				t.Logf("--- primary log:\n%s", lastBytes(r.primary.Log(), 4000))
 			}
 		}
-		for _, p := range []*lab.Proc{r.receiver, r.sidecar} {
-			if p != nil && p.Running() {
+		for _, p := range *r.procs {
+			if p.Running() {
 				p.Kill()
 			}
 		}
@@ -100,10 +121,11 @@ func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
 }
 
 // sibling is a second receiver's rig beside r: the same primary, certificates and
-// archive, its own directory, spool and port.
+// archive, its own directory, spool and ports. r's cleanup ends its processes too.
 func (r *rig) sibling(name string) *rig {
 	r.t.Helper()
-	s := &rig{t: r.t, primary: r.primary, dir: filepath.Join(r.dir, name), tlsDir: r.tlsDir, archive: r.archive}
+	s := &rig{t: r.t, primary: r.primary, dir: filepath.Join(r.dir, name), tlsDir: r.tlsDir, archive: r.archive,
+		recvMetrics: freeTCPAddr(r.t), sideMetrics: freeTCPAddr(r.t), procs: r.procs}
 	require.NoError(r.t, os.Mkdir(s.dir, 0o755))
 	s.spool = filepath.Join(s.dir, "spool")
 	port, err := lab.FreeUDPPort()
@@ -120,7 +142,7 @@ func streamingRig(t *testing.T, ctx context.Context, segMB int, sidecarArgs ...s
 	r.sidecarArgs = sidecarArgs
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	r.waitStreaming(ctx)
 	return r
 }
 
@@ -139,29 +161,58 @@ func runOK(t *testing.T, args ...string) string {
 	return string(out)
 }
 
+// start starts walship with args as the rig's process name, logging to name.log in the
+// rig's directory.
+func (r *rig) start(name string, args ...string) *lab.Proc {
+	r.t.Helper()
+	p, err := lab.StartProc(name, filepath.Join(r.dir, name+".log"), walshipBin, args...)
+	require.NoError(r.t, err)
+	*r.procs = append(*r.procs, p)
+	return p
+}
+
+// startReceiver starts the receiver and waits until it serves its metrics, which it
+// does only once its spool is open and it listens (walship receive: receiver.New,
+// then serveMetrics).
 func (r *rig) startReceiver(ctx context.Context) {
 	r.t.Helper()
-	args := []string{"receive", "--listen", r.addr, "--spool", r.spool, "--tls-dir", r.tlsDir, "--log-level", "debug"}
-	p, err := lab.StartProc("receiver", filepath.Join(r.dir, "receiver.log"), walshipBin, append(args, r.receiverArgs...)...)
-	require.NoError(r.t, err)
-	r.receiver = p
-	require.NoError(r.t, p.WaitLog(ctx, "receiver ready"))
+	args := []string{"receive", "--listen", r.addr, "--spool", r.spool, "--tls-dir", r.tlsDir, "--metrics", r.recvMetrics, "--log-level", "debug"}
+	r.receiver = r.start("receiver", append(args, r.receiverArgs...)...)
+	require.NoError(r.t, r.receiver.WaitMetrics(ctx, r.recvMetrics, "to serve its metrics", func(map[string]uint64) bool { return true }))
+}
+
+// sidecarTargets is the sidecar's --to list.
+func (r *rig) sidecarTargets() []string {
+	if len(r.sidecarTo) == 0 {
+		return []string{r.addr}
+	}
+	return r.sidecarTo
 }
 
 func (r *rig) startSidecar(ctx context.Context, c *lab.Cluster) *lab.Proc {
 	r.t.Helper()
-	args := []string{"tail", "--dsn", c.DSN(), "--tls-dir", r.tlsDir, "--poll", "10ms", "--log-level", "debug"}
-	to := r.sidecarTo
-	if len(to) == 0 {
-		to = []string{r.addr}
-	}
-	for _, a := range to {
+	args := []string{"tail", "--dsn", c.DSN(), "--tls-dir", r.tlsDir, "--metrics", r.sideMetrics, "--poll", "10ms", "--log-level", "debug"}
+	for _, a := range r.sidecarTargets() {
 		args = append(args, "--to", a)
 	}
-	p, err := lab.StartProc("sidecar", filepath.Join(r.dir, "sidecar.log"), walshipBin, append(args, r.sidecarArgs...)...)
-	require.NoError(r.t, err)
-	r.sidecar = p
-	return p
+	r.sidecar = r.start("sidecar", append(args, r.sidecarArgs...)...)
+	return r.sidecar
+}
+
+// waitStreaming waits until the sidecar has a session with each of its receivers: its
+// metrics show a receiver's acknowledged position from the receiver's welcome on, and 0
+// before.
+func (r *rig) waitStreaming(ctx context.Context) {
+	r.t.Helper()
+	to := r.sidecarTargets()
+	require.NoError(r.t, r.sidecar.WaitMetrics(ctx, r.sideMetrics, fmt.Sprintf("to have a session with each of %v", to), func(m map[string]uint64) bool {
+		for _, a := range to {
+			if m[fmt.Sprintf("walship_sidecar_acked_lsn{receiver=%q}", a)] == 0 {
+				return false
+			}
+		}
+		return true
+	}))
 }
 
 // flush reads the primary's flush position.
@@ -279,27 +330,25 @@ func testContext(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-// TestStreamUnderLoad is the foundation: 20 s of load on a primary, and the spool is an
-// exact copy of the primary's WAL. Both processes serve --metrics, which must agree with
-// the spool once it has settled.
+// TestStreamUnderLoad is the foundation: load on a primary until the spool has
+// published loadSegments segments, and the spool is an exact copy of the primary's WAL.
+// Both processes serve --metrics, which must agree with the spool once it has settled.
 func TestStreamUnderLoad(t *testing.T) {
+	const loadSegments = 50 // about 15 s of this load on a 2-core machine
 	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
-	recvMetrics, sideMetrics := freeTCPAddr(t), freeTCPAddr(t)
-	r.receiverArgs = []string{"--metrics", recvMetrics}
-	r.sidecarArgs = []string{"--metrics", sideMetrics}
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	r := streamingRig(t, ctx, 1)
 
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 4, 400)
 	require.NoError(t, err)
-	deadline := time.After(20 * time.Second)
-	<-deadline
+	defer load.Stop()
+	require.NoError(t, lab.Wait(ctx, 100*time.Millisecond, fmt.Sprintf("%d segments published under load", loadSegments), func() (bool, error) {
+		_, c := spoolPosition(t, r.spool)
+		return len(c.Segments) >= loadSegments, nil
+	}))
 	require.NoError(t, load.Stop())
 	n := r.checkIdentical(ctx)
 	t.Logf("%d inserts committed, %d whole segments compared byte for byte", load.Count(), n)
-	require.Greater(t, n, 5, "too few segments to mean anything")
+	require.GreaterOrEqual(t, n, loadSegments, "too few segments to mean anything")
 
 	// The spool has settled at the flush position; the metrics must say so too (the
 	// sidecar's once the last ack is in).
@@ -307,10 +356,10 @@ func TestStreamUnderLoad(t *testing.T) {
 	label := fmt.Sprintf("{receiver=%q}", r.addr)
 	var side map[string]uint64
 	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar's metrics to show the last ack", func() (bool, error) {
-		side, err = lab.Metrics(sideMetrics)
+		side, err = lab.Metrics(r.sideMetrics)
 		return err == nil && side["walship_sidecar_acked_lsn"+label] >= uint64(pos.LSN), err
 	}))
-	recv, err := lab.Metrics(recvMetrics)
+	recv, err := lab.Metrics(r.recvMetrics)
 	require.NoError(t, err)
 	require.Equal(t, map[string]uint64{
 		"walship_receiver_position_known": 1,

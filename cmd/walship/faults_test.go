@@ -74,12 +74,18 @@ func TestRestarts(t *testing.T) {
 	r.startReceiver(ctx)
 	r.waitSpoolGrows(ctx, 3<<20)
 
+	sessions := strings.Count(r.receiver.Log(), "sidecar session started")
 	r.sidecar.Kill()
 	r.startSidecar(ctx, r.primary)
-	require.NoError(t, r.sidecar.WaitLog(ctx, "streaming"))
+	r.waitStreaming(ctx)
 	// The receiver's welcome names the spool's durable end (frames of the killed
 	// sidecar still buffered may land until the new session replaces the old one); the
-	// restarted sidecar must start exactly there, not at a segment's start.
+	// restarted sidecar must start exactly there, not at a segment's start. Only the
+	// logs tell where a session started, and the receiver logs its welcome after sending
+	// it: wait for its line.
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the receiver to log the new session", func() (bool, error) {
+		return strings.Count(r.receiver.Log(), "sidecar session started") > sessions, nil
+	}))
 	welcome := lastField(r.receiver.Log(), `position="`)
 	require.NotEmpty(t, welcome)
 	require.Equal(t, welcome, lastField(r.sidecar.Log(), "from="), "the restarted sidecar must resume at the spool's end")

@@ -156,38 +156,34 @@ func TestRestoreCommand(t *testing.T) {
 		absent(t)
 	})
 	t.Run("wait ends on SIGTERM", func(t *testing.T) {
-		cmd := exec.CommandContext(ctx, walshipBin, "restore", "--wait", "--spool", r.spool, "0000000100000000000000FF", target)
-		require.NoError(t, cmd.Start())
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			t.Fatalf("restore --wait returned before the segment existed: %v", err)
-		case <-time.After(300 * time.Millisecond): // it waits: that is what is tested
-		}
-		require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Fatal("restore --wait did not end promptly on SIGTERM")
-		}
-		ws := cmd.ProcessState.Sys().(syscall.WaitStatus)
-		require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGTERM, "it must die by SIGTERM, which PostgreSQL reads as a shutdown: %v", cmd.ProcessState)
+		p := startWaitingRestore(t, ctx, r.spool, "0000000100000000000000FF", target)
+		require.True(t, p.Running(), "restore --wait returned before the segment existed: %v\n%s", p.Err(), p.Log())
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		require.NoError(t, p.Stop(sctx), "restore --wait did not end promptly on SIGTERM")
+		var exit *exec.ExitError
+		require.ErrorAs(t, p.Err(), &exit, "restore --wait exited 0 without the segment:\n%s", p.Log())
+		ws := exit.Sys().(syscall.WaitStatus)
+		require.True(t, ws.Signaled() && ws.Signal() == syscall.SIGTERM, "it must die by SIGTERM, which PostgreSQL reads as a shutdown: %v\n%s", exit, p.Log())
 		absent(t)
 	})
 	t.Run("wait returns when the segment is published", func(t *testing.T) {
-		next := c.Partials[1].Seg
-		_, err := os.Stat(filepath.Join(r.spool, next.Name(1<<20)))
+		name := c.Partials[1].Seg.Name(1 << 20)
+		// The segment is published only by the switch below, once the restore waits.
+		p := startWaitingRestore(t, ctx, r.spool, name, target)
+		_, err := os.Stat(filepath.Join(r.spool, name))
 		require.ErrorIs(t, err, os.ErrNotExist, "the segment is still in progress when the restore starts waiting")
-		done := make(chan restoreRun, 1)
-		go func() { done <- restoreCmd(t, ctx, "--wait", "--spool", r.spool, next.Name(1<<20), target) }()
 		require.NoError(t, r.primary.Exec(ctx, "INSERT INTO t SELECT g, 'y' FROM generate_series(1, 100) g"))
 		require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
-		res := <-done
-		require.Equal(t, 0, res.code, res.stderr)
+		select {
+		case <-p.Done():
+		case <-ctx.Done():
+			t.Fatalf("restore --wait did not return once %s was published:\n%s", name, p.Log())
+		}
+		require.NoError(t, p.Err(), p.Log())
 		got, err := os.ReadFile(target)
 		require.NoError(t, err)
-		want, err := os.ReadFile(filepath.Join(r.spool, next.Name(1<<20)))
+		want, err := os.ReadFile(filepath.Join(r.spool, name))
 		require.NoError(t, err)
 		require.True(t, bytes.Equal(want, got))
 		require.NoError(t, os.Remove(target))
@@ -218,6 +214,23 @@ func TestRestoreCommand(t *testing.T) {
 		require.Equal(t, []uint32{2}, after.Histories, "history files stay")
 		require.NoError(t, os.Remove(target))
 	})
+}
+
+// startWaitingRestore starts walship restore --wait for the file and target in args and
+// returns once the restore has looked at the spool, found the file missing and begun to
+// wait (its SIGTERM handler is set before that). Only its log says so.
+func startWaitingRestore(t *testing.T, ctx context.Context, spoolDir string, args ...string) *lab.Proc {
+	t.Helper()
+	p, err := lab.StartProc("restore", filepath.Join(t.TempDir(), "restore.log"), walshipBin,
+		append([]string{"restore", "--wait", "--log-level", "debug", "--spool", spoolDir}, args...)...)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		if p.Running() {
+			p.Kill()
+		}
+	})
+	require.NoError(t, p.WaitLog(ctx, "waiting for the file to be published"), "restore --wait:\n%s", p.Log())
+	return p
 }
 
 // nthRecord reads a published segment of a spool and returns its bytes, its n-th
