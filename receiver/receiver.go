@@ -56,6 +56,7 @@ type Receiver struct {
 	session chan struct{} // closed when the current session has ended
 
 	durable atomic.Pointer[wal.Position] // the spool's durable end; nil while it holds no WAL
+	moved   notifier                     // wakes those waiting for durable to move
 }
 
 // Durable is where the spool's durable WAL ends: everything before it is fsynced (and
@@ -68,7 +69,41 @@ func (r *Receiver) Durable() (wal.Position, bool) {
 	return *p, true
 }
 
-func (r *Receiver) setDurable(p wal.Position) { r.durable.Store(&p) }
+// Moved returns a channel that is closed when the durable position next moves.
+func (r *Receiver) Moved() <-chan struct{} { return r.moved.wait() }
+
+func (r *Receiver) setDurable(p wal.Position) {
+	if old := r.durable.Load(); old != nil && *old == p {
+		return
+	}
+	r.durable.Store(&p)
+	r.moved.notify()
+}
+
+// notifier is a broadcast: every channel wait has handed out is closed at the next
+// notify. Without waiters, a notify costs a lock and no allocation.
+type notifier struct {
+	mu sync.Mutex
+	ch chan struct{}
+}
+
+func (n *notifier) wait() <-chan struct{} {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.ch == nil {
+		n.ch = make(chan struct{})
+	}
+	return n.ch
+}
+
+func (n *notifier) notify() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.ch != nil {
+		close(n.ch)
+		n.ch = nil
+	}
+}
 
 // New opens (creating if needed) and locks the spool, and starts listening.
 func New(cfg Config) (*Receiver, error) {
@@ -272,82 +307,72 @@ func (s *session) close() {
 // freezeCheck is how often a session looks for the freeze marker.
 const freezeCheck = 50 * time.Millisecond
 
-// run is the frame loop: apply each frame, and once no more are waiting, fsync and
-// ack what is durable. The freeze marker is checked between frames and, while none
-// come, every freezeCheck, so that a promotion waits for this session at most that long.
+// run is the frame loop. It applies every frame that is whole in the read buffer; once
+// none is left, it fsyncs and acks what is durable, then reads the stream again, which
+// by then holds every frame that came during the fsync: the busier the link, the more
+// frames share one fsync and one ack. The freeze marker is checked at least every
+// freezeCheck, so that a promotion waits for this session at most that long.
 func (s *session) run(ctx context.Context) error {
-	frames := make(chan transport.Frame, 64)
-	recvErr := make(chan error, 1)
-	go func() {
-		defer close(frames)
-		for {
-			// A buffer per frame: frames wait in the channel while the next is read.
-			f, _, err := s.c.RecvInto(nil)
-			if err != nil {
-				recvErr <- err
-				return
-			}
-			select {
-			case frames <- f:
-			case <-ctx.Done():
-				return
-			}
-		}
-	}()
-
-	tick := time.NewTicker(freezeCheck)
-	defer tick.Stop()
+	rd := s.c.Reader()
+	stop := context.AfterFunc(ctx, func() { s.c.SetReadDeadline(time.Now()) })
+	defer stop()
+	// The welcome told the sidecar where the spool ends: the first ack is for more.
+	pos := s.rb.Durable()
+	ack := transport.Ack{TLI: pos.TLI, LSN: pos.LSN}
 	lastCheck := time.Now()
 	for {
-		var f transport.Frame
-		var ok bool
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-tick.C:
-			if err := s.checkFrozen(); err != nil {
+		f, ok, err := rd.Next()
+		if err != nil {
+			return refuse(err)
+		}
+		if ok {
+			if err := s.frame(f); err != nil {
 				return err
 			}
-			lastCheck = time.Now()
 			continue
-		case f, ok = <-frames:
-			if !ok {
-				return <-recvErr
-			}
 		}
-		if time.Since(lastCheck) >= freezeCheck {
-			if err := s.checkFrozen(); err != nil {
-				return err
-			}
-			lastCheck = time.Now()
-		}
-		if end, ok := f.(*transport.End); ok {
-			if err := s.end(end); err != nil {
+		if pos := s.rb.Durable(); s.w.Dirty() || pos != ack.Position() {
+			if err := s.w.Sync(); err != nil {
 				return refuse(err)
 			}
-			// Everything before the mark is durable now; the echo tells the sidecar that
-			// the mark is too.
-			s.r.setDurable(s.rb.Durable())
-			if err := s.c.Send(end); err != nil {
+			s.r.setDurable(pos)
+			ack = transport.Ack{TLI: pos.TLI, LSN: pos.LSN}
+			if err := s.c.Send(&ack); err != nil {
 				return err
 			}
-			continue
 		}
+		if now := time.Now(); now.Sub(lastCheck) >= freezeCheck {
+			if err := s.checkFrozen(); err != nil {
+				return err
+			}
+			lastCheck = now
+		}
+		s.c.SetReadDeadline(lastCheck.Add(freezeCheck))
+		if err := rd.Fill(); err != nil && !transport.Deadline(err) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// frame applies one frame; an end-of-WAL mark is recorded and echoed at once.
+func (s *session) frame(f transport.Frame) error {
+	end, ok := f.(*transport.End)
+	if !ok {
 		if err := s.apply(f); err != nil {
 			return refuse(err)
 		}
-		if len(frames) > 0 {
-			continue // group the fsync and the ack with the frames already waiting
-		}
-		if err := s.w.Sync(); err != nil {
-			return refuse(err)
-		}
-		pos := s.rb.Durable()
-		s.r.setDurable(pos)
-		if err := s.c.Send(&transport.Ack{TLI: pos.TLI, LSN: pos.LSN}); err != nil {
-			return err
-		}
+		return nil
 	}
+	if err := s.end(end); err != nil {
+		return refuse(err)
+	}
+	// Everything before the mark is durable now; the echo tells the sidecar that the
+	// mark is too.
+	s.r.setDurable(s.rb.Durable())
+	return s.c.Send(end)
 }
 
 // checkHello checks a session's first frame: a hello of this protocol version that

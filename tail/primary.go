@@ -35,6 +35,10 @@ type Primary struct {
 	// for the first commit after a quiet spell. Zero means DefaultIdlePoll; it must not
 	// be less than Poll.
 	IdlePoll time.Duration
+	// Wake chooses how an idle sidecar learns of new WAL: WakeInotify (the default)
+	// waits for the server to write to pg_wal, WakePoll reads the flush position every
+	// IdlePoll.
+	Wake Wake
 	// ArchiveDir is where the primary's archive_command puts whole segments. A segment
 	// that pg_wal no longer holds (removed or recycled before it was shipped, as can
 	// happen without the slot) is taken from there; without it, that is a gap error.
@@ -45,7 +49,26 @@ type Primary struct {
 	NoDrain bool
 }
 
+// Wake is how an idle sidecar learns of new WAL.
+type Wake string
+
+// Ways to wake.
+const (
+	// WakeInotify waits for the server to write to pg_wal (inotify), and reads the
+	// flush position every wakeCheck anyway. Where inotify cannot be had, the sidecar
+	// says so and polls.
+	WakeInotify Wake = "inotify"
+	// WakePoll reads the flush position every IdlePoll.
+	WakePoll Wake = "poll"
+)
+
 func (p Primary) newSource(log zerolog.Logger) (source, error) {
+	if p.Wake == "" {
+		p.Wake = WakeInotify
+	}
+	if p.Wake != WakeInotify && p.Wake != WakePoll {
+		return nil, fmt.Errorf("tail: wake %q: want %q or %q", p.Wake, WakeInotify, WakePoll)
+	}
 	switch {
 	case p.DSN == "":
 		return nil, errors.New("tail: no --dsn")
@@ -75,6 +98,12 @@ type primary struct {
 	srv    Server
 	tli    uint32
 	pgdata string
+	last   Positions // as last read
+
+	watch     *walWatch // nil: poll while idle
+	armed     bool      // the watch's stale events are drained and the position read since
+	stopWatch func() bool
+	warned    bool // that inotify cannot be had
 }
 
 func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN, error) {
@@ -93,17 +122,27 @@ func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN
 	if err := p.waitPrimary(ctx); err != nil {
 		return fail(err)
 	}
-	flush, tli, err := p.srv.Flush(ctx, pg)
+	pos, err := p.srv.Positions(ctx, pg)
 	if err != nil {
 		return fail(err)
 	}
-	p.tli, p.pgdata = tli, p.srv.DataDir
+	flush, tli := pos.Flush, pos.TLI
+	p.tli, p.pgdata, p.last = tli, p.srv.DataDir, pos
 	if p.cfg.PGData != "" {
 		p.pgdata = p.cfg.PGData
 	}
 	// The magic of the WAL on disk must be the version's: a wrong --pgdata shows here.
 	if err := checkWALDir(p.walDir(), p.srv, tli, flush); err != nil {
 		return fail(fmt.Errorf("%w: %w", errFatal, err))
+	}
+	if p.cfg.Wake == WakeInotify {
+		if p.watch, err = watchWAL(p.walDir()); err != nil && !p.warned {
+			p.log.Warn().Err(err).Dur("idle_poll", p.cfg.IdlePoll).Msg("cannot watch pg_wal; an idle sidecar polls the flush position instead")
+			p.warned = true
+		}
+		if p.watch != nil {
+			p.stopWatch = context.AfterFunc(ctx, p.watch.interrupt)
+		}
 	}
 	srv := p.srv
 	hello := &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
@@ -144,24 +183,54 @@ func (p *primary) files() segmentFiles {
 	return walFiles{dir: p.walDir(), archive: p.cfg.ArchiveDir, segSize: p.srv.SegSize, log: p.log}
 }
 
-// interval polls every Poll while the flush position moves, every IdlePoll once it has
-// stood still for idleAfter.
-func (p *primary) interval(moved time.Time) time.Duration {
-	if time.Since(moved) < idleAfter {
-		return p.cfg.Poll
+// wait polls every Poll while the flush position moves, and while the server has
+// written WAL it has not flushed yet. Once it has stood still for idleAfter, it waits
+// for the server to write to pg_wal, or, without a watch, polls every IdlePoll.
+//
+// The watch cannot see a flush, only the write before it, so a write counts as a move:
+// the polls that follow it see its flush. Before a wait, the events queued while WAL
+// moved are drained and the position read once more, so that a write between the last
+// read and the wait is not lost among them.
+func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, error) {
+	busy := time.Since(moved) < idleAfter || p.last.Write > p.last.Flush
+	if busy || p.watch == nil {
+		d := p.cfg.Poll
+		if !busy {
+			d = p.cfg.IdlePoll
+		}
+		return s.wait(ctx, d, nil)
 	}
-	return p.cfg.IdlePoll
+	if !p.armed {
+		p.armed = true
+		return false, p.watch.drain()
+	}
+	p.armed = false
+	if err := s.ended(); err != nil {
+		return false, err
+	}
+	woke, err := p.watch.wait(wakeCheck)
+	if err != nil {
+		return false, err
+	}
+	return woke, s.ended()
+}
+
+func (p *primary) interrupt() {
+	if p.watch != nil {
+		p.watch.interrupt()
+	}
 }
 
 func (p *primary) position(ctx context.Context) (wal.LSN, error) {
-	flush, tli, err := p.srv.Flush(ctx, p.pg)
+	pos, err := p.srv.Positions(ctx, p.pg)
 	if err != nil {
 		return 0, err
 	}
-	if tli != p.tli {
-		return 0, fmt.Errorf("the primary moved from timeline %d to %d", p.tli, tli)
+	if pos.TLI != p.tli {
+		return 0, fmt.Errorf("the primary moved from timeline %d to %d", p.tli, pos.TLI)
 	}
-	return flush, nil
+	p.last = pos
+	return pos.Flush, nil
 }
 
 // lost runs when a read of the flush position failed: see serverLost.
@@ -175,6 +244,11 @@ func (p *primary) lost(ctx context.Context, s *stream, err error) error {
 func (p *primary) shipped(*stream) error { return nil }
 
 func (p *primary) end() {
+	if p.watch != nil {
+		p.stopWatch()
+		p.watch.close()
+		p.watch, p.armed = nil, false
+	}
 	if p.pg != nil {
 		p.pg.Close(context.Background())
 		p.pg = nil

@@ -25,7 +25,13 @@ type Spool struct {
 	// Durable is the receiver's durable position; ok is false while the spool holds no
 	// WAL. Required.
 	Durable func() (pos wal.Position, ok bool)
-	// Poll is how often Durable is read. Zero means DefaultRelayPoll.
+	// Moved returns a channel that is closed when the durable position next moves, so
+	// that the relay wakes at once; it is called before each read of Durable. Nil: the
+	// relay reads Durable every Poll.
+	Moved func() <-chan struct{}
+	// Poll is how often Durable is read without Moved, and, with it, how often it is
+	// read anyway while nothing moves. Zero means DefaultRelayPoll without Moved, and
+	// DefaultRelayCheck with it.
 	Poll time.Duration
 }
 
@@ -37,6 +43,9 @@ func (s Spool) newSource(log zerolog.Logger) (source, error) {
 		return nil, errors.New("tail: a relay needs the spool's durable position")
 	case s.Poll < 0:
 		return nil, fmt.Errorf("tail: relay poll interval %s is negative", s.Poll)
+	}
+	if s.Poll == 0 && s.Moved != nil {
+		s.Poll = DefaultRelayCheck
 	}
 	if s.Poll == 0 {
 		s.Poll = DefaultRelayPoll
@@ -53,13 +62,17 @@ type relay struct {
 	log     zerolog.Logger
 	id      spool.Identity
 	tli     uint32
-	endSent wal.LSN // where the end-of-WAL mark was last passed on
+	endSent wal.LSN         // where the end-of-WAL mark was last passed on
+	moved   <-chan struct{} // closed when the durable position moves past the one last read
 }
 
 func (r *relay) begin(context.Context) (*transport.Hello, wal.LSN, wal.LSN, error) {
 	id, ok, err := spool.ReadIdentity(r.cfg.Dir)
 	if err != nil {
 		return nil, 0, 0, err
+	}
+	if r.cfg.Moved != nil {
+		r.moved = r.cfg.Moved()
 	}
 	pos, have := r.cfg.Durable()
 	if !ok || !have {
@@ -84,9 +97,17 @@ func (r *relay) history(tli uint32) ([]byte, error) {
 
 func (r *relay) files() segmentFiles { return spoolFiles{dir: r.cfg.Dir, segSize: r.id.SegSize} }
 
-func (r *relay) interval(time.Time) time.Duration { return r.cfg.Poll }
+func (r *relay) wait(ctx context.Context, s *stream, _ time.Time) (bool, error) {
+	return s.wait(ctx, r.cfg.Poll, r.moved)
+}
+
+func (r *relay) interrupt() {}
 
 func (r *relay) position(context.Context) (wal.LSN, error) {
+	// The channel first: a move between the read and the wait still wakes it.
+	if r.cfg.Moved != nil {
+		r.moved = r.cfg.Moved()
+	}
 	pos, _ := r.cfg.Durable()
 	if pos.TLI != r.tli {
 		return 0, fmt.Errorf("the spool moved from timeline %d to %d", r.tli, pos.TLI)

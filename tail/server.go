@@ -67,27 +67,35 @@ func InRecovery(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	return r, nil
 }
 
-// flushQuery reads the flush position and the name of the WAL file it falls in.
-// MagicFor has refused servers before PostgreSQL 13, so the functions have their names
-// of PostgreSQL 10 and later.
-const flushQuery = "SELECT pg_current_wal_flush_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())"
+// positionsQuery reads the flush and write positions and the name of the WAL file the
+// flush position falls in. MagicFor has refused servers before PostgreSQL 13, so the
+// functions have their names of PostgreSQL 10 and later.
+const positionsQuery = "SELECT pg_current_wal_flush_lsn(), pg_current_wal_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())"
 
-// Flush reads the primary's flush position and its timeline. The segment and offset are
-// computed from the LSN by the caller; the file name is used only for its timeline,
-// because pg_walfile_name() names the previous segment at an exact boundary up to
-// PostgreSQL 16.
-func (s Server) Flush(ctx context.Context, conn *pgx.Conn) (wal.LSN, uint32, error) {
-	var lsn wal.LSN
+// Positions is where a primary's WAL stands.
+type Positions struct {
+	Flush wal.LSN // flushed: durable on the primary, and what may be shipped
+	Write wal.LSN // written to the kernel, maybe not yet flushed
+	TLI   uint32
+}
+
+// Positions reads the primary's flush and write positions and its timeline. The
+// segment and offset are computed from the LSN by the caller; the file name is used
+// only for its timeline, because pg_walfile_name() names the previous segment at an
+// exact boundary up to PostgreSQL 16.
+func (s Server) Positions(ctx context.Context, conn *pgx.Conn) (Positions, error) {
+	var p Positions
 	var file string
-	if err := conn.QueryRow(ctx, flushQuery).Scan(&lsn, &file); err != nil {
-		return 0, 0, fmt.Errorf("read flush position: %w", err)
+	if err := conn.QueryRow(ctx, positionsQuery).Scan(&p.Flush, &p.Write, &file); err != nil {
+		return p, fmt.Errorf("read flush position: %w", err)
 	}
 	if len(file) != 24 {
-		return 0, 0, fmt.Errorf("read flush position: wal file name %q is not 24 characters", file)
+		return p, fmt.Errorf("read flush position: wal file name %q is not 24 characters", file)
 	}
 	tli, err := strconv.ParseUint(file[:8], 16, 32)
 	if err != nil || tli == 0 {
-		return 0, 0, fmt.Errorf("read flush position: timeline of wal file name %q: bad hex", file)
+		return p, fmt.Errorf("read flush position: timeline of wal file name %q: bad hex", file)
 	}
-	return lsn, uint32(tli), nil
+	p.TLI = uint32(tli)
+	return p, nil
 }

@@ -29,6 +29,7 @@ type shipper struct {
 	seg    wal.Segment
 	padAt  uint64 // where switch padding begins in seg; 0 for none found
 	buf    []byte
+	d      transport.Data // the frame being sent, kept from one chunk to the next
 }
 
 // ship sends [from, to). It never reads a byte at or past to, the end position: beyond
@@ -66,9 +67,8 @@ func (s *shipper) ship(from, to wal.LSN) error {
 				b = b[:padAt-c.off]
 			}
 		}
-		d := transport.NewData(s.tli, c.seg.No, uint32(c.off), b)
-		d.Padding = padding
-		if err := s.conn.Send(d); err != nil {
+		s.d.Set(s.tli, c.seg.No, uint32(c.off), b, padding)
+		if err := s.conn.Send(&s.d); err != nil {
 			return err
 		}
 		from = c.seg.Start(segSize) + wal.LSN(c.off) + wal.LSN(len(b))

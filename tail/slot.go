@@ -18,6 +18,8 @@ const (
 	DefaultSlot     = "walship"
 	DefaultSlotWarn = 1 << 30
 	slotEvery       = time.Second
+	// slotCheck is how often the slot is read while no receiver's position moves.
+	slotCheck = 10 * time.Second
 )
 
 // SlotConfig configures a SlotKeeper.
@@ -94,8 +96,20 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 	}
 	tick := time.NewTicker(k.cfg.Every)
 	defer tick.Stop()
-	var lastWarn time.Time
+	var lastWarn, lastRead time.Time
+	var lastTarget wal.LSN
 	for {
+		// The slot is read when a receiver's position moved, and every slotCheck
+		// anyway, for the warning: an idle primary is not asked once a second.
+		if target, _, _ := k.target(); target == lastTarget && time.Since(lastRead) < slotCheck {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-tick.C:
+			}
+			continue
+		}
+		lastRead = time.Now()
 		pos, current, status, err := k.read(ctx, pg)
 		if err != nil {
 			return err
@@ -104,6 +118,7 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 			return fmt.Errorf("the server invalidated slot %q (wal_status lost, see max_slot_wal_keep_size): WAL the receivers needed may be gone", k.cfg.Name)
 		}
 		target, slowest, known := k.target()
+		lastTarget = target
 		if known && target > pos {
 			if _, err := pg.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", k.cfg.Name, target); err != nil {
 				return fmt.Errorf("advance slot %q to %s: %w", k.cfg.Name, target, err)

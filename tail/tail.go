@@ -18,8 +18,12 @@ import (
 const (
 	DefaultPoll     = 2 * time.Millisecond
 	DefaultIdlePoll = 10 * time.Millisecond
-	// DefaultRelayPoll is how often a relay looks for newly durable WAL in its spool.
+	// DefaultRelayPoll is how often a relay reads its spool's durable position when
+	// nothing tells it that the position moved.
 	DefaultRelayPoll = 10 * time.Millisecond
+	// DefaultRelayCheck is how often a relay that is told when its spool's durable
+	// position moves reads the position anyway.
+	DefaultRelayCheck = time.Second
 	// idleAfter is how long the flush position must stay still before polls slow down
 	// to IdlePoll.
 	idleAfter  = time.Second
@@ -65,9 +69,13 @@ type source interface {
 	history(tli uint32) ([]byte, error)
 	// files are the segment files shipped from.
 	files() segmentFiles
-	// interval is how long to wait before reading the position again; moved is when
-	// it last advanced.
-	interval(moved time.Time) time.Duration
+	// wait waits until the position should be read again; moved is when it last
+	// advanced. woke says that the source saw a sign of new WAL (which counts as a
+	// move). It returns early, with the receiver's error, when the receiver's session
+	// ends.
+	wait(ctx context.Context, s *stream, moved time.Time) (woke bool, err error)
+	// interrupt ends a wait at once; it is called when the receiver's session ends.
+	interrupt()
 	// position reads again the position up to which WAL may be shipped.
 	position(ctx context.Context) (wal.LSN, error)
 	// lost decides what a session does when position failed with err: a primary whose
@@ -197,7 +205,10 @@ func (t *Tailer) session(ctx context.Context) error {
 
 	acks := make(chan error, 1)
 	ends := make(chan wal.LSN, 1)
-	go func() { acks <- t.readAcks(c, ends) }()
+	go func() {
+		acks <- t.readAcks(c, ends)
+		t.src.interrupt()
+	}()
 	sh := &shipper{files: t.src.files(), stream: hello.Stream(), tli: hello.TLI, conn: c}
 	defer sh.close()
 	s := &stream{conn: c, sh: sh, from: from, acks: acks, ends: ends, tli: hello.TLI, t: t}
@@ -212,8 +223,12 @@ func (t *Tailer) session(ctx context.Context) error {
 		if err := t.src.shipped(s); err != nil {
 			return err
 		}
-		if err := s.wait(ctx, t.src.interval(moved)); err != nil || ctx.Err() != nil {
+		woke, err := t.src.wait(ctx, s, moved)
+		if err != nil || ctx.Err() != nil {
 			return err
+		}
+		if woke {
+			moved = time.Now()
 		}
 		if end, err = t.src.position(ctx); err != nil {
 			if ctx.Err() != nil {
@@ -270,8 +285,9 @@ func (t *Tailer) open(ctx context.Context, hello *transport.Hello, end, empty wa
 }
 
 func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
+	rd := c.Reader()
 	for {
-		f, err := c.Recv()
+		f, err := rd.Read()
 		if err != nil {
 			return err
 		}
@@ -291,9 +307,9 @@ func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
 	}
 }
 
-// wait waits d, or less if the receiver's session ends; it returns that session's
-// error, or nil.
-func (s *stream) wait(ctx context.Context, d time.Duration) error {
+// wait waits d, or less if the receiver's session ends or wake is ready (nil: never);
+// it returns that session's error, or nil. It says whether wake was.
+func (s *stream) wait(ctx context.Context, d time.Duration, wake <-chan struct{}) (bool, error) {
 	if s.timer == nil {
 		s.timer = time.NewTimer(d)
 	} else {
@@ -301,10 +317,22 @@ func (s *stream) wait(ctx context.Context, d time.Duration) error {
 	}
 	select {
 	case <-ctx.Done():
-		return nil
+		return false, nil
+	case err := <-s.acks:
+		return false, err
+	case <-s.timer.C:
+		return false, nil
+	case <-wake:
+		return true, nil
+	}
+}
+
+// ended returns the receiver's error if its session has ended, without waiting.
+func (s *stream) ended() error {
+	select {
 	case err := <-s.acks:
 		return err
-	case <-s.timer.C:
+	default:
 		return nil
 	}
 }

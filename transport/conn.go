@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -61,6 +62,30 @@ func (c *Conn) Recv() (Frame, error) {
 	f, buf, err := c.RecvInto(c.rbuf)
 	c.rbuf = buf
 	return f, err
+}
+
+// Reader returns a Reader of the session's frames. It must not be used together with
+// Recv or RecvInto.
+func (c *Conn) Reader() *Reader { return NewReader(connReader{c}) }
+
+// SetReadDeadline makes a read from the session's stream (Recv, RecvInto, a Reader's
+// Fill) that is waiting, or the next one, give up at t with an error for which
+// Deadline says true. The zero time takes the deadline away.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.st.SetReadDeadline(t) }
+
+// Deadline says whether err is a read that gave up at its deadline, as opposed to a
+// session that ended (a peer silent for IdleTimeout is a timeout too, but not this).
+func Deadline(err error) bool { return errors.Is(err, os.ErrDeadlineExceeded) }
+
+// connReader reads the session's stream, naming the peer in its errors.
+type connReader struct{ c *Conn }
+
+func (r connReader) Read(p []byte) (int, error) {
+	n, err := r.c.st.Read(p)
+	if err != nil && n == 0 {
+		err = fmt.Errorf("receive from %s: %w", r.c.qc.RemoteAddr(), err)
+	}
+	return n, err
 }
 
 // RecvInto reads one frame into buf (grown as needed; nil for a new one) and returns

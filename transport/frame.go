@@ -85,7 +85,14 @@ type Data struct {
 
 // NewData builds a Data frame and computes its hash.
 func NewData(tli uint32, seg uint64, off uint32, payload []byte) *Data {
-	return &Data{TLI: tli, Seg: seg, Offset: off, Hash: xxhash.Sum64(payload), Payload: payload}
+	d := &Data{}
+	d.Set(tli, seg, off, payload, false)
+	return d
+}
+
+// Set makes d a Data frame of payload, whose hash it computes; d aliases payload.
+func (d *Data) Set(tli uint32, seg uint64, off uint32, payload []byte, padding bool) {
+	*d = Data{TLI: tli, Seg: seg, Offset: off, Padding: padding, Hash: xxhash.Sum64(payload), Payload: payload}
 }
 
 // File carries a whole small file, a timeline history file, to be published under Name.
@@ -106,6 +113,9 @@ type Ack struct {
 	TLI uint32
 	LSN wal.LSN
 }
+
+// Position is where the ack says the receiver's durable WAL ends.
+func (a Ack) Position() wal.Position { return wal.Position{TLI: a.TLI, LSN: a.LSN} }
 
 // Refuse ends a session with the reason, for the peer to log. Fatal says that trying
 // again cannot help (another cluster, another protocol version): the sidecar stops
@@ -213,12 +223,45 @@ func ParseFrame(b []byte) (Frame, int, error) {
 	if uint64(len(b)) < frameHeaderSize+uint64(n) {
 		return nil, 0, fmt.Errorf("%w: %d body bytes, header says %d", ErrMalformed, len(b)-frameHeaderSize, n)
 	}
-	f, err := parseBody(kind, b[frameHeaderSize:frameHeaderSize+int(n)])
+	f, err := parseBody(kind, b[frameHeaderSize:frameHeaderSize+int(n)], nil)
 	if err != nil {
 		return nil, 0, err
 	}
 	return f, frameHeaderSize + int(n), nil
 }
+
+// Decoder parses frames into values it owns and reuses, so that the frames of a
+// session's steady state (data, acks, end marks) cost no allocation. The frame Parse
+// returns, and every byte slice in it, is valid only until the next Parse.
+type Decoder struct {
+	data    Data
+	ack     Ack
+	end     End
+	welcome Welcome
+}
+
+// Parse is ParseFrame into d's values.
+func (d *Decoder) Parse(b []byte) (Frame, int, error) {
+	if len(b) < frameHeaderSize {
+		return nil, 0, fmt.Errorf("%w: %d bytes, want a %d-byte header", ErrMalformed, len(b), frameHeaderSize)
+	}
+	kind, n := b[0], le.Uint32(b[1:])
+	if n > maxBody {
+		return nil, 0, fmt.Errorf("%w: body of %d bytes exceeds %d", ErrMalformed, n, maxBody)
+	}
+	if uint64(len(b)) < frameHeaderSize+uint64(n) {
+		return nil, 0, fmt.Errorf("%w: %d body bytes, header says %d", ErrMalformed, len(b)-frameHeaderSize, n)
+	}
+	f, err := parseBody(kind, b[frameHeaderSize:frameHeaderSize+int(n)], d)
+	if err != nil {
+		return nil, 0, err
+	}
+	return f, frameHeaderSize + int(n), nil
+}
+
+// zeros stands in for the bytes of a body that is too short: the parse goes on to its
+// end without a bounds check at each field, and its result is thrown away.
+var zeros [8]byte
 
 // body is a cursor over a frame body that remembers the first short read.
 type body struct {
@@ -229,7 +272,7 @@ type body struct {
 func (r *body) take(n int) []byte {
 	if r.bad || n > len(r.b) {
 		r.bad = true
-		return make([]byte, n)
+		return zeros[:min(n, len(zeros))]
 	}
 	v := r.b[:n]
 	r.b = r.b[n:]
@@ -258,14 +301,19 @@ func (r *body) u16() uint16 { return le.Uint16(r.take(2)) }
 func (r *body) u32() uint32 { return le.Uint32(r.take(4)) }
 func (r *body) u64() uint64 { return le.Uint64(r.take(8)) }
 
-func parseBody(kind byte, b []byte) (Frame, error) {
-	r := &body{b: b}
+// parseBody parses a frame's body into dec's values, or new ones when dec is nil.
+func parseBody(kind byte, b []byte, dec *Decoder) (Frame, error) {
+	if dec == nil {
+		dec = &Decoder{}
+	}
+	r := body{b: b}
 	var f Frame
 	switch kind {
 	case kindHello:
 		f = &Hello{Version: r.u16(), SysID: r.u64(), SegSize: r.u32(), BlockSize: r.u32(), Magic: r.u16(), TLI: r.u32(), ServerVersion: r.u32()}
 	case kindWelcome:
-		w := &Welcome{Version: r.u16()}
+		w := &dec.welcome
+		*w = Welcome{Version: r.u16()}
 		var err error
 		if w.Empty, err = r.flag("welcome: empty"); err != nil {
 			return nil, err
@@ -273,7 +321,8 @@ func parseBody(kind byte, b []byte) (Frame, error) {
 		w.TLI, w.LSN = r.u32(), wal.LSN(r.u64())
 		f = w
 	case kindData:
-		d := &Data{TLI: r.u32(), Seg: r.u64(), Offset: r.u32()}
+		d := &dec.data
+		*d = Data{TLI: r.u32(), Seg: r.u64(), Offset: r.u32()}
 		var err error
 		if d.Padding, err = r.flag("data: padding"); err != nil {
 			return nil, err
@@ -295,9 +344,11 @@ func parseBody(kind byte, b []byte) (Frame, error) {
 		fl.Content = r.take(int(n))
 		f = fl
 	case kindAck:
-		f = &Ack{TLI: r.u32(), LSN: wal.LSN(r.u64())}
+		dec.ack = Ack{TLI: r.u32(), LSN: wal.LSN(r.u64())}
+		f = &dec.ack
 	case kindEnd:
-		f = &End{TLI: r.u32(), LSN: wal.LSN(r.u64())}
+		dec.end = End{TLI: r.u32(), LSN: wal.LSN(r.u64())}
+		f = &dec.end
 	case kindRefuse:
 		fatal, err := r.flag("refuse: fatal")
 		if err != nil {

@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/pprof"
 	"sort"
 	"strings"
@@ -152,6 +153,19 @@ func isTerminal(f *os.File) bool {
 	return err == nil && info.Mode()&os.ModeCharDevice != 0
 }
 
+// oneProc runs the long-running commands' Go code on one processor (GOMAXPROCS=1)
+// unless the GOMAXPROCS environment variable says otherwise. They do little work per
+// wake-up and much waiting, beside a database server on the same few cores: with a
+// processor per core, Go's scheduler spends much of their CPU handing goroutines from
+// thread to thread and waking idle threads (findRunnable, futex in the profiles in
+// bench/results). Blocking system calls (fsync, reads) still run on threads of their
+// own, so one processor does not serialise the I/O.
+func oneProc() {
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(1)
+	}
+}
+
 // signalContext is cancelled by SIGINT or SIGTERM.
 func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -186,8 +200,10 @@ func profileFlag(fs *flag.FlagSet) func() (stop func(), err error) {
 }
 
 // runContext is a long-running command's context: cancelled by SIGINT or SIGTERM, with
-// the CPU profile of --cpu-profile running until stop.
+// the CPU profile of --cpu-profile running until stop. It also sets the scheduler's
+// size (see oneProc).
 func runContext(profile func() (func(), error)) (context.Context, func(), error) {
+	oneProc()
 	ctx, cancel := signalContext()
 	stopProfile, err := profile()
 	if err != nil {

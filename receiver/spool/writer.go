@@ -81,6 +81,9 @@ func (w *Writer) Publish() error {
 	return durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize))
 }
 
+// Dirty says whether bytes were written since the last Sync.
+func (w *Writer) Dirty() bool { return w.dirty }
+
 // Sync makes everything written so far durable.
 func (w *Writer) Sync() error {
 	if !w.dirty {

@@ -1,0 +1,58 @@
+package tail
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestWALWatch: a write to a file of the watched directory wakes a wait; a drain
+// forgets the writes before it; an interrupt ends a wait at once.
+func TestWALWatch(t *testing.T) {
+	dir := t.TempDir()
+	seg := filepath.Join(dir, "000000010000000000000001")
+	require.NoError(t, os.WriteFile(seg, make([]byte, 8192), 0o600))
+	w, err := watchWAL(dir)
+	require.NoError(t, err)
+	defer w.close()
+
+	woke, err := w.wait(10 * time.Millisecond)
+	require.NoError(t, err)
+	require.False(t, woke, "nothing was written yet")
+
+	f, err := os.OpenFile(seg, os.O_WRONLY, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	_, err = f.WriteAt([]byte("wal"), 100)
+	require.NoError(t, err)
+	woke, err = w.wait(10 * time.Second)
+	require.NoError(t, err)
+	require.True(t, woke, "a write wakes the wait")
+
+	for range 3 {
+		_, err = f.WriteAt([]byte("wal"), 200)
+		require.NoError(t, err)
+	}
+	require.NoError(t, w.drain())
+	woke, err = w.wait(10 * time.Millisecond)
+	require.NoError(t, err)
+	require.False(t, woke, "the drain forgot the writes before it")
+
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "000000010000000000000002"), nil, 0o600))
+	woke, err = w.wait(10 * time.Second)
+	require.NoError(t, err)
+	require.True(t, woke, "a new segment file wakes the wait")
+
+	go func() {
+		time.Sleep(20 * time.Millisecond) // the interrupt must come while the wait waits
+		w.interrupt()
+	}()
+	start := time.Now()
+	woke, err = w.wait(time.Minute)
+	require.NoError(t, err)
+	require.False(t, woke)
+	require.Less(t, time.Since(start), 30*time.Second, "the interrupt ended the wait")
+}
