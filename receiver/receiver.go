@@ -57,7 +57,11 @@ type Receiver struct {
 
 	durable atomic.Pointer[wal.Position] // the spool's durable end; nil while it holds no WAL
 	moved   notifier                     // wakes those waiting for durable to move
+	fsyncs  atomic.Uint64                // of received WAL, by every session
 }
+
+// Fsyncs is how many times the receiver has fsynced received WAL since it started.
+func (r *Receiver) Fsyncs() uint64 { return r.fsyncs.Load() }
 
 // Durable is where the spool's durable WAL ends: everything before it is fsynced (and
 // acknowledged, once a sidecar has sent it). ok is false while the spool holds no WAL.
@@ -273,6 +277,7 @@ func (r *Receiver) admit(c *transport.Conn, log zerolog.Logger) (*session, error
 		return nil, refuse(err)
 	}
 	s := &session{dir: dir, c: c, log: log, wlock: wlock, rb: NewRebuild(id.Stream(), contents), w: spool.NewWriter(dir, id.SegSize), r: r}
+	s.w.Syncs = &r.fsyncs
 	pos := s.rb.Durable()
 	if err := c.Send(&transport.Welcome{Version: transport.Version, Empty: s.rb.Empty(), TLI: pos.TLI, LSN: pos.LSN}); err != nil {
 		s.close()

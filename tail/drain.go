@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
@@ -27,7 +26,7 @@ func (p *primary) serverLost(ctx context.Context, s *stream, cause error) error 
 	logged := ""
 	for {
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		pg, err := pgx.Connect(cctx, p.cfg.DSN)
+		pg, err := connect(cctx, p.cfg.DSN, AppTail)
 		cancel()
 		if err == nil {
 			pg.Close(context.Background())

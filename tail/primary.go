@@ -107,7 +107,7 @@ type primary struct {
 }
 
 func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN, error) {
-	pg, err := pgx.Connect(ctx, p.cfg.DSN)
+	pg, err := connect(ctx, p.cfg.DSN, AppTail)
 	if err != nil {
 		return nil, 0, 0, fmt.Errorf("connect to the primary: %w", err)
 	}

@@ -99,3 +99,23 @@ func (s Server) Positions(ctx context.Context, conn *pgx.Conn) (Positions, error
 	p.TLI = uint32(tli)
 	return p, nil
 }
+
+// Application names the sidecar's connections carry in pg_stat_activity, unless the
+// DSN sets one.
+const (
+	AppTail = "walship tail"
+	AppSlot = "walship slot"
+)
+
+// connect opens a connection to the server named by dsn, as application app unless the
+// DSN names one: a DBA then tells walship's sessions apart in pg_stat_activity.
+func connect(ctx context.Context, dsn, app string) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		return nil, err
+	}
+	if _, ok := cfg.RuntimeParams["application_name"]; !ok {
+		cfg.RuntimeParams["application_name"] = app
+	}
+	return pgx.ConnectConfig(ctx, cfg)
+}

@@ -86,7 +86,7 @@ func (k *SlotKeeper) Run(ctx context.Context) error {
 }
 
 func (k *SlotKeeper) session(ctx context.Context) error {
-	pg, err := pgx.Connect(ctx, k.cfg.DSN)
+	pg, err := connect(ctx, k.cfg.DSN, AppSlot)
 	if err != nil {
 		return fmt.Errorf("connect to the primary: %w", err)
 	}

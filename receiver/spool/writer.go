@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"sync/atomic"
 
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/tail/wal"
@@ -18,11 +19,14 @@ type Writer struct {
 	f       *os.File
 	seg     wal.Segment
 	dirty   bool // written since the last Sync
+	// Syncs counts the fsyncs of written WAL (Sync and Publish), for the metrics; the
+	// caller may point it at a counter of its own.
+	Syncs *atomic.Uint64
 }
 
 // NewWriter returns a Writer for the spool dir of segSize-byte segments.
 func NewWriter(dir string, segSize uint64) *Writer {
-	return &Writer{dir: dir, segSize: segSize}
+	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64)}
 }
 
 // Use makes seg's partial file the one written, syncing the one before. create says
@@ -78,6 +82,7 @@ func (w *Writer) WriteAt(at uint64, b []byte) error {
 func (w *Writer) Publish() error {
 	f := w.f
 	w.f, w.dirty = nil, false
+	w.Syncs.Add(1)
 	return durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize))
 }
 
@@ -89,6 +94,7 @@ func (w *Writer) Sync() error {
 	if !w.dirty {
 		return nil
 	}
+	w.Syncs.Add(1)
 	if err := w.f.Sync(); err != nil {
 		return fmt.Errorf("fsync %s: %w", w.f.Name(), err)
 	}
