@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"time"
 
-
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
