@@ -58,7 +58,11 @@ type Receiver struct {
 	durable atomic.Pointer[wal.Position] // the spool's durable end; nil while it holds no WAL
 	moved   notifier                     // wakes those waiting for durable to move
 	fsyncs  atomic.Uint64                // of received WAL, by every session
+	admits  atomic.Uint64                // sessions admitted
 }
+
+// Sessions is how many sidecar sessions the receiver has admitted since it started.
+func (r *Receiver) Sessions() uint64 { return r.admits.Load() }
 
 // Fsyncs is how many times the receiver has fsynced received WAL since it started.
 func (r *Receiver) Fsyncs() uint64 { return r.fsyncs.Load() }
@@ -283,6 +287,7 @@ func (r *Receiver) admit(c *transport.Conn, log zerolog.Logger) (*session, error
 		s.close()
 		return nil, err
 	}
+	r.admits.Add(1)
 	log.Info().Uint64("system_identifier", id.SysID).Stringer("position", pos).Bool("empty", s.rb.Empty()).Msg("sidecar session started")
 	return s, nil
 }

@@ -38,6 +38,10 @@ func watchWAL(dir string) (*walWatch, error) {
 
 // drain throws away the events queued so far, without waiting.
 func (w *walWatch) drain() error {
+	// A deadline that has passed (the last wait's) would fail the read below at once.
+	if err := w.f.SetReadDeadline(time.Time{}); err != nil {
+		return err
+	}
 	rc, err := w.f.SyscallConn()
 	if err != nil {
 		return err

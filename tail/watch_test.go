@@ -32,11 +32,14 @@ func TestWALWatch(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, woke, "a write wakes the wait")
 
+	woke, err = w.wait(time.Millisecond)
+	require.NoError(t, err)
+	require.False(t, woke, "nothing written since")
 	for range 3 {
 		_, err = f.WriteAt([]byte("wal"), 200)
 		require.NoError(t, err)
 	}
-	require.NoError(t, w.drain())
+	require.NoError(t, w.drain(), "a drain after a wait that timed out")
 	woke, err = w.wait(10 * time.Millisecond)
 	require.NoError(t, err)
 	require.False(t, woke, "the drain forgot the writes before it")

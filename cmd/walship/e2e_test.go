@@ -416,3 +416,22 @@ func freeTCPAddr(t *testing.T) string {
 	require.NoError(t, err)
 	return "127.0.0.1:" + strconv.Itoa(port)
 }
+
+// TestIdleKeepsSession: a sidecar whose primary writes nothing waits on inotify, wakes
+// once a second to read the flush position, and keeps its one session with the
+// receiver all the while; the first commit after the quiet spell reaches the spool.
+func TestIdleKeepsSession(t *testing.T) {
+	ctx := testContext(t, 2*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	require.NoError(t, r.primary.Exec(ctx, "CHECKPOINT"))
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+	// The quiet spell is what is tested: past the second of busy polling after the last
+	// move, and through several of the idle sidecar's safety reads.
+	time.Sleep(4 * time.Second)
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE after_quiet (i int); INSERT INTO after_quiet VALUES (1)"))
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+	m, err := lab.Metrics(r.recvMetrics)
+	require.NoError(t, err)
+	require.Equal(t, uint64(1), m["walship_receiver_sessions_total"], "the idle sidecar lost its session:\n%s", lastBytes(r.sidecar.Log(), 3000))
+	require.NotContains(t, r.sidecar.Log(), "cannot watch pg_wal", "the sidecar must wait on inotify here")
+}

@@ -79,6 +79,11 @@ func gauge(w io.Writer, name, help string, samples ...sample) {
 	}
 }
 
+// counter writes one counter with its help text.
+func counter(w io.Writer, name, help string, v uint64) {
+	fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
+}
+
 type sample struct {
 	label string // name="value" pairs, or empty
 	value uint64
@@ -94,7 +99,8 @@ func receiverMetrics(r *receiver.Receiver) func(io.Writer) {
 			known = 1
 		}
 		gauge(w, "walship_receiver_position_known", "1 once the spool's durable position is known (it holds WAL, or a session has started)", sample{"", known})
-		fmt.Fprintf(w, "# HELP walship_receiver_fsyncs_total fsyncs of received WAL since the receiver started\n# TYPE walship_receiver_fsyncs_total counter\nwalship_receiver_fsyncs_total %d\n", r.Fsyncs())
+		counter(w, "walship_receiver_fsyncs_total", "fsyncs of received WAL since the receiver started", r.Fsyncs())
+		counter(w, "walship_receiver_sessions_total", "sidecar sessions admitted since the receiver started", r.Sessions())
 		if ok {
 			gauge(w, "walship_receiver_durable_lsn", "position up to which the spool's WAL is fsynced, as a byte number", sample{"", uint64(p.LSN)})
 			gauge(w, "walship_receiver_timeline", "timeline of the spool's durable position", sample{"", uint64(p.TLI)})
