@@ -14,6 +14,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/tail/dirwatch"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -314,18 +315,48 @@ func (s *session) close() {
 	s.wlock.Close()
 }
 
-// freezeCheck is how often a session looks for the freeze marker.
-const freezeCheck = 50 * time.Millisecond
+// How often a session looks for the freeze marker: freezeCheck when it polls, and
+// freezeSafety when a watch on the spool wakes it as files appear.
+const (
+	freezeCheck  = 50 * time.Millisecond
+	freezeSafety = time.Second
+)
 
 // run is the frame loop. It applies every frame that is whole in the read buffer; once
 // none is left, it fsyncs and acks what is durable, then reads the stream again, which
 // by then holds every frame that came during the fsync: the busier the link, the more
-// frames share one fsync and one ack. The freeze marker is checked at least every
-// freezeCheck, so that a promotion waits for this session at most that long.
+// frames share one fsync and one ack.
+//
+// The freeze marker is looked for whenever a file appears in the spool (a watch pokes
+// the loop: walship promote makes the marker under a temporary name and renames it),
+// and every freezeSafety anyway; where the spool cannot be watched, every freezeCheck.
+// A promotion waits for this session that long at most.
 func (s *session) run(ctx context.Context) error {
 	rd := s.c.Reader()
 	stop := context.AfterFunc(ctx, func() { s.c.SetReadDeadline(time.Now()) })
 	defer stop()
+	every := freezeCheck
+	var poked atomic.Bool
+	if w, err := dirwatch.New(s.dir, dirwatch.Added); err != nil {
+		s.log.Warn().Err(err).Dur("every", every).Msg("cannot watch the spool; looking for a freeze marker by polling")
+	} else {
+		every = freezeSafety
+		done := make(chan struct{})
+		defer func() { w.Close(); <-done }()
+		go func() {
+			defer close(done)
+			for {
+				woke, err := w.Wait(time.Hour)
+				if err != nil {
+					return
+				}
+				if woke {
+					poked.Store(true)
+					s.c.SetReadDeadline(time.Now())
+				}
+			}
+		}()
+	}
 	// The welcome told the sidecar where the spool ends: the first ack is for more.
 	pos := s.rb.Durable()
 	ack := transport.Ack{TLI: pos.TLI, LSN: pos.LSN}
@@ -351,13 +382,16 @@ func (s *session) run(ctx context.Context) error {
 				return err
 			}
 		}
-		if now := time.Now(); now.Sub(lastCheck) >= freezeCheck {
+		// The deadline first, the poke second: a poke between the two is seen below,
+		// and one after them ends the read at once.
+		s.c.SetReadDeadline(lastCheck.Add(every))
+		if now := time.Now(); poked.Swap(false) || now.Sub(lastCheck) >= every {
 			if err := s.checkFrozen(); err != nil {
 				return err
 			}
 			lastCheck = now
+			s.c.SetReadDeadline(lastCheck.Add(every))
 		}
-		s.c.SetReadDeadline(lastCheck.Add(freezeCheck))
 		if err := rd.Fill(); err != nil && !transport.Deadline(err) {
 			return err
 		}

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
+	"github.com/walship/walship/tail/dirwatch"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -48,6 +49,10 @@ type Primary struct {
 	// host, or the same PID and IPC namespaces); without that, turn it off.
 	NoDrain bool
 }
+
+// wakeCheck is how often an idle sidecar that waits on inotify reads the flush position
+// anyway: a safety net for a flush that no write announced (see primary.wait).
+const wakeCheck = time.Second
 
 // Wake is how an idle sidecar learns of new WAL.
 type Wake string
@@ -100,8 +105,8 @@ type primary struct {
 	pgdata string
 	last   Positions // as last read
 
-	watch     *walWatch // nil: poll while idle
-	armed     bool      // the watch's stale events are drained and the position read since
+	watch     *dirwatch.Watch // nil: poll while idle
+	armed     bool            // the watch's stale events are drained and the position read since
 	stopWatch func() bool
 	warned    bool // that inotify cannot be had
 }
@@ -136,12 +141,12 @@ func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN
 		return fail(fmt.Errorf("%w: %w", errFatal, err))
 	}
 	if p.cfg.Wake == WakeInotify {
-		if p.watch, err = watchWAL(p.walDir()); err != nil && !p.warned {
+		if p.watch, err = dirwatch.New(p.walDir(), dirwatch.Written|dirwatch.Added); err != nil && !p.warned {
 			p.log.Warn().Err(err).Dur("idle_poll", p.cfg.IdlePoll).Msg("cannot watch pg_wal; an idle sidecar polls the flush position instead")
 			p.warned = true
 		}
 		if p.watch != nil {
-			p.stopWatch = context.AfterFunc(ctx, p.watch.interrupt)
+			p.stopWatch = context.AfterFunc(ctx, p.watch.Interrupt)
 		}
 	}
 	srv := p.srv
@@ -202,13 +207,13 @@ func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, e
 	}
 	if !p.armed {
 		p.armed = true
-		return false, p.watch.drain()
+		return false, p.watch.Drain()
 	}
 	p.armed = false
 	if err := s.ended(); err != nil {
 		return false, err
 	}
-	woke, err := p.watch.wait(wakeCheck)
+	woke, err := p.watch.Wait(wakeCheck)
 	if err != nil {
 		return false, err
 	}
@@ -217,7 +222,7 @@ func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, e
 
 func (p *primary) interrupt() {
 	if p.watch != nil {
-		p.watch.interrupt()
+		p.watch.Interrupt()
 	}
 }
 
@@ -246,7 +251,7 @@ func (p *primary) shipped(*stream) error { return nil }
 func (p *primary) end() {
 	if p.watch != nil {
 		p.stopWatch()
-		p.watch.close()
+		p.watch.Close()
 		p.watch, p.armed = nil, false
 	}
 	if p.pg != nil {

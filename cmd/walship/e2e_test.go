@@ -361,10 +361,15 @@ func TestStreamUnderLoad(t *testing.T) {
 	}))
 	recv, err := lab.Metrics(r.recvMetrics)
 	require.NoError(t, err)
+	fsyncs := recv["walship_receiver_fsyncs_total"]
+	require.Positive(t, fsyncs, "the receiver counts its fsyncs")
+	t.Logf("%d fsyncs for %d segments", fsyncs, n)
 	require.Equal(t, map[string]uint64{
 		"walship_receiver_position_known": 1,
 		"walship_receiver_durable_lsn":    uint64(pos.LSN),
 		"walship_receiver_timeline":       uint64(pos.TLI),
+		"walship_receiver_fsyncs_total":   fsyncs,
+		"walship_receiver_sessions_total": 1,
 	}, recv)
 	require.Equal(t, map[string]uint64{
 		"walship_sidecar_shipped_lsn" + label:   uint64(pos.LSN),
