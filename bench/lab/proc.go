@@ -43,6 +43,12 @@ func RunningProcs() []*Proc {
 
 // StartProc starts bin with args, its output appended to logFile.
 func StartProc(name, logFile, bin string, args ...string) (*Proc, error) {
+	return StartProcEnv(name, logFile, bin, nil, args...)
+}
+
+// StartProcEnv is StartProc with env (KEY=value entries) added to the environment the
+// process inherits; an entry overrides an inherited variable of the same name.
+func StartProcEnv(name, logFile, bin string, env []string, args ...string) (*Proc, error) {
 	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -53,6 +59,10 @@ func StartProc(name, logFile, bin string, args ...string) (*Proc, error) {
 		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
+	if len(env) > 0 {
+		// exec uses the last of duplicate keys, so env wins over the inherited ones.
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
 		f.Close()

@@ -3,6 +3,7 @@ package lab
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -20,7 +21,10 @@ import (
 type Walship struct {
 	Bin, Dir, TLSDir, Spool, Addr string
 	MetricsAddr                   string // the receiver's --metrics
-	Receiver, Sidecar             *Proc
+	// Env is added to the receiver's and the sidecar's environment (KEY=value entries,
+	// GOMAXPROCS=2 say); nil: they inherit the lab's.
+	Env               []string
+	Receiver, Sidecar *Proc
 }
 
 // NewWalship makes the certificates and picks a port; it starts nothing.
@@ -43,7 +47,7 @@ func NewWalship(bin, dir string) (*Walship, error) {
 
 // StartReceiver starts the receiver and waits until it listens.
 func (w *Walship) StartReceiver(ctx context.Context, args ...string) error {
-	p, err := StartProc("receiver", filepath.Join(w.Dir, "receiver.log"), w.Bin,
+	p, err := StartProcEnv("receiver", filepath.Join(w.Dir, "receiver.log"), w.Bin, w.Env,
 		append([]string{"receive", "--listen", w.Addr, "--spool", w.Spool, "--tls-dir", w.TLSDir, "--metrics", w.MetricsAddr}, args...)...)
 	if err != nil {
 		return err
@@ -54,7 +58,7 @@ func (w *Walship) StartReceiver(ctx context.Context, args ...string) error {
 
 // StartSidecar starts the sidecar on primary and waits until it streams.
 func (w *Walship) StartSidecar(ctx context.Context, primary *Cluster, args ...string) error {
-	p, err := StartProc("sidecar", filepath.Join(w.Dir, "sidecar.log"), w.Bin,
+	p, err := StartProcEnv("sidecar", filepath.Join(w.Dir, "sidecar.log"), w.Bin, w.Env,
 		append([]string{"tail", "--dsn", primary.DSN(), "--to", w.Addr, "--tls-dir", w.TLSDir}, args...)...)
 	if err != nil {
 		return err
@@ -72,6 +76,25 @@ func (w *Walship) Durable() (wal.LSN, error) {
 	}
 	return wal.LSN(m["walship_receiver_durable_lsn"]), nil
 }
+
+// Fsyncs is how many times the running receiver has fsynced received WAL since it
+// started, from its metrics (walship_receiver_fsyncs_total). A receiver that does not
+// count them is ErrNoMetric.
+func (w *Walship) Fsyncs() (uint64, error) {
+	m, err := Metrics(w.MetricsAddr)
+	if err != nil {
+		return 0, err
+	}
+	n, ok := m["walship_receiver_fsyncs_total"]
+	if !ok {
+		return 0, fmt.Errorf("receiver at %s: walship_receiver_fsyncs_total: %w", w.MetricsAddr, ErrNoMetric)
+	}
+	return n, nil
+}
+
+// ErrNoMetric is a metric that a walship process does not export (one built before
+// the metric was added, say).
+var ErrNoMetric = errors.New("no such metric")
 
 // Metrics reads the samples of a walship process's /metrics at addr, by name with its
 // labels, as the text shows them.

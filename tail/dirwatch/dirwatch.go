@@ -29,7 +29,7 @@ type Events uint32
 
 // Events a Watch can report.
 const (
-	Written Events = unix.IN_MODIFY                   // a file of the directory was written to
+	Written Events = unix.IN_MODIFY                    // a file of the directory was written to
 	Added   Events = unix.IN_CREATE | unix.IN_MOVED_TO // a file was created or renamed into it
 )
 

@@ -19,6 +19,7 @@ type catchRun struct {
 	mib   float64
 	secs  float64
 	ddMBs float64
+	usage // of the shipper's processes and backends from its start to the backlog durable
 }
 
 // shareOfDD is the run's throughput over the dd reference's, both in MB/s.
@@ -31,8 +32,15 @@ func catchUp(ctx context.Context, c config, r *results) error {
 			if err != nil {
 				return fmt.Errorf("catch-up round %d, %s: %w", round, ship.name(), err)
 			}
-			fmt.Printf("  round %d  %-30s %7.0f MiB in %5.1f s: %6.1f MiB/s (dd with fdatasync: %6.1f MB/s)\n",
-				round, ship.name(), cr.mib, cr.secs, cr.mib/cr.secs, cr.ddMBs)
+			what := fmt.Sprintf("CPU %.1f ms per MiB", msPerMiB(cr.cpu(), cr.mib))
+			if cr.own.ok() {
+				what += fmt.Sprintf(", %.0f fsyncs/s by its count", cr.own.perSec())
+			}
+			if cr.perf.ok() {
+				what += fmt.Sprintf(", %.0f fsyncs/s by perf", cr.perf.perSec())
+			}
+			fmt.Printf("  round %d  %-30s %7.0f MiB in %5.1f s: %6.1f MiB/s (dd with fdatasync: %6.1f MB/s; %s)\n",
+				round, ship.name(), cr.mib, cr.secs, cr.mib/cr.secs, cr.ddMBs, what)
 			r.catchup = append(r.catchup, cr)
 		}
 	}
@@ -87,6 +95,15 @@ func catchUpRun(ctx context.Context, c config, ship shipper, profile bool) (catc
 	if err != nil {
 		return catchRun{}, err
 	}
+	// perf stat counts the receiving process's fsyncs from as soon as it is spawned; it
+	// attaches in the background, so that the catch-up does not wait for it.
+	perf := syncs{why: c.perfWhy}
+	var pending *pendingCount
+	if rs, ok := ship.(receiving); ok && c.perfWhy == "" {
+		pending = newPendingCount(filepath.Join(n.dir, "perf-stat.txt"))
+		rs.onSpawn(pending.attach)
+		defer pending.stop() // if the run ends early
+	}
 	t0 := time.Now()
 	if err := ship.start(ctx, n); err != nil {
 		return catchRun{}, err
@@ -97,7 +114,25 @@ func catchUpRun(ctx context.Context, c config, ship shipper, profile bool) (catc
 	}); err != nil {
 		return catchRun{}, err
 	}
-	cr := catchRun{kind: ship.name(), secs: time.Since(t0).Seconds(), mib: float64(end-start) / (1 << 20)}
+	took := time.Since(t0)
+	cr := catchRun{kind: ship.name(), secs: took.Seconds(), mib: float64(end-start) / (1 << 20)}
+	// The shipper's processes, and its backends on the primary, all started at t0 or
+	// after: their whole CPU time is the catch-up's. So is the receiver's count of its
+	// fsyncs, which starts at 0 with it.
+	ps, err := procs(ctx, n, ship)
+	if err != nil {
+		return catchRun{}, err
+	}
+	cr.usage = usage{window: took, walMiB: cr.mib, cost: sinceStart(sample(ps))}
+	if k, err := ownFsyncs(ship); err != nil {
+		cr.own = syncs{why: err.Error()}
+	} else {
+		cr.own = syncs{n: k, window: took}
+	}
+	if pending != nil {
+		perf = pending.stop() // before the profiles stop the receiver
+	}
+	cr.perf = perf
 	if profile {
 		if err := ship.writeProfiles(ctx, n, "catchup", fmt.Sprintf("a %.0f MiB catch-up (%.1f MiB/s)", cr.mib, cr.mib/cr.secs)); err != nil {
 			return catchRun{}, err

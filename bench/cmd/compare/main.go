@@ -2,9 +2,11 @@
 // machine in the same run: pg_receivewal --synchronous with a physical slot, and
 // archive_command copying whole segments with archive_timeout = 60 s and = 5 s. It
 // measures the loss window in crash trials, steady-state lag and primary TPS under
-// pgbench, catch-up throughput from a backlog, and the shippers' own CPU and memory,
-// interleaving the shippers in each round so that machine drift hits them alike. It
-// prints a markdown table, writes it to --out/RESULTS.md and draws charts beside it.
+// pgbench, catch-up throughput from a backlog, and the shippers' own cost under load
+// and idle: the CPU and memory of each of their processes and of the backends that work
+// for them on the primary, and their receivers' fsyncs. It interleaves the shippers in
+// each round so that machine drift hits them alike, prints markdown tables ending with
+// the project's targets, writes them to --out/RESULTS.md and draws charts beside it.
 //
 //	go run ./bench/cmd/compare --walship bin/walship --out bench/results
 package main
@@ -35,6 +37,10 @@ type config struct {
 	scale       int
 	poll        time.Duration   // walship tail's --poll
 	only        map[string]bool // the scenarios to run; empty: all
+	idleFor     time.Duration   // the idle scenario's measured window
+	gomaxprocs2 bool            // run walshipProcs2 in the pgbench rounds too
+	perf        bool            // count the receivers' fsyncs with perf stat
+	perfWhy     string          // why perf stat cannot count them; "" if it may try
 }
 
 // scenarios are the parts of a run, in their order, as --only names them.
@@ -52,6 +58,9 @@ func main() {
 	flag.IntVar(&c.catchupMB, "catchup-mb", 2048, "size of the WAL backlog in the catch-up scenario, MiB")
 	flag.IntVar(&c.scale, "scale", 20, "pgbench scale")
 	flag.DurationVar(&c.poll, "poll", tail.DefaultPoll, "walship tail's --poll")
+	flag.DurationVar(&c.idleFor, "idle-time", 30*time.Second, "length of the idle scenario's measured window")
+	flag.BoolVar(&c.gomaxprocs2, "gomaxprocs2", true, "also run walship with GOMAXPROCS=2 in the pgbench rounds' TPS runs (one more run a round)")
+	flag.BoolVar(&c.perf, "perf", true, "count the receivers' fsync calls with perf stat in the lag, catch-up and idle runs")
 	only := flag.String("only", "", "run only these scenarios, comma-separated, of "+strings.Join(scenarios, ", ")+" (default: all)")
 	flag.Parse()
 	if *only != "" {
@@ -76,6 +85,10 @@ func run(c config) error {
 		return err
 	}
 	c.bin = bin
+	c.perfWhy = perfAvailable(c.perf)
+	if c.perfWhy != "" {
+		step("the receivers' fsync calls are not counted with perf stat: %s", c.perfWhy)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := os.MkdirAll(c.out, 0o755); err != nil {
@@ -100,7 +113,7 @@ func run(c config) error {
 		{"crash", fmt.Sprintf("crash trials: %d rounds of %s", c.crashRounds, strings.Join(crashKinds, ", ")), crashTrials},
 		{"pgbench", fmt.Sprintf("pgbench: %d rounds of %s with each shipper and none, then the lag runs", c.rounds, c.pgbenchFor), pgbenchRounds},
 		{"catchup", fmt.Sprintf("catch-up: %d MiB of backlog, %d rounds", c.catchupMB, c.rounds), catchUp},
-		{"idle", "idle cost: walship with an idle primary for 10 s", idleCost},
+		{"idle", fmt.Sprintf("idle cost: walship and pg_receivewal side by side on an idle primary for %s", c.idleFor), idleCost},
 	} {
 		if !c.runs(sc.name) {
 			continue

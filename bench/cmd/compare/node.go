@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -80,22 +81,74 @@ func (n *node) close() {
 
 // query runs a query returning one text value on the node's connection to the primary.
 func (n *node) query(ctx context.Context, sql string) (string, error) {
+	var s string
+	err := n.withConn(ctx, func(pg *pgx.Conn) error { return pg.QueryRow(ctx, sql).Scan(&s) })
+	return s, err
+}
+
+// withConn runs f on the node's connection to the primary, opened if need be and
+// dropped if f fails, so that the next call starts on a fresh one.
+func (n *node) withConn(ctx context.Context, f func(*pgx.Conn) error) error {
 	n.pgMu.Lock()
 	defer n.pgMu.Unlock()
 	if n.pg == nil {
 		conn, err := n.primary.Connect(ctx)
 		if err != nil {
-			return "", err
+			return err
 		}
 		n.pg = conn
 	}
-	var s string
-	if err := n.pg.QueryRow(ctx, sql).Scan(&s); err != nil {
+	if err := f(n.pg); err != nil {
 		n.pg.Close(context.Background())
 		n.pg = nil
-		return "", err
+		return err
 	}
-	return s, nil
+	return nil
+}
+
+// backendPIDs waits until pg_stat_activity lists exactly one backend with each
+// application_name of apps, which maps a process's name in the output to its
+// application_name, and returns their pids by those names. A shipper's sessions may
+// connect a little after it reports that it streams (walship's slot keeper does).
+func (n *node) backendPIDs(ctx context.Context, apps map[string]string) (map[string]int, error) {
+	var names []string
+	for _, app := range apps {
+		names = append(names, app)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	var out map[string]int
+	err := lab.Wait(ctx, 20*time.Millisecond, "backends "+strings.Join(names, ", ")+" in pg_stat_activity", func() (bool, error) {
+		byApp := map[string][]int{}
+		err := n.withConn(ctx, func(pg *pgx.Conn) error {
+			rows, err := pg.Query(ctx, "SELECT application_name, pid FROM pg_stat_activity WHERE application_name = ANY($1)", names)
+			if err != nil {
+				return err
+			}
+			defer rows.Close()
+			for rows.Next() {
+				var app string
+				var pid int32
+				if err := rows.Scan(&app, &pid); err != nil {
+					return err
+				}
+				byApp[app] = append(byApp[app], int(pid))
+			}
+			return rows.Err()
+		})
+		if err != nil {
+			return false, err
+		}
+		out = map[string]int{}
+		for proc, app := range apps {
+			if len(byApp[app]) != 1 {
+				return false, nil
+			}
+			out[proc] = byApp[app][0]
+		}
+		return true, nil
+	})
+	return out, err
 }
 
 // queryLSN runs a query returning one LSN as text on the node's connection.

@@ -3,10 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
-	"strings"
 	"time"
 )
 
@@ -17,20 +16,16 @@ type benchRun struct {
 	tps     float64
 	lags    []time.Duration // time until the shipper was durable past each sampled flush
 	lagB    []int64         // bytes between flush and durable at each sample
-	cost    map[string]procCost
-	walMiBs float64
-}
-
-type procCost struct {
-	cpu    time.Duration
-	peakKB int64
+	walMiBs float64         // the primary's WAL rate over the pgbench run
+	usage                   // of the shipper's processes and backends over the run
 }
 
 var tpsRE = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
 
 // pgbenchRounds runs pgbench with each shipper and none, for TPS and the shippers' cost,
 // then once more with walship and with pg_receivewal while the lag sampler runs: the
-// sampler's queries would otherwise weigh on the TPS of the runs it watches alone.
+// sampler's queries would otherwise weigh on the TPS of the runs it watches alone. With
+// --gomaxprocs2, walship runs a second time in the TPS runs with GOMAXPROCS=2.
 func pgbenchRounds(ctx context.Context, c config, r *results) error {
 	type run struct {
 		ship shipper
@@ -40,11 +35,16 @@ func pgbenchRounds(ctx context.Context, c config, r *results) error {
 		runs := []run{
 			{noShipper{}, false},
 			{&walship{label: walshipName}, false},
+		}
+		if c.gomaxprocs2 {
+			runs = append(runs, run{&walship{label: walshipProcs2, env: []string{"GOMAXPROCS=2"}, tag: "gomaxprocs2"}, false})
+		}
+		runs = append(runs, []run{
 			{&pgReceivewal{}, false},
 			{archiveCommand{label: archive60, timeout: "60"}, false},
 			{&walship{label: walshipName}, true},
 			{&pgReceivewal{}, true},
-		}
+		}...)
 		for _, rn := range runs {
 			br, err := pgbenchRun(ctx, c, rn.ship, round, rn.lag)
 			if err != nil {
@@ -53,6 +53,15 @@ func pgbenchRounds(ctx context.Context, c config, r *results) error {
 			what := "tps"
 			if rn.lag {
 				what = fmt.Sprintf("lag p50 %.2f ms, p99 %.2f ms", ms(percentile(br.lags, 0.5)), ms(percentile(br.lags, 0.99)))
+			}
+			if len(br.cost) > 0 {
+				what += fmt.Sprintf(", CPU %.3f cores", cores(br.cpu(), br.window))
+			}
+			if br.own.ok() {
+				what += fmt.Sprintf(", %.0f fsyncs/s by its count", br.own.perSec())
+			}
+			if br.perf.ok() {
+				what += fmt.Sprintf(", %.0f fsyncs/s by perf", br.perf.perSec())
 			}
 			fmt.Printf("  round %d  %-30s %8.0f tps  %6.1f MiB/s of WAL  (%s)\n", round, rn.ship.name(), br.tps, br.walMiBs, what)
 			r.bench = append(r.bench, br)
@@ -93,7 +102,17 @@ func pgbenchRun(ctx context.Context, c config, ship shipper, round int, lag bool
 			return benchRun{}, err
 		}
 	}
-	before := costs(ship.pids())
+	// perf stat counts the receivers' fsyncs in the lag runs only: the TPS runs would
+	// otherwise pay for its syscall tracepoints (see syncCount).
+	perfWhy := "perf stat is attached in the lag runs only, lest its tracepoints weigh on the TPS"
+	if lag {
+		perfWhy = c.perfWhy
+	}
+	mt, err := beginMeter(ctx, n, ship, perfWhy, filepath.Join(n.dir, "perf-stat.txt"))
+	if err != nil {
+		return benchRun{}, err
+	}
+	defer mt.close()
 	start, err := n.flush(ctx)
 	if err != nil {
 		return benchRun{}, err
@@ -138,7 +157,9 @@ func pgbenchRun(ctx context.Context, c config, ship shipper, round int, lag bool
 		return benchRun{}, err
 	}
 	br.walMiBs = float64(end-start) / (1 << 20) / elapsed.Seconds()
-	br.cost = spent(before, costs(ship.pids()))
+	if br.usage, err = mt.end(ctx); err != nil {
+		return benchRun{}, err
+	}
 	br.lags, br.lagB = ss.lags, ss.behind
 	if profile {
 		during := fmt.Sprintf("a pgbench run of %s at %.0f tps and %.1f MiB/s of WAL (the profile also covers its start)", c.pgbenchFor, br.tps, br.walMiBs)
@@ -181,39 +202,4 @@ func sampleLag(ctx context.Context, n *node) (lags []time.Duration, behind []int
 		}
 	}
 	return lags, behind
-}
-
-// costs reads the CPU time and peak RSS of each process.
-func costs(pids map[string]int) map[string]procCost {
-	out := map[string]procCost{}
-	for name, pid := range pids {
-		var pc procCost
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
-			f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
-			if len(f) > 13 {
-				ut, _ := strconv.ParseInt(f[11], 10, 64)
-				st, _ := strconv.ParseInt(f[12], 10, 64)
-				pc.cpu = time.Duration(ut+st) * 10 * time.Millisecond // USER_HZ is 100
-			}
-		}
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid)); err == nil {
-			for _, line := range strings.Split(string(b), "\n") {
-				if strings.HasPrefix(line, "VmHWM:") {
-					pc.peakKB, _ = strconv.ParseInt(strings.Fields(line)[1], 10, 64)
-				}
-			}
-		}
-		out[name] = pc
-	}
-	return out
-}
-
-// spent is the CPU time each process took between two readings of costs, and its
-// peak RSS at the second.
-func spent(before, after map[string]procCost) map[string]procCost {
-	out := map[string]procCost{}
-	for name, a := range after {
-		out[name] = procCost{cpu: a.cpu - before[name].cpu, peakKB: a.peakKB}
-	}
-	return out
 }

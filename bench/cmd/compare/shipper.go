@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/tail"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -25,6 +26,10 @@ const (
 	archive60    = "archive_timeout = 60s"
 	none         = "no shipper"
 	walshipName  = "walship"
+	// walshipProcs2 is walship with its sidecar and receiver on two processors, where
+	// walship tail and receive choose one unless GOMAXPROCS says otherwise: the pgbench
+	// rounds run it beside walshipName to judge that choice.
+	walshipProcs2 = "walship GOMAXPROCS=2"
 )
 
 // A shipper is one way of getting a primary's WAL off its host, run beside one node's
@@ -49,6 +54,10 @@ type shipper interface {
 	durable(ctx context.Context, n *node) (wal.LSN, error)
 	// pids are its running processes by name, for their CPU time and memory.
 	pids() map[string]int
+	// backends are the processes of the primary's server that work for it, by name:
+	// walship's sessions, pg_receivewal's walsender. It waits until the server lists
+	// them all.
+	backends(ctx context.Context, n *node) (map[string]int, error)
 	// profile makes its processes write CPU profiles as they stop, if they can.
 	profile(n *node)
 	// writeProfiles stops the processes that profile set up and writes each profile's
@@ -86,6 +95,13 @@ type walship struct {
 	ws       *lab.Walship // from the first start on, so that a restart keeps the spool
 	// sidecarArgs and receiverArgs are added to walship tail's and receive's flags.
 	sidecarArgs, receiverArgs []string
+	// env is added to the sidecar's and the receiver's environment.
+	env []string
+	// tag goes into the names of a variant's profile files, beside walshipName's.
+	tag string
+	// spawned, if set, is called with the receiver's pid once it listens, before the
+	// sidecar starts.
+	spawned func(pid int)
 }
 
 func (w *walship) name() string                     { return w.label }
@@ -99,9 +115,13 @@ func (w *walship) start(ctx context.Context, n *node) error {
 		if w.ws, err = lab.NewWalship(n.c.bin, n.dir); err != nil {
 			return err
 		}
+		w.ws.Env = w.env
 	}
 	if err := w.ws.StartReceiver(ctx, w.receiverArgs...); err != nil {
 		return err
+	}
+	if w.spawned != nil {
+		w.spawned(w.ws.Receiver.Pid())
 	}
 	return w.ws.StartSidecar(ctx, n.primary, append([]string{"--poll", n.c.poll.String()}, w.sidecarArgs...)...)
 }
@@ -122,6 +142,29 @@ func (w *walship) pids() map[string]int {
 	return map[string]int{"walship sidecar": w.ws.Sidecar.Pid(), "walship receiver": w.ws.Receiver.Pid()}
 }
 
+// backends are the sidecar's two sessions, which it names (tail/server.go): the one
+// that reads the server's positions and the slot keeper's.
+func (w *walship) backends(ctx context.Context, n *node) (map[string]int, error) {
+	return n.backendPIDs(ctx, map[string]string{"walship tail backend": tail.AppTail, "walship slot backend": tail.AppSlot})
+}
+
+func (w *walship) receiverPID() int {
+	if w.ws == nil || w.ws.Receiver == nil || !w.ws.Receiver.Running() {
+		return 0
+	}
+	return w.ws.Receiver.Pid()
+}
+
+func (w *walship) onSpawn(f func(pid int)) { w.spawned = f }
+
+// fsyncs is the receiver's own count, from its --metrics.
+func (w *walship) fsyncs() (uint64, error) {
+	if w.ws == nil || w.ws.Receiver == nil {
+		return 0, errors.New("no receiver runs")
+	}
+	return w.ws.Fsyncs()
+}
+
 func (w *walship) profile(n *node) {
 	w.sidecarArgs = append(w.sidecarArgs, "--cpu-profile", filepath.Join(n.dir, "sidecar.pprof"))
 	w.receiverArgs = append(w.receiverArgs, "--cpu-profile", filepath.Join(n.dir, "receiver.pprof"))
@@ -130,11 +173,14 @@ func (w *walship) profile(n *node) {
 // writeProfiles stops the sidecar and the receiver, which write their CPU profiles as
 // they stop.
 func (w *walship) writeProfiles(ctx context.Context, n *node, scenario, during string) error {
+	if w.tag != "" {
+		scenario += "-" + w.tag
+	}
 	for name, p := range map[string]*lab.Proc{"sidecar": w.ws.Sidecar, "receiver": w.ws.Receiver} {
 		if err := p.Stop(ctx); err != nil {
 			return err
 		}
-		text := fmt.Sprintf("# CPU profile of the walship %s during %s\n", name, during)
+		text := fmt.Sprintf("# CPU profile of the %s %s during %s\n", w.label, name, during)
 		for _, sort := range []string{"-flat", "-cum"} {
 			out, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", sort, "-nodecount=30", n.c.bin, filepath.Join(n.dir, name+".pprof")).CombinedOutput()
 			if err != nil {
@@ -170,6 +216,8 @@ func (w *walship) promote(ctx context.Context, n *node, sb *lab.Cluster) error {
 // pgReceivewal is pg_receivewal --synchronous with a physical slot.
 type pgReceivewal struct {
 	cmd *exec.Cmd // while it runs
+	// spawned, if set, is called with pg_receivewal's pid as soon as it is started.
+	spawned func(pid int)
 }
 
 func (r *pgReceivewal) name() string                     { return receivewal }
@@ -199,6 +247,9 @@ func (r *pgReceivewal) start(ctx context.Context, n *node) error {
 	}
 	go func() { cmd.Wait(); log.Close() }()
 	r.cmd = cmd
+	if r.spawned != nil {
+		r.spawned(cmd.Process.Pid)
+	}
 	return lab.Wait(ctx, 20*time.Millisecond, "pg_receivewal to stream", func() (bool, error) {
 		s, err := n.primary.QueryString(ctx, "SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
 		return err == nil && s == "1", nil
@@ -225,6 +276,21 @@ func (r *pgReceivewal) pids() map[string]int {
 	}
 	return map[string]int{"pg_receivewal": r.cmd.Process.Pid}
 }
+
+// backends is its walsender, which carries the application_name pg_receivewal gives
+// its connections (fallback_application_name, src/bin/pg_basebackup/streamutil.c).
+func (r *pgReceivewal) backends(ctx context.Context, n *node) (map[string]int, error) {
+	return n.backendPIDs(ctx, map[string]string{"pg_receivewal walsender": "pg_receivewal"})
+}
+
+func (r *pgReceivewal) receiverPID() int {
+	if r.cmd == nil {
+		return 0
+	}
+	return r.cmd.Process.Pid
+}
+
+func (r *pgReceivewal) onSpawn(f func(pid int)) { r.spawned = f }
 
 func (r *pgReceivewal) profile(*node)                                              {}
 func (r *pgReceivewal) writeProfiles(context.Context, *node, string, string) error { return nil }
@@ -296,7 +362,9 @@ func (noProcess) start(context.Context, *node) error { return nil }
 func (noProcess) stop()                              {}
 func (noProcess) streams() bool                      { return false }
 func (noProcess) pids() map[string]int               { return nil }
-func (noProcess) profile(*node)                      {}
+
+func (noProcess) backends(context.Context, *node) (map[string]int, error) { return nil, nil }
+func (noProcess) profile(*node)                                           {}
 
 func (noProcess) durable(context.Context, *node) (wal.LSN, error) { return 0, errNoDurable }
 
