@@ -191,3 +191,23 @@ func TestSwitchPadding(t *testing.T) {
 	_, ok = switchPadding(st, seg, failAt(0x30000), read)
 	require.False(t, ok, "zeros after a page that does not end with a switch are damage, not padding")
 }
+
+// TestSettled: a server whose inserted WAL is all flushed is settled, even when its
+// insert position points past the header of the page the flush position starts.
+func TestSettled(t *testing.T) {
+	for _, c := range []struct {
+		flush, insert wal.LSN
+		want          bool
+	}{
+		{0x3000100, 0x3000100, true},
+		{0x3000100, 0x3000200, false},
+		{0x3002000, 0x3002000 + wal.ShortHeaderSize, true},      // the next page's header
+		{0x3002000, 0x3002000 + wal.ShortHeaderSize + 8, false}, // and a record after it
+		{0x3000000, 0x3000000 + wal.LongHeaderSize, true},       // a segment's first page
+		{0x3000000, 0x3000000 + wal.LongHeaderSize + 8, false},
+		{0x3000100, 0x3000100 + wal.ShortHeaderSize, false}, // not at a page boundary
+	} {
+		got := Positions{Flush: c.flush, Insert: c.insert}.Settled(16*mb, 8192)
+		require.Equal(t, c.want, got, "flush %s, insert %s", c.flush, c.insert)
+	}
+}

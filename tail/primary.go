@@ -51,8 +51,8 @@ type Primary struct {
 }
 
 // wakeCheck is how often an idle sidecar that waits on inotify reads the flush position
-// anyway: a safety net for a flush that no write announced (see primary.wait).
-const wakeCheck = time.Second
+// anyway: a safety net for a write that inotify did not report (see primary.wait).
+const wakeCheck = 5 * time.Second
 
 // Wake is how an idle sidecar learns of new WAL.
 type Wake string
@@ -188,16 +188,23 @@ func (p *primary) files() segmentFiles {
 	return walFiles{dir: p.walDir(), archive: p.cfg.ArchiveDir, segSize: p.srv.SegSize, log: p.log}
 }
 
-// wait polls every Poll while the flush position moves, and while the server has
-// written WAL it has not flushed yet. Once it has stood still for idleAfter, it waits
-// for the server to write to pg_wal, or, without a watch, polls every IdlePoll.
+// wait polls every Poll while the flush position moves, and while the server has WAL
+// inserted that it has not flushed yet. Once it has stood still for lingerAfter, it
+// waits for the server to write to pg_wal, or, without a watch, after idleAfter, polls
+// every IdlePoll.
 //
 // The watch cannot see a flush, only the write before it, so a write counts as a move:
 // the polls that follow it see its flush. Before a wait, the events queued while WAL
-// moved are drained and the position read once more, so that a write between the last
-// read and the wait is not lost among them.
+// moved are drained and the positions read once more: a write before the drain belongs
+// to WAL inserted before it, which that read sees unflushed, so it keeps the sidecar
+// polling; a write after the drain wakes the wait. So the wait misses no flush, and
+// wakeCheck is only a safety net.
 func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, error) {
-	busy := time.Since(moved) < idleAfter || p.last.Write > p.last.Flush
+	still := idleAfter
+	if p.watch != nil {
+		still = lingerAfter
+	}
+	busy := time.Since(moved) < still || !p.last.Settled(p.srv.SegSize, p.srv.BlockSize)
 	if busy || p.watch == nil {
 		d := p.cfg.Poll
 		if !busy {
@@ -209,7 +216,6 @@ func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, e
 		p.armed = true
 		return false, p.watch.Drain()
 	}
-	p.armed = false
 	if err := s.ended(); err != nil {
 		return false, err
 	}
@@ -217,6 +223,9 @@ func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, e
 	if err != nil {
 		return false, err
 	}
+	// After a wait that saw nothing, nothing is queued: the next wait needs no drain
+	// first. After a write, the polls that follow drain before the next one.
+	p.armed = !woke
 	return woke, s.ended()
 }
 
@@ -233,6 +242,9 @@ func (p *primary) position(ctx context.Context) (wal.LSN, error) {
 	}
 	if pos.TLI != p.tli {
 		return 0, fmt.Errorf("the primary moved from timeline %d to %d", p.tli, pos.TLI)
+	}
+	if pos != p.last {
+		p.armed = false // events came with the move: drain them before the next wait
 	}
 	p.last = pos
 	return pos.Flush, nil

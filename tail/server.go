@@ -67,26 +67,37 @@ func InRecovery(ctx context.Context, conn *pgx.Conn) (bool, error) {
 	return r, nil
 }
 
-// positionsQuery reads the flush and write positions and the name of the WAL file the
+// positionsQuery reads the flush and insert positions and the name of the WAL file the
 // flush position falls in. MagicFor has refused servers before PostgreSQL 13, so the
 // functions have their names of PostgreSQL 10 and later.
-const positionsQuery = "SELECT pg_current_wal_flush_lsn(), pg_current_wal_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())"
+const positionsQuery = "SELECT pg_current_wal_flush_lsn(), pg_current_wal_insert_lsn(), pg_walfile_name(pg_current_wal_flush_lsn())"
 
 // Positions is where a primary's WAL stands.
 type Positions struct {
-	Flush wal.LSN // flushed: durable on the primary, and what may be shipped
-	Write wal.LSN // written to the kernel, maybe not yet flushed
-	TLI   uint32
+	Flush  wal.LSN // flushed: durable on the primary, and what may be shipped
+	Insert wal.LSN // inserted into the WAL buffers, maybe not yet written or flushed
+	TLI    uint32
 }
 
-// Positions reads the primary's flush and write positions and its timeline. The
+// Settled says whether all WAL inserted is flushed: no write or flush is due that
+// would move the flush position. The insert position of a settled server may point
+// past the header of the page that starts at the flush position (xlog.c:
+// XLogBytePosToRecPtr skips page headers), which counts as settled.
+func (p Positions) Settled(segSize, blockSize uint64) bool {
+	if p.Insert <= p.Flush {
+		return true
+	}
+	return uint64(p.Flush)%blockSize == 0 && p.Insert-p.Flush <= wal.LSN(wal.HeaderSize(p.Flush, segSize))
+}
+
+// Positions reads the primary's flush and insert positions and its timeline. The
 // segment and offset are computed from the LSN by the caller; the file name is used
 // only for its timeline, because pg_walfile_name() names the previous segment at an
 // exact boundary up to PostgreSQL 16.
 func (s Server) Positions(ctx context.Context, conn *pgx.Conn) (Positions, error) {
 	var p Positions
 	var file string
-	if err := conn.QueryRow(ctx, positionsQuery).Scan(&p.Flush, &p.Write, &file); err != nil {
+	if err := conn.QueryRow(ctx, positionsQuery).Scan(&p.Flush, &p.Insert, &file); err != nil {
 		return p, fmt.Errorf("read flush position: %w", err)
 	}
 	if len(file) != 24 {

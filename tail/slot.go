@@ -46,6 +46,7 @@ type SlotKeeper struct {
 	cfg     SlotConfig
 	log     zerolog.Logger
 	tailers []*Tailer
+	acked   chan struct{} // a receiver acknowledged more
 }
 
 // NewSlotKeeper returns a keeper for the receivers of tailers.
@@ -65,7 +66,11 @@ func NewSlotKeeper(cfg SlotConfig, tailers []*Tailer) (*SlotKeeper, error) {
 	if cfg.Every == 0 {
 		cfg.Every = slotEvery
 	}
-	return &SlotKeeper{cfg: cfg, log: cfg.Logger, tailers: tailers}, nil
+	k := &SlotKeeper{cfg: cfg, log: cfg.Logger, tailers: tailers, acked: make(chan struct{}, 1)}
+	for _, t := range tailers {
+		t.ackedTo(k.acked)
+	}
+	return k, nil
 }
 
 // Run keeps the slot until ctx is done. Lost connections are retried; a slot the server
@@ -94,22 +99,8 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 	if err := k.ensure(ctx, pg); err != nil {
 		return err
 	}
-	tick := time.NewTicker(k.cfg.Every)
-	defer tick.Stop()
-	var lastWarn, lastRead time.Time
-	var lastTarget wal.LSN
+	var lastWarn time.Time
 	for {
-		// The slot is read when a receiver's position moved, and every slotCheck
-		// anyway, for the warning: an idle primary is not asked once a second.
-		if target, _, _ := k.target(); target == lastTarget && time.Since(lastRead) < slotCheck {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-tick.C:
-			}
-			continue
-		}
-		lastRead = time.Now()
 		pos, current, status, err := k.read(ctx, pg)
 		if err != nil {
 			return err
@@ -118,7 +109,6 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 			return fmt.Errorf("the server invalidated slot %q (wal_status lost, see max_slot_wal_keep_size): WAL the receivers needed may be gone", k.cfg.Name)
 		}
 		target, slowest, known := k.target()
-		lastTarget = target
 		if known && target > pos {
 			if _, err := pg.Exec(ctx, "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", k.cfg.Name, target); err != nil {
 				return fmt.Errorf("advance slot %q to %s: %w", k.cfg.Name, target, err)
@@ -135,12 +125,26 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 			ev.Msg("the replication slot holds back more WAL than --slot-warn: a receiver is behind or down, and pg_wal grows")
 			lastWarn = time.Now()
 		}
-		select {
-		case <-ctx.Done():
+		// Read the slot again once a receiver acknowledges more, at most every Every,
+		// and every slotCheck anyway, for the warning: an idle primary is not asked
+		// once a second.
+		if !sleep(ctx, k.cfg.Every, nil) || !sleep(ctx, slotCheck-k.cfg.Every, k.acked) {
 			return nil
-		case <-tick.C:
 		}
 	}
+}
+
+// sleep waits d or until wake is ready (nil: never); false means ctx ended.
+func sleep(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+	case <-wake:
+	}
+	return true
 }
 
 // ensure creates the slot when it does not exist, reserving WAL at once.

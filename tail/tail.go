@@ -25,9 +25,12 @@ const (
 	// position moves reads the position anyway.
 	DefaultRelayCheck = time.Second
 	// idleAfter is how long the flush position must stay still before polls slow down
-	// to IdlePoll.
-	idleAfter  = time.Second
-	maxBackoff = 5 * time.Second
+	// to IdlePoll (WakePoll); lingerAfter, before a sidecar that waits on inotify does
+	// (WakeInotify): the wait wakes at once, so polling on only spares the wait's set-up
+	// between commits that come close together.
+	idleAfter   = time.Second
+	lingerAfter = 50 * time.Millisecond
+	maxBackoff  = 5 * time.Second
 )
 
 // Config configures a Tailer: where it ships to. Where the WAL comes from is its
@@ -94,10 +97,15 @@ type Tailer struct {
 	src source
 	log zerolog.Logger
 
-	shipped atomic.Uint64 // LSN after the last byte sent
-	acked   atomic.Uint64 // LSN the receiver last acked as durable
-	known   atomic.Bool   // acked holds the receiver's word (a welcome or an ack)
+	shipped atomic.Uint64   // LSN after the last byte sent
+	acked   atomic.Uint64   // LSN the receiver last acked as durable
+	known   atomic.Bool     // acked holds the receiver's word (a welcome or an ack)
+	poke    chan<- struct{} // told of each ack without waiting, if set (ackedTo)
 }
+
+// ackedTo makes each ack of the receiver poke ch, without waiting; ch has room for one.
+// It must be called before Run.
+func (t *Tailer) ackedTo(ch chan<- struct{}) { t.poke = ch }
 
 // New checks cfg and the source and returns a Tailer.
 func New(cfg Config, from Source) (*Tailer, error) {
@@ -294,6 +302,12 @@ func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
 		switch f := f.(type) {
 		case *transport.Ack:
 			t.acked.Store(uint64(f.LSN))
+			if t.poke != nil {
+				select {
+				case t.poke <- struct{}{}:
+				default:
+				}
+			}
 		case *transport.End:
 			select {
 			case ends <- f.LSN:

@@ -15,10 +15,13 @@ import (
 	"github.com/quic-go/quic-go"
 )
 
-// Timeouts of a session. Keepalives every KeepAlive keep NAT bindings and the idle
-// timer fresh while the primary is idle; a peer silent for IdleTimeout is gone.
+// Timeouts of a session. The sidecar's keepalives every KeepAlive keep NAT bindings and
+// both peers' idle timers fresh while the primary is idle (the receiver's
+// acknowledgements of them count as traffic for the sidecar); a peer silent for
+// IdleTimeout is gone. The receiver sends no keepalives of its own: they would only
+// double an idle session's packets.
 const (
-	KeepAlive   = 2 * time.Second
+	KeepAlive   = 4 * time.Second
 	IdleTimeout = 10 * time.Second
 )
 
@@ -26,7 +29,6 @@ func quicConfig() *quic.Config {
 	return &quic.Config{
 		HandshakeIdleTimeout: 5 * time.Second,
 		MaxIdleTimeout:       IdleTimeout,
-		KeepAlivePeriod:      KeepAlive,
 		// One stream carries a session; a larger window than the defaults lets a backlog
 		// catch up at disk speed over links with some latency.
 		MaxStreamReceiveWindow:     32 << 20,
@@ -132,7 +134,9 @@ func (c *Conn) Refuse(reason string, fatal bool) error {
 
 // Dial connects to a receiver at addr and opens the session's stream.
 func Dial(ctx context.Context, addr string, tlsConf *tls.Config) (*Conn, error) {
-	qc, err := quic.DialAddr(ctx, addr, tlsConf, quicConfig())
+	conf := quicConfig()
+	conf.KeepAlivePeriod = KeepAlive
+	qc, err := quic.DialAddr(ctx, addr, tlsConf, conf)
 	if err != nil {
 		return nil, fmt.Errorf("connect to receiver %s: %w", addr, err)
 	}

@@ -47,15 +47,16 @@ and System V shared memory (same host, or the same PID and IPC namespaces); else
 use --no-drain.
 
 Polling: the poll interval bounds how late a flushed commit leaves for the standby,
-and so what a lost host can lose. While the flush position moves (or WAL is written
+and so what a lost host can lose. While the flush position moves (or WAL is inserted
 and not yet flushed) it is read every --poll (2ms: up to 500 trivial queries a
-second). Once it has stood still for a second, the sidecar waits:
-  --wake inotify (the default): for the server to write to pg_wal, which wakes it at
-    once, and reads the position once a second anyway. An idle primary then costs one
-    query a second. Where inotify cannot be had (it says so), it polls as below.
-  --wake poll: it reads the position every --idle-poll (10ms: 100 queries a second,
-    about 5% of a core for the sidecar and 1.4% for its backend on a small host),
-    which then bounds the first commit after the quiet spell.`)
+second). Once it stands still, the sidecar waits:
+  --wake inotify (the default): after 50ms, for the server to write to pg_wal, which
+    wakes it at once, and it reads the position every 5 seconds anyway. An idle
+    primary then costs a query every 5 seconds. Where inotify cannot be had (it says
+    so), it polls as below.
+  --wake poll: after a second, it reads the position every --idle-poll (10ms: 100
+    queries a second, about 5% of a core for the sidecar and 1.4% for its backend on
+    a small host), which then bounds the first commit after the quiet spell.`)
 	dsn := fs.String("dsn", "", "connection string of the primary, e.g. 'host=/var/run/postgresql user=postgres' (required)")
 	var to addrList
 	fs.Var(&to, "to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)")
