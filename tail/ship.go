@@ -19,12 +19,17 @@ type segmentFiles interface {
 	String() string
 }
 
+// sender sends frames: a session's *transport.Conn.
+type sender interface {
+	Send(transport.Frame) error
+}
+
 // shipper reads byte ranges of segments and sends them.
 type shipper struct {
 	files  segmentFiles
 	stream wal.Stream
 	tli    uint32
-	conn   *transport.Conn
+	conn   sender
 	f      *os.File
 	seg    wal.Segment
 	padAt  uint64 // where switch padding begins in seg; 0 for none found
