@@ -213,21 +213,7 @@ func AppendFrame(dst []byte, f Frame) []byte {
 // too few, is ErrMalformed. Byte slices in the result (Data.Payload, File.Content) alias
 // b. It does not check hashes; the receiver does, with CheckHash.
 func ParseFrame(b []byte) (Frame, int, error) {
-	if len(b) < frameHeaderSize {
-		return nil, 0, fmt.Errorf("%w: %d bytes, want a %d-byte header", ErrMalformed, len(b), frameHeaderSize)
-	}
-	kind, n := b[0], le.Uint32(b[1:])
-	if n > maxBody {
-		return nil, 0, fmt.Errorf("%w: body of %d bytes exceeds %d", ErrMalformed, n, maxBody)
-	}
-	if uint64(len(b)) < frameHeaderSize+uint64(n) {
-		return nil, 0, fmt.Errorf("%w: %d body bytes, header says %d", ErrMalformed, len(b)-frameHeaderSize, n)
-	}
-	f, err := parseBody(kind, b[frameHeaderSize:frameHeaderSize+int(n)], nil)
-	if err != nil {
-		return nil, 0, err
-	}
-	return f, frameHeaderSize + int(n), nil
+	return new(Decoder).Parse(b)
 }
 
 // Decoder parses frames into values it owns and reuses, so that the frames of a
@@ -301,11 +287,8 @@ func (r *body) u16() uint16 { return le.Uint16(r.take(2)) }
 func (r *body) u32() uint32 { return le.Uint32(r.take(4)) }
 func (r *body) u64() uint64 { return le.Uint64(r.take(8)) }
 
-// parseBody parses a frame's body into dec's values, or new ones when dec is nil.
+// parseBody parses a frame's body into dec's values.
 func parseBody(kind byte, b []byte, dec *Decoder) (Frame, error) {
-	if dec == nil {
-		dec = &Decoder{}
-	}
 	r := body{b: b}
 	var f Frame
 	switch kind {
