@@ -254,7 +254,7 @@ func frozenTail(dir string, id spool.Identity, log zerolog.Logger) (spool.Trigge
 		next, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
 		return spool.Trigger{TLI: pos.TLI, Segment: next.Name(id.SegSize)}, nil
 	}
-	b, err := os.ReadFile(spool.PartialPath(dir, p.Seg, id.SegSize))
+	b, err := spool.PartialBytes(spool.PartialPath(dir, p.Seg, id.SegSize), id.SegSize)
 	if err != nil {
 		return spool.Trigger{}, err
 	}

@@ -105,7 +105,7 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 	}
 	if segErr != nil {
 		// History, backup and partial files: restored if present, at once either way.
-		return restoreAsIs(cfg, name)
+		return restoreAsIs(cfg, name, isPartial && haveID, segSize)
 	}
 	for waited := false; ; waited = true {
 		err := restoreSegment(cfg, id, seg, haveID)
@@ -215,8 +215,17 @@ func restorePartial(cfg RestoreConfig, id spool.Identity, trig spool.Trigger) er
 	return nil
 }
 
-func restoreAsIs(cfg RestoreConfig, name string) error {
-	b, err := os.ReadFile(filepath.Join(cfg.Spool, name))
+// restoreAsIs copies a history, backup or partial file; a partial is its bytes, up to
+// its end.
+func restoreAsIs(cfg RestoreConfig, name string, partial bool, segSize uint64) error {
+	path := filepath.Join(cfg.Spool, name)
+	var b []byte
+	var err error
+	if partial {
+		b, err = spool.PartialBytes(path, segSize)
+	} else {
+		b, err = os.ReadFile(path)
+	}
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("restore %s: %w", name, ErrNotAvailable)
 	}

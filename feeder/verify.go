@@ -116,11 +116,18 @@ func verifyFile(path string) (Verdict, error) {
 	if err != nil {
 		return Verdict{}, fmt.Errorf("verify %s: %w", path, err)
 	}
-	if !strings.HasSuffix(base, spool.PartialSuffix) && uint64(info.Size()) != st.SegSize {
-		return Verdict{File: base, Bytes: info.Size(), At: seg.Start(st.SegSize) + wal.LSN(info.Size()), Offset: info.Size(),
-			Reason: fmt.Sprintf("%d bytes, want %d", info.Size(), st.SegSize)}, nil
+	size := info.Size()
+	if strings.HasSuffix(base, spool.PartialSuffix) {
+		end, err := spool.PartialEnd(path, st.SegSize)
+		if err != nil {
+			return Verdict{File: base, Bytes: size, Reason: err.Error()}, nil
+		}
+		size = int64(end)
+	} else if uint64(size) != st.SegSize {
+		return Verdict{File: base, Bytes: size, At: seg.Start(st.SegSize) + wal.LSN(size), Offset: size,
+			Reason: fmt.Sprintf("%d bytes, want %d", size, st.SegSize)}, nil
 	}
-	return verifyRun(st, seg.TLI, []segFile{{seg, path, info.Size()}})[0], nil
+	return verifyRun(st, seg.TLI, []segFile{{seg, path, size}})[0], nil
 }
 
 // verifyRun walks the records of consecutive files of one timeline. A file is ok when

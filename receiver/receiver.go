@@ -312,6 +312,7 @@ func startWriting(dir string, id spool.Identity, log zerolog.Logger) (spool.Cont
 
 func (s *session) close() {
 	s.w.Close()
+	s.w.Wait()
 	s.wlock.Close()
 }
 

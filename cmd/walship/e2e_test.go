@@ -303,7 +303,7 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 	}
 	if p, ok := c.Partials[pos.TLI]; ok {
 		name := p.Seg.Name(id.SegSize)
-		got, err := os.ReadFile(filepath.Join(r.spool, name+spool.PartialSuffix))
+		got, err := spool.PartialBytes(filepath.Join(r.spool, name+spool.PartialSuffix), id.SegSize)
 		require.NoError(t, err)
 		f, err := os.Open(filepath.Join(r.primary.Data, "pg_wal", name))
 		require.NoError(t, err)

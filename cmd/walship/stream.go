@@ -143,7 +143,9 @@ func runReceive(args []string) int {
 Receive WAL from a walship sidecar into a spool directory, next to the standby.
 
 Completed segments appear in the spool under their own names, whole and fsynced; the
-segment in progress is <name>.partial and holds exactly the bytes received. Every page
+segment in progress is <name>.partial: pre-sized to a whole segment, as PostgreSQL's
+own WAL files are, with an end block after it that records exactly how many bytes
+were received and made durable (walship verify and restore read it). Every page
 is checked on arrival (version, position, cluster), every frame against its checksum,
 and bytes are acknowledged to the sidecar only once fsynced. A spool belongs to the
 first cluster that streams into it; any other is refused. The receiver resumes from

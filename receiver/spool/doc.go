@@ -6,8 +6,10 @@
 // A spool directory holds:
 //   - walship.json, the Identity: the cluster whose WAL it takes (Bind writes it once);
 //   - published segments under their own names, whole and fsynced, and for each
-//     timeline at most one <segment>.partial, the exact bytes received of the segment in
-//     progress (Writer writes both; Scan lists them);
+//     timeline at most one <segment>.partial, the segment in progress, pre-sized with an
+//     end block that says how many of its bytes were received and made durable (see
+//     EndBlockSize; Writer writes both; Scan lists them);
+//   - .walship.spare, a pre-sized file kept ready for the next partial;
 //   - timeline history files, published whole;
 //   - walship.end, the end-of-WAL mark of a drained primary (WriteEnd, ClearEnd);
 //   - walship.freeze and walship.promote, the freeze marker and the promotion trigger

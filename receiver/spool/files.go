@@ -125,10 +125,11 @@ type Contents struct {
 	Temps     []string           // leftovers of interrupted publishes
 }
 
-// Partial is a <segment>.partial file: the exact bytes received of a segment.
+// Partial is a <segment>.partial file: the bytes received of a segment, pre-sized (see
+// EndBlockSize).
 type Partial struct {
 	Seg  wal.Segment
-	Size uint64
+	Size uint64 // the bytes it holds, from the segment's start: its end, not its file size
 }
 
 // SegmentPath is where a published segment lives in the spool.
@@ -155,8 +156,8 @@ func OpenSegment(dir string, seg wal.Segment, segSize uint64) (*os.File, error) 
 	return f, err
 }
 
-// Scan lists a spool's WAL files. A published segment of the wrong size, a partial
-// longer than a segment, or two partials of one timeline are errors: the spool is damaged
+// Scan lists a spool's WAL files. A published segment of the wrong size, a partial of
+// neither the pre-sized nor the old kind's size, or two partials of one timeline are errors: the spool is damaged
 // and nothing should guess around it. A receiver may publish while Scan reads; a file
 // that vanishes between the listing and its stat makes Scan look again.
 func Scan(dir string, segSize uint64) (Contents, error) {
@@ -191,18 +192,15 @@ func scanOnce(dir string, segSize uint64) (Contents, error) {
 			if err != nil {
 				continue
 			}
-			info, err := e.Info()
+			end, err := PartialEnd(filepath.Join(dir, name), segSize)
 			if err != nil {
 				return Contents{}, fmt.Errorf("scan spool: %w", err)
-			}
-			if uint64(info.Size()) > segSize {
-				return Contents{}, fmt.Errorf("scan spool: %s holds %d bytes, more than a %d-byte segment", name, info.Size(), segSize)
 			}
 			if old, dup := c.Partials[seg.TLI]; dup {
 				return Contents{}, fmt.Errorf("scan spool: two partial segments on timeline %d: %s and %s",
 					seg.TLI, old.Seg.Name(segSize)+PartialSuffix, name)
 			}
-			c.Partials[seg.TLI] = Partial{Seg: seg, Size: uint64(info.Size())}
+			c.Partials[seg.TLI] = Partial{Seg: seg, Size: end}
 		default:
 			seg, err := wal.ParseSegmentName(name, segSize)
 			if err != nil {

@@ -13,11 +13,12 @@ import (
 )
 
 // Recover brings a spool to a clean state before a session writes it: leftovers of
-// interrupted publishes are removed, a partial that is already whole (a crash between
-// its last write and its rename) is published, and the page headers of each timeline's
-// partial are checked; a partial is cut back to its first bad page, whose bytes were
-// never fsynced and acked (a crash of the host can leave a file longer than its durable
-// data). The caller holds LockWriter.
+// interrupted publishes are removed; each timeline's partial is settled at its durable
+// end (the newest end slot that holds, see EndBlockSize), its page headers are checked
+// and it is cut back to its first bad page (bytes that should never have been
+// acknowledged); a partial of the old, unsized kind is pre-sized; and a partial that is
+// whole (a crash between its last write and its rename) is published. The caller holds
+// LockWriter.
 func Recover(dir string, stream wal.Stream, log zerolog.Logger) (Contents, error) {
 	c, err := Scan(dir, stream.SegSize)
 	if err != nil {
@@ -31,35 +32,11 @@ func Recover(dir string, stream wal.Stream, log zerolog.Logger) (Contents, error
 	}
 	changed := len(c.Temps) > 0
 	for _, p := range c.Partials {
-		name := PartialPath(dir, p.Seg, stream.SegSize)
-		data, err := os.ReadFile(name)
+		did, err := recoverPartial(PartialPath(dir, p.Seg, stream.SegSize), p.Seg, stream, log)
 		if err != nil {
 			return Contents{}, fmt.Errorf("recover spool: %w", err)
 		}
-		good := uint64(len(data))
-		if err := stream.CheckPages(data, p.Seg.Start(stream.SegSize), p.Seg.TLI); err != nil {
-			var pe *wal.PageError
-			if !errors.As(err, &pe) {
-				return Contents{}, err
-			}
-			good = uint64(pe.At - p.Seg.Start(stream.SegSize))
-			log.Warn().Str("file", name).Err(err).Uint64("kept_bytes", good).Msg("cutting a partial segment back to its last good page")
-			if err := os.Truncate(name, int64(good)); err != nil {
-				return Contents{}, fmt.Errorf("recover spool: %w", err)
-			}
-			changed = true
-		}
-		if good == stream.SegSize {
-			f, err := os.OpenFile(name, os.O_RDWR, 0)
-			if err != nil {
-				return Contents{}, fmt.Errorf("recover spool: %w", err)
-			}
-			if err := durable.Rename(f, SegmentPath(dir, p.Seg, stream.SegSize)); err != nil {
-				return Contents{}, fmt.Errorf("recover spool: %w", err)
-			}
-			log.Info().Str("file", name).Msg("published a whole partial segment left by a crash")
-			changed = true
-		}
+		changed = changed || did
 	}
 	if !changed {
 		return c, nil
@@ -90,4 +67,66 @@ func RecoverIdle(dir string, id Identity, log zerolog.Logger) (Contents, error) 
 		return Scan(dir, id.SegSize)
 	}
 	return Recover(dir, id.Stream(), log)
+}
+
+// recoverPartial settles one partial file; changed says whether it changed anything.
+func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog.Logger) (changed bool, err error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return false, err
+	}
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+	}()
+	st, err := readPartialState(f, stream.SegSize)
+	if err != nil {
+		return false, err
+	}
+	data := make([]byte, st.end)
+	if _, err := f.ReadAt(data, 0); err != nil {
+		return false, fmt.Errorf("read %s: %w", path, err)
+	}
+	good := st.end
+	if err := stream.CheckPages(data, seg.Start(stream.SegSize), seg.TLI); err != nil {
+		var pe *wal.PageError
+		if !errors.As(err, &pe) {
+			return false, err
+		}
+		good = uint64(pe.At - seg.Start(stream.SegSize))
+		log.Warn().Str("file", path).Err(err).Uint64("kept_bytes", good).Msg("cutting a partial segment back to its last good page")
+	}
+	if st.fellBack {
+		log.Warn().Str("file", path).Uint64("kept_bytes", good).Msg("the last sync of a partial segment did not complete; its end is where the sync before left it")
+	}
+	if good == stream.SegSize {
+		if err := f.Truncate(int64(stream.SegSize)); err != nil {
+			return false, err
+		}
+		g := f
+		f = nil
+		if err := durable.Rename(g, SegmentPath(filepath.Dir(path), seg, stream.SegSize)); err != nil {
+			return false, err
+		}
+		log.Info().Str("file", path).Msg("published a whole partial segment left by a crash")
+		return true, nil
+	}
+	if st.legacy {
+		// Pre-size it: zeros from the good end to the end block, then the end block.
+		for off := good; off < stream.SegSize+EndBlockSize; {
+			n := min(stream.SegSize+EndBlockSize-off, uint64(len(zeros)))
+			if _, err := f.WriteAt(zeros[:n], int64(off)); err != nil {
+				return false, fmt.Errorf("pre-size %s: %w", path, err)
+			}
+			off += n
+		}
+		log.Info().Str("file", path).Uint64("bytes", good).Msg("pre-sized a partial segment written by an older walship")
+	} else if !st.fellBack && good == st.end {
+		return false, nil
+	}
+	if err := writeEndBlock(f, stream.SegSize, good, st.seq+1); err != nil {
+		return false, err
+	}
+	return true, nil
 }

@@ -78,7 +78,9 @@ func TestScan(t *testing.T) {
 		{name: "newer timeline wins", files: map[string]int{name(seg(1, 4)) + PartialSuffix: 500, name(seg(2, 4)) + PartialSuffix: 8192},
 			pos: wal.Position{TLI: 2, LSN: 4<<20 + 8192}},
 		{name: "published of the wrong size", files: map[string]int{name(seg(1, 3)): 1000}, err: "holds 1000 bytes, want 1048576"},
-		{name: "partial longer than a segment", files: map[string]int{name(seg(1, 3)) + PartialSuffix: 1<<20 + 1}, err: "more than a 1048576-byte segment"},
+		{name: "partial longer than a segment", files: map[string]int{name(seg(1, 3)) + PartialSuffix: 1<<20 + 1}, err: "neither a pre-sized partial (1052672) nor at most a 1048576-byte segment"},
+		{name: "pre-sized partial with no end slot", files: map[string]int{name(seg(1, 3)): 1 << 20, name(seg(1, 4)) + PartialSuffix: 1<<20 + EndBlockSize},
+			pos: wal.Position{TLI: 1, LSN: 4 << 20}},
 		{name: "two partials of a timeline", files: map[string]int{name(seg(1, 3)) + PartialSuffix: 1, name(seg(1, 4)) + PartialSuffix: 1}, err: "two partial segments on timeline 1"},
 	}
 	for _, c := range cases {
@@ -116,9 +118,15 @@ func TestRecover(t *testing.T) {
 	c, err := Recover(dir, st, zerolog.Nop())
 	require.NoError(t, err)
 	require.NoFileExists(t, temp)
-	got, err := os.ReadFile(PartialPath(dir, partial, st.SegSize))
+	got, err := PartialBytes(PartialPath(dir, partial, st.SegSize), st.SegSize)
 	require.NoError(t, err)
 	require.Equal(t, good, got, "the partial is cut back to its last good page")
+	info, err := os.Stat(PartialPath(dir, partial, st.SegSize))
+	require.NoError(t, err)
+	require.Equal(t, int64(st.SegSize+EndBlockSize), info.Size(), "a partial of the old kind is pre-sized")
+	c2, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, c, c2, "a second recovery finds nothing to do")
 	require.FileExists(t, SegmentPath(dir, whole, st.SegSize), "the whole partial is published")
 	require.NoFileExists(t, PartialPath(dir, whole, st.SegSize))
 	require.Equal(t, []wal.Segment{whole}, c.Segments)
@@ -139,12 +147,116 @@ func TestWriter(t *testing.T) {
 	other := append([]byte(nil), b[100:200]...)
 	other[5] ^= 1
 	require.ErrorIs(t, w.Check(100, other), ErrConflict)
+	require.ErrorContains(t, w.WriteAt(9001, b[9001:9100]), "the partial holds 9000 bytes", "a write that leaves a hole")
 	require.NoError(t, w.WriteAt(9000, b[9000:]))
 	require.NoError(t, w.Publish())
 	got, err := os.ReadFile(SegmentPath(dir, seg, testID.SegSize))
 	require.NoError(t, err)
 	require.Equal(t, b, got)
 	require.NoFileExists(t, PartialPath(dir, seg, testID.SegSize))
+	info, err := os.Stat(SegmentPath(dir, seg, testID.SegSize))
+	require.NoError(t, err)
+	require.Equal(t, os.FileMode(0o644), info.Mode().Perm(), "the server's user reads the spool")
+
+	// The segment after it is made from the spare made meanwhile, and a new spare follows.
+	w.Wait()
+	require.FileExists(t, filepath.Join(dir, spareName))
+	next := wal.Segment{TLI: 1, No: 3}
+	require.NoError(t, w.Use(next, true))
+	w.Wait()
+	require.FileExists(t, filepath.Join(dir, spareName))
+	c, err := Scan(dir, testID.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, map[uint32]Partial{1: {Seg: next, Size: 0}}, c.Partials, "the spare is no part of the spool's WAL")
+}
+
+// TestWriterCrash cuts a writer's syncs short in each way a crash of the host can, on
+// the file, and checks that the partial's end is the last one made durable, that
+// recovery settles there, and that writing goes on from there to a whole segment.
+func TestWriterCrash(t *testing.T) {
+	seg := wal.Segment{TLI: 1, No: 2}
+	b := pages(seg, 128)
+	st := testID.Stream()
+	// write makes a partial holding two synced groups, [0, 20000) and [20000, 50000), and
+	// 10000 bytes written past them but not synced.
+	write := func(t *testing.T) (dir, path string) {
+		dir = t.TempDir()
+		w := NewWriter(dir, st.SegSize)
+		require.NoError(t, w.Use(seg, true))
+		require.NoError(t, w.WriteAt(0, b[:20000]))
+		require.NoError(t, w.Sync())
+		require.NoError(t, w.WriteAt(20000, b[20000:50000]))
+		require.NoError(t, w.Sync())
+		require.NoError(t, w.WriteAt(50000, b[50000:60000]))
+		w.Close()
+		w.Wait()
+		return dir, PartialPath(dir, seg, st.SegSize)
+	}
+	slotOf := func(seq uint64) int64 { return int64(st.SegSize + seq%2*slotSize) }
+	cases := []struct {
+		name  string
+		crash func(t *testing.T, f *os.File) // what the crash left on the disk
+		end   uint64
+		fell  bool
+	}{
+		{name: "every sync completed", crash: func(*testing.T, *os.File) {}, end: 50000},
+		{name: "the last sync's bytes did not all land", crash: func(t *testing.T, f *os.File) {
+			_, err := f.WriteAt(make([]byte, 512), 32768) // a sector of zeros where a page header belongs
+			require.NoError(t, err)
+		}, end: 20000, fell: true},
+		{name: "the last sync's slot is torn", crash: func(t *testing.T, f *os.File) {
+			_, err := f.WriteAt([]byte{0xff}, slotOf(2)+20)
+			require.NoError(t, err)
+		}, end: 20000, fell: true},
+		{name: "the last sync's slot never landed", crash: func(t *testing.T, f *os.File) {
+			_, err := f.WriteAt(make([]byte, slotSize), slotOf(2))
+			require.NoError(t, err)
+		}, end: 20000},
+		{name: "no sync landed", crash: func(t *testing.T, f *os.File) {
+			_, err := f.WriteAt(make([]byte, 2*slotSize), slotOf(0))
+			require.NoError(t, err)
+		}, end: 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir, path := write(t)
+			f, err := os.OpenFile(path, os.O_RDWR, 0)
+			require.NoError(t, err)
+			c.crash(t, f)
+			ps, err := readPartialState(f, st.SegSize)
+			f.Close()
+			require.NoError(t, err)
+			require.Equal(t, c.end, ps.end, "the end")
+			require.Equal(t, c.fell, ps.fellBack, "fell back to the slot before")
+
+			w := NewWriter(dir, st.SegSize)
+			defer w.Close()
+			if c.fell {
+				require.ErrorContains(t, w.Use(seg, false), "has not been recovered", "a writer refuses a partial that recovery has not settled")
+			}
+			rc, err := Recover(dir, st, zerolog.Nop())
+			require.NoError(t, err)
+			require.Equal(t, map[uint32]Partial{1: {Seg: seg, Size: c.end}}, rc.Partials)
+			got, err := PartialBytes(path, st.SegSize)
+			require.NoError(t, err)
+			require.Equal(t, b[:c.end], got)
+			// Recovery left one slot: a second look at the file agrees without falling back.
+			end, err := PartialEnd(path, st.SegSize)
+			require.NoError(t, err)
+			require.Equal(t, c.end, end)
+
+			require.NoError(t, w.Use(seg, false))
+			if c.end > 0 {
+				require.ErrorIs(t, w.Check(0, append([]byte{b[0] ^ 1}, b[1:c.end]...)), ErrConflict, "the bytes held are checked")
+			}
+			require.NoError(t, w.WriteAt(c.end, b[c.end:]))
+			require.NoError(t, w.Publish())
+			w.Wait()
+			whole, err := os.ReadFile(SegmentPath(dir, seg, st.SegSize))
+			require.NoError(t, err)
+			require.Equal(t, b, whole)
+		})
+	}
 }
 
 func TestMarks(t *testing.T) {

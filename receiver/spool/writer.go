@@ -4,34 +4,45 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
+
+	"github.com/cespare/xxhash/v2"
 
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/tail/wal"
 )
 
 // Writer writes received WAL into a spool, one segment at a time, always into the
-// segment's partial file: bytes become visible under the segment's own name only once
-// the segment is whole and fsynced (Publish). Its caller holds LockWriter.
+// segment's pre-sized partial file (see EndBlockSize): bytes become visible under the
+// segment's own name only once the segment is whole and fsynced (Publish). Its caller
+// holds LockWriter and has run Recover.
 type Writer struct {
 	dir     string
 	segSize uint64
 	f       *os.File
 	seg     wal.Segment
-	dirty   bool // written since the last Sync
+	end     uint64         // bytes of seg written, from offset 0
+	synced  uint64         // bytes of seg durable: the end the last slot written says
+	seq     uint64         // the sequence number of the last slot written
+	digest  *xxhash.Digest // of the bytes from synced to end
 	// Syncs counts the fsyncs of written WAL (Sync and Publish), for the metrics; the
 	// caller may point it at a counter of its own.
 	Syncs *atomic.Uint64
+
+	spare   sync.WaitGroup // the goroutine making the next spare
+	slotBuf []byte
 }
 
 // NewWriter returns a Writer for the spool dir of segSize-byte segments.
 func NewWriter(dir string, segSize uint64) *Writer {
-	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64)}
+	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64), digest: xxhash.New(), slotBuf: make([]byte, slotSize)}
 }
 
 // Use makes seg's partial file the one written, syncing the one before. create says
-// the file is new: its name is made durable at once, so that it survives a crash before
-// the first acknowledgement.
+// the file is new: it is made (pre-sized) and its name made durable at once, so that it
+// survives a crash before the first acknowledgement; a spare for the segment after it
+// is made in the background.
 func (w *Writer) Use(seg wal.Segment, create bool) error {
 	if !create && w.f != nil && w.seg == seg {
 		return nil
@@ -40,23 +51,42 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 		return err
 	}
 	w.Close()
-	f, err := os.OpenFile(PartialPath(w.dir, seg, w.segSize), os.O_RDWR|os.O_CREATE, 0o644)
+	path := PartialPath(w.dir, seg, w.segSize)
+	var f *os.File
+	var err error
+	if _, statErr := os.Lstat(path); create && os.IsNotExist(statErr) {
+		w.spare.Wait() // a spare half made is nearer than a new one
+		f, err = createPartial(w.dir, path, w.segSize)
+		w.spare.Add(1)
+		go func() {
+			defer w.spare.Done()
+			makeSpare(w.dir, w.segSize) // best effort: without it, the next partial is made when needed
+		}()
+	} else {
+		f, err = os.OpenFile(path, os.O_RDWR, 0)
+	}
 	if err != nil {
 		return fmt.Errorf("open partial segment: %w", err)
 	}
-	if create {
-		if err := durable.SyncDir(w.dir); err != nil {
-			f.Close()
-			return err
-		}
+	st, err := readPartialState(f, w.segSize)
+	if err == nil && (st.legacy || st.fellBack) {
+		err = fmt.Errorf("partial segment %s has not been recovered", path)
 	}
-	w.f, w.seg = f, seg
+	if err != nil {
+		f.Close()
+		return err
+	}
+	w.f, w.seg, w.end, w.synced, w.seq = f, seg, st.end, st.end, st.seq
+	w.digest.Reset()
 	return nil
 }
 
 // Check compares held with the bytes the partial holds at offset at: a resend must
 // match what is there, and a difference is ErrConflict.
 func (w *Writer) Check(at uint64, held []byte) error {
+	if at+uint64(len(held)) > w.end {
+		return fmt.Errorf("segment %s: check of %d bytes at offset %d past the %d held", w.seg.Name(w.segSize), len(held), at, w.end)
+	}
 	have := make([]byte, len(held))
 	if _, err := w.f.ReadAt(have, int64(at)); err != nil {
 		return fmt.Errorf("read %s at %d: %w", w.f.Name(), at, err)
@@ -67,38 +97,57 @@ func (w *Writer) Check(at uint64, held []byte) error {
 	return nil
 }
 
-// WriteAt writes b at offset at of the partial. A failed write is cut back, so that the
-// file holds only bytes the caller knows of.
+// WriteAt writes b at offset at of the partial, which must be where the bytes written
+// so far end: a segment is written from its start, in order.
 func (w *Writer) WriteAt(at uint64, b []byte) error {
+	if at != w.end || at+uint64(len(b)) > w.segSize {
+		return fmt.Errorf("write segment %s at offset %d (%d bytes): the partial holds %d bytes", w.seg.Name(w.segSize), at, len(b), w.end)
+	}
 	if _, err := w.f.WriteAt(b, int64(at)); err != nil {
-		w.f.Truncate(int64(at))
+		// What reached the file past the end is no part of it: the end stays.
 		return fmt.Errorf("write segment %s at offset %d: %w", w.seg.Name(w.segSize), at, err)
 	}
-	w.dirty = true
+	w.digest.Write(b)
+	w.end += uint64(len(b))
 	return nil
 }
 
-// Publish fsyncs the whole partial and renames it to the segment's own name.
+// Publish cuts the end block off the whole partial, fsyncs it and renames it to the
+// segment's own name.
 func (w *Writer) Publish() error {
+	if w.end != w.segSize {
+		return fmt.Errorf("publish segment %s: only %d of %d bytes written", w.seg.Name(w.segSize), w.end, w.segSize)
+	}
 	f := w.f
-	w.f, w.dirty = nil, false
+	w.f = nil
+	if err := f.Truncate(int64(w.segSize)); err != nil {
+		f.Close()
+		return fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
+	}
 	w.Syncs.Add(1)
 	return durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize))
 }
 
 // Dirty says whether bytes were written since the last Sync.
-func (w *Writer) Dirty() bool { return w.dirty }
+func (w *Writer) Dirty() bool { return w.f != nil && w.end != w.synced }
 
-// Sync makes everything written so far durable.
+// Sync makes everything written so far durable: it writes the next end slot and
+// fdatasyncs the partial, which carries the bytes and the slot to the disk together.
 func (w *Writer) Sync() error {
-	if !w.dirty {
+	if !w.Dirty() {
 		return nil
 	}
-	w.Syncs.Add(1)
-	if err := w.f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", w.f.Name(), err)
+	s := endSlot{seq: w.seq + 1, prev: w.synced, end: w.end, hash: w.digest.Sum64()}
+	s.encode(w.slotBuf)
+	if _, err := w.f.WriteAt(w.slotBuf, int64(w.segSize+(s.seq%2)*slotSize)); err != nil {
+		return fmt.Errorf("write the end block of %s: %w", w.f.Name(), err)
 	}
-	w.dirty = false
+	w.Syncs.Add(1)
+	if err := fdatasync(w.f); err != nil {
+		return err
+	}
+	w.seq, w.synced = s.seq, s.end
+	w.digest.Reset()
 	return nil
 }
 
@@ -109,3 +158,6 @@ func (w *Writer) Close() {
 		w.f = nil
 	}
 }
+
+// Wait waits for the spare being made in the background, if any.
+func (w *Writer) Wait() { w.spare.Wait() }

@@ -1,0 +1,293 @@
+package spool
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/cespare/xxhash/v2"
+	"golang.org/x/sys/unix"
+
+	"github.com/walship/walship/receiver/durable"
+)
+
+// A partial segment is pre-sized, as PostgreSQL's own WAL files are: making an
+// overwrite durable costs the file system about half what an append costs, for an
+// append changes the file's size and must commit the journal with the data. So
+// <segment>.partial is the segment's full size of WAL space, zeros where nothing was
+// received yet, followed by an end block of EndBlockSize bytes that says where the
+// received bytes end.
+//
+// The end block holds two slots, written in turn, each in a 512-byte sector of its own:
+// a sequence number, where the bytes made durable by the sync before ended (prev), where
+// they end now (end), the xxhash64 of the bytes between the two, and a CRC32C of the
+// slot. A sync writes the new bytes, then the slot not written last, then fdatasyncs
+// both at once. After a crash, the newest slot whose CRC holds and whose hash matches
+// the file's bytes says where the durable bytes end; if the crash cut its sync short
+// (the slot or some of its bytes never reached the disk), the other slot does, for its
+// sync completed before the next one began. Bytes past the end are no part of the
+// partial, whatever they hold: readers use the end, never the file's size.
+//
+// A partial of at most a segment's size, written by walship releases before pre-sizing,
+// holds exactly its bytes; Recover turns it into a pre-sized one.
+const (
+	EndBlockSize = 4096
+	slotSize     = 512
+	slotLen      = 44 // magic, seq, prev, end, hash, crc
+	slotMagic    = 0x646E_4570_6977_6C61
+)
+
+// spareName is a zero-filled, fsynced pre-sized file kept ready for the next partial,
+// so that starting a segment does not wait for 16 MB of zeros to be written.
+const spareName = ".walship.spare"
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+type endSlot struct {
+	seq, prev, end, hash uint64
+}
+
+func (s endSlot) encode(b []byte) {
+	binary.LittleEndian.PutUint64(b[0:], slotMagic)
+	binary.LittleEndian.PutUint64(b[8:], s.seq)
+	binary.LittleEndian.PutUint64(b[16:], s.prev)
+	binary.LittleEndian.PutUint64(b[24:], s.end)
+	binary.LittleEndian.PutUint64(b[32:], s.hash)
+	binary.LittleEndian.PutUint32(b[40:], crc32.Checksum(b[:40], castagnoli))
+}
+
+func decodeSlot(b []byte) (endSlot, bool) {
+	if binary.LittleEndian.Uint64(b[0:]) != slotMagic || binary.LittleEndian.Uint32(b[40:]) != crc32.Checksum(b[:40], castagnoli) {
+		return endSlot{}, false
+	}
+	return endSlot{
+		seq:  binary.LittleEndian.Uint64(b[8:]),
+		prev: binary.LittleEndian.Uint64(b[16:]),
+		end:  binary.LittleEndian.Uint64(b[24:]),
+		hash: binary.LittleEndian.Uint64(b[32:]),
+	}, true
+}
+
+// partialEnd is where the bytes of an open partial end. legacy says the file is an
+// old-style partial whose size is its end; fellBack that the newest slot did not hold
+// (a sync cut short by a crash). seq is the sequence number of the newest slot whose CRC
+// holds, so that the next one written is newer than every slot in the file.
+type partialState struct {
+	end, seq         uint64
+	legacy, fellBack bool
+}
+
+func readPartialState(f *os.File, segSize uint64) (partialState, error) {
+	info, err := f.Stat()
+	if err != nil {
+		return partialState{}, err
+	}
+	size := uint64(info.Size())
+	if size <= segSize {
+		return partialState{end: size, legacy: true}, nil
+	}
+	if size != segSize+EndBlockSize {
+		return partialState{}, fmt.Errorf("partial segment %s holds %d bytes: neither a pre-sized partial (%d) nor at most a %d-byte segment",
+			filepath.Base(f.Name()), size, segSize+EndBlockSize, segSize)
+	}
+	block := make([]byte, 2*slotSize)
+	if _, err := f.ReadAt(block, int64(segSize)); err != nil {
+		return partialState{}, fmt.Errorf("read the end block of %s: %w", f.Name(), err)
+	}
+	a, aok := decodeSlot(block[:slotLen])
+	b, bok := decodeSlot(block[slotSize : slotSize+slotLen])
+	// A slot that is not all zeros and does not decode is one whose write a crash tore.
+	torn := !aok && !allZero(block[:slotLen]) || !bok && !allZero(block[slotSize:slotSize+slotLen])
+	if aok && bok && b.seq > a.seq || !aok {
+		a, aok, b, bok = b, bok, a, aok
+	}
+	var st partialState
+	if aok {
+		st.seq = a.seq
+	}
+	for i, s := range []endSlot{a, b} {
+		if ok := []bool{aok, bok}[i]; !ok || s.prev > s.end || s.end > segSize {
+			continue
+		}
+		match, err := hashMatches(f, s)
+		if err != nil {
+			return partialState{}, err
+		}
+		if match {
+			st.end, st.fellBack = s.end, i > 0 || torn
+			return st, nil
+		}
+	}
+	st.fellBack = aok || torn
+	return st, nil
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func hashMatches(f *os.File, s endSlot) (bool, error) {
+	d := xxhash.New()
+	if _, err := io.Copy(d, io.NewSectionReader(f, int64(s.prev), int64(s.end-s.prev))); err != nil {
+		return false, fmt.Errorf("read %s: %w", f.Name(), err)
+	}
+	return d.Sum64() == s.hash, nil
+}
+
+// PartialBytes reads the bytes a partial segment holds: up to its end, not its size.
+func PartialBytes(path string, segSize uint64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := readPartialState(f, segSize)
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, st.end)
+	if _, err := f.ReadAt(b, 0); err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// PartialEnd is how many bytes the partial segment at path holds.
+func PartialEnd(path string, segSize uint64) (uint64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := readPartialState(f, segSize)
+	return st.end, err
+}
+
+// writeEndBlock replaces a partial's end block by one valid slot saying that its
+// first end bytes (already durable, or fdatasynced with the block) are held, and
+// fdatasyncs the file. It is how Recover settles a partial: afterwards no older or
+// broken slot is left to confuse the next recovery.
+func writeEndBlock(f *os.File, segSize uint64, end uint64, seq uint64) error {
+	d := xxhash.New()
+	if _, err := io.Copy(d, io.NewSectionReader(f, 0, int64(end))); err != nil {
+		return fmt.Errorf("read %s: %w", f.Name(), err)
+	}
+	block := make([]byte, EndBlockSize)
+	s := endSlot{seq: seq, prev: 0, end: end, hash: d.Sum64()}
+	s.encode(block[(seq%2)*slotSize:])
+	if _, err := f.WriteAt(block, int64(segSize)); err != nil {
+		return fmt.Errorf("write the end block of %s: %w", f.Name(), err)
+	}
+	return fdatasync(f)
+}
+
+func fdatasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("fdatasync %s: %w", f.Name(), err)
+		}
+		return nil
+	}
+}
+
+// zeros is written to pre-size files.
+var zeros = make([]byte, 1<<20)
+
+// preSized writes a new file of segSize+EndBlockSize zeros under a temporary name in
+// dir, fsyncs it and returns it open. The zeros are written, not left as a hole, for
+// writing into a hole allocates blocks and costs what an append costs.
+func preSized(dir string, segSize uint64) (*os.File, error) {
+	f, err := os.CreateTemp(dir, durable.TempPrefix+"partial-")
+	if err != nil {
+		return nil, err
+	}
+	// Readable by others, as every WAL file of the spool: restore_command runs as the
+	// server's user.
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, err
+	}
+	for left := segSize + EndBlockSize; left > 0; {
+		n := min(left, uint64(len(zeros)))
+		if _, err := f.Write(zeros[:n]); err != nil {
+			f.Close()
+			os.Remove(f.Name())
+			return nil, fmt.Errorf("pre-size a partial segment: %w", err)
+		}
+		left -= n
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, fmt.Errorf("pre-size a partial segment: fsync: %w", err)
+	}
+	return f, nil
+}
+
+// makeSpare leaves a pre-sized file at spareName for the next partial, unless one is
+// there. It runs beside the writer; a failure only means the next partial is written
+// at once.
+func makeSpare(dir string, segSize uint64) error {
+	path := filepath.Join(dir, spareName)
+	if _, err := os.Stat(path); err == nil {
+		return nil
+	}
+	f, err := preSized(dir, segSize)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	if err := os.Rename(f.Name(), path); err != nil {
+		os.Remove(f.Name())
+		return err
+	}
+	return nil
+}
+
+// createPartial makes path a new pre-sized partial, durable under its name, from the
+// spare if one is ready, else written now.
+func createPartial(dir, path string, segSize uint64) (*os.File, error) {
+	spare := filepath.Join(dir, spareName)
+	err := os.Rename(spare, path)
+	if errors.Is(err, os.ErrNotExist) {
+		var f *os.File
+		if f, err = preSized(dir, segSize); err != nil {
+			return nil, err
+		}
+		f.Close()
+		if err = os.Rename(f.Name(), path); err != nil {
+			os.Remove(f.Name())
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("create partial segment: %w", err)
+	}
+	if err := durable.SyncDir(dir); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open partial segment: %w", err)
+	}
+	// A spare of another segment size (the spool was rebound? it cannot be) would not
+	// do; check rather than trust.
+	if info, err := f.Stat(); err != nil || uint64(info.Size()) != segSize+EndBlockSize {
+		f.Close()
+		return nil, fmt.Errorf("create partial segment %s: the pre-sized file has the wrong size", path)
+	}
+	return f, nil
+}
