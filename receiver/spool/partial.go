@@ -206,10 +206,11 @@ func fdatasync(f *os.File) error {
 // zeros is written to pre-size files.
 var zeros = make([]byte, 1<<20)
 
-// preSized writes a new file of segSize+EndBlockSize zeros under a temporary name in
-// dir, fsyncs it and returns it open. The zeros are written, not left as a hole, for
-// writing into a hole allocates blocks and costs what an append costs.
-func preSized(dir string, segSize uint64) (*os.File, error) {
+// preSized makes a new file of segSize+EndBlockSize zeros under a temporary name in
+// dir, fsyncs it and returns it open. With write, the zeros are written: writing into a
+// hole allocates blocks and costs what an append costs. Without, the file is a hole,
+// made at once, for a stream so fast that the zeros would cost more than they save.
+func preSized(dir string, segSize uint64, write bool) (*os.File, error) {
 	f, err := os.CreateTemp(dir, durable.TempPrefix+"partial-")
 	if err != nil {
 		return nil, err
@@ -221,7 +222,14 @@ func preSized(dir string, segSize uint64) (*os.File, error) {
 		os.Remove(f.Name())
 		return nil, err
 	}
-	for left := segSize + EndBlockSize; left > 0; {
+	if !write {
+		if err := f.Truncate(int64(segSize + EndBlockSize)); err != nil {
+			f.Close()
+			os.Remove(f.Name())
+			return nil, fmt.Errorf("pre-size a partial segment: %w", err)
+		}
+	}
+	for left := segSize + EndBlockSize; write && left > 0; {
 		n := min(left, uint64(len(zeros)))
 		if _, err := f.Write(zeros[:n]); err != nil {
 			f.Close()
@@ -246,7 +254,7 @@ func makeSpare(dir string, segSize uint64) error {
 	if _, err := os.Stat(path); err == nil {
 		return nil
 	}
-	f, err := preSized(dir, segSize)
+	f, err := preSized(dir, segSize, true)
 	if err != nil {
 		return err
 	}
@@ -259,13 +267,13 @@ func makeSpare(dir string, segSize uint64) error {
 }
 
 // createPartial makes path a new pre-sized partial, durable under its name, from the
-// spare if one is ready, else written now.
-func createPartial(dir, path string, segSize uint64) (*os.File, error) {
+// spare if one is ready, else made now (zeros written or not, see preSized).
+func createPartial(dir, path string, segSize uint64, zeros bool) (*os.File, error) {
 	spare := filepath.Join(dir, spareName)
 	err := os.Rename(spare, path)
 	if errors.Is(err, os.ErrNotExist) {
 		var f *os.File
-		if f, err = preSized(dir, segSize); err != nil {
+		if f, err = preSized(dir, segSize, zeros); err != nil {
 			return nil, err
 		}
 		f.Close()

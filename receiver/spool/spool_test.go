@@ -148,7 +148,12 @@ func TestWriter(t *testing.T) {
 	other[5] ^= 1
 	require.ErrorIs(t, w.Check(100, other), ErrConflict)
 	require.ErrorContains(t, w.WriteAt(9001, b[9001:9100]), "the partial holds 9000 bytes", "a write that leaves a hole")
-	require.NoError(t, w.WriteAt(9000, b[9000:]))
+	for at := 9000; at < len(b); at += 8192 { // synced a page at a time: not a bulk stream
+		require.NoError(t, w.WriteAt(uint64(at), b[at:min(at+8192, len(b))]))
+		if at+8192 < len(b) {
+			require.NoError(t, w.Sync())
+		}
+	}
 	require.NoError(t, w.Publish())
 	got, err := os.ReadFile(SegmentPath(dir, seg, testID.SegSize))
 	require.NoError(t, err)
@@ -168,6 +173,23 @@ func TestWriter(t *testing.T) {
 	c, err := Scan(dir, testID.SegSize)
 	require.NoError(t, err)
 	require.Equal(t, map[uint32]Partial{1: {Seg: next, Size: 0}}, c.Partials, "the spare is no part of the spool's WAL")
+
+	// A segment written in one sync is a bulk stream's: the next partial takes the spare
+	// that is there, and no new spare is made; the one after is a hole, made at once.
+	nb := pages(next, 128)
+	require.NoError(t, w.WriteAt(0, nb))
+	require.NoError(t, w.Publish())
+	for no := uint64(4); no <= 5; no++ {
+		s := wal.Segment{TLI: 1, No: no}
+		require.NoError(t, w.Use(s, true))
+		w.Wait()
+		require.NoFileExists(t, filepath.Join(dir, spareName))
+		require.NoError(t, w.WriteAt(0, pages(s, 128)))
+		require.NoError(t, w.Publish())
+		got, err := os.ReadFile(SegmentPath(dir, s, testID.SegSize))
+		require.NoError(t, err)
+		require.Equal(t, pages(s, 128), got)
+	}
 }
 
 // TestWriterCrash cuts a writer's syncs short in each way a crash of the host can, on

@@ -32,7 +32,14 @@ type Writer struct {
 
 	spare   sync.WaitGroup // the goroutine making the next spare
 	slotBuf []byte
+	// syncs counts the syncs of the segment being written; bulk says that the last
+	// segment published averaged bulkSync bytes or more a sync: a stream so fast (a
+	// catch-up) that writing zeros ahead would cost more bandwidth than cheaper syncs save.
+	syncs uint64
+	bulk  bool
 }
+
+const bulkSync = 256 << 10
 
 // NewWriter returns a Writer for the spool dir of segSize-byte segments.
 func NewWriter(dir string, segSize uint64) *Writer {
@@ -42,7 +49,7 @@ func NewWriter(dir string, segSize uint64) *Writer {
 // Use makes seg's partial file the one written, syncing the one before. create says
 // the file is new: it is made (pre-sized) and its name made durable at once, so that it
 // survives a crash before the first acknowledgement; a spare for the segment after it
-// is made in the background.
+// is made in the background, unless the stream is a bulk one (see bulk).
 func (w *Writer) Use(seg wal.Segment, create bool) error {
 	if !create && w.f != nil && w.seg == seg {
 		return nil
@@ -56,12 +63,14 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 	var err error
 	if _, statErr := os.Lstat(path); create && os.IsNotExist(statErr) {
 		w.spare.Wait() // a spare half made is nearer than a new one
-		f, err = createPartial(w.dir, path, w.segSize)
-		w.spare.Add(1)
-		go func() {
-			defer w.spare.Done()
-			makeSpare(w.dir, w.segSize) // best effort: without it, the next partial is made when needed
-		}()
+		f, err = createPartial(w.dir, path, w.segSize, !w.bulk)
+		if !w.bulk {
+			w.spare.Add(1)
+			go func() {
+				defer w.spare.Done()
+				makeSpare(w.dir, w.segSize) // best effort: without it, the next partial is made when needed
+			}()
+		}
 	} else {
 		f, err = os.OpenFile(path, os.O_RDWR, 0)
 	}
@@ -76,7 +85,7 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 		f.Close()
 		return err
 	}
-	w.f, w.seg, w.end, w.synced, w.seq = f, seg, st.end, st.end, st.seq
+	w.f, w.seg, w.end, w.synced, w.seq, w.syncs = f, seg, st.end, st.end, st.seq, 0
 	w.digest.Reset()
 	return nil
 }
@@ -120,6 +129,7 @@ func (w *Writer) Publish() error {
 	}
 	f := w.f
 	w.f = nil
+	w.bulk = w.segSize/(w.syncs+1) >= bulkSync
 	if err := f.Truncate(int64(w.segSize)); err != nil {
 		f.Close()
 		return fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
@@ -147,6 +157,7 @@ func (w *Writer) Sync() error {
 		return err
 	}
 	w.seq, w.synced = s.seq, s.end
+	w.syncs++
 	w.digest.Reset()
 	return nil
 }
