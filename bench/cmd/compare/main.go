@@ -39,6 +39,7 @@ type config struct {
 	only        map[string]bool // the scenarios to run; empty: all
 	idleFor     time.Duration   // the idle scenario's measured window
 	gomaxprocs2 bool            // run walshipProcs2 in the pgbench rounds too
+	pollVariant time.Duration   // run walship with this --poll too in the pgbench rounds; 0: not
 	perf        bool            // count the receivers' fsyncs with perf stat
 	perfWhy     string          // why perf stat cannot count them; "" if it may try
 }
@@ -59,7 +60,8 @@ func main() {
 	flag.IntVar(&c.scale, "scale", 20, "pgbench scale")
 	flag.DurationVar(&c.poll, "poll", tail.DefaultPoll, "walship tail's --poll")
 	flag.DurationVar(&c.idleFor, "idle-time", 30*time.Second, "length of the idle scenario's measured window")
-	flag.BoolVar(&c.gomaxprocs2, "gomaxprocs2", true, "also run walship with GOMAXPROCS=2 in the pgbench rounds' TPS runs (one more run a round)")
+	flag.BoolVar(&c.gomaxprocs2, "gomaxprocs2", false, "also run walship with GOMAXPROCS=2 in the pgbench rounds' TPS runs (one more run a round)")
+	flag.DurationVar(&c.pollVariant, "poll-variant", 5*time.Millisecond, "also run walship with this --poll in the pgbench rounds, TPS and lag runs (two more runs a round), to show what a slower poll trades; 0: don't")
 	flag.BoolVar(&c.perf, "perf", true, "count the receivers' fsync calls with perf stat in the lag, catch-up and idle runs")
 	only := flag.String("only", "", "run only these scenarios, comma-separated, of "+strings.Join(scenarios, ", ")+" (default: all)")
 	flag.Parse()
@@ -104,6 +106,11 @@ func run(c config) error {
 	}
 	if c.poll != tail.DefaultPoll {
 		r.version += fmt.Sprintf(", walship tail --poll %s", c.poll)
+	}
+	if c.pollVariant > 0 {
+		walshipSlow = fmt.Sprintf("walship --poll %s", c.pollVariant)
+		pgbenchKinds = append(pgbenchKinds[:2:2], append([]string{walshipSlow}, pgbenchKinds[2:]...)...)
+		costKinds = append(costKinds[:1:1], append([]string{walshipSlow}, costKinds[1:]...)...)
 	}
 	for _, sc := range []struct {
 		name  string

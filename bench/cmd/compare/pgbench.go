@@ -25,7 +25,8 @@ var tpsRE = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection tim
 // pgbenchRounds runs pgbench with each shipper and none, for TPS and the shippers' cost,
 // then once more with walship and with pg_receivewal while the lag sampler runs: the
 // sampler's queries would otherwise weigh on the TPS of the runs it watches alone. With
-// --gomaxprocs2, walship runs a second time in the TPS runs with GOMAXPROCS=2.
+// --gomaxprocs2, walship runs a second time in the TPS runs with GOMAXPROCS=2; with
+// --poll-variant, it runs a second time in the TPS and the lag runs with that --poll.
 func pgbenchRounds(ctx context.Context, c config, r *results) error {
 	type run struct {
 		ship shipper
@@ -36,8 +37,14 @@ func pgbenchRounds(ctx context.Context, c config, r *results) error {
 			{noShipper{}, false},
 			{&walship{label: walshipName}, false},
 		}
+		slow := func() *walship {
+			return &walship{label: walshipSlow, sidecarArgs: []string{"--poll", c.pollVariant.String()}, tag: "slowpoll"}
+		}
 		if c.gomaxprocs2 {
 			runs = append(runs, run{&walship{label: walshipProcs2, env: []string{"GOMAXPROCS=2"}, tag: "gomaxprocs2"}, false})
+		}
+		if c.pollVariant > 0 {
+			runs = append(runs, run{slow(), false})
 		}
 		runs = append(runs, []run{
 			{&pgReceivewal{}, false},
@@ -45,6 +52,9 @@ func pgbenchRounds(ctx context.Context, c config, r *results) error {
 			{&walship{label: walshipName}, true},
 			{&pgReceivewal{}, true},
 		}...)
+		if c.pollVariant > 0 {
+			runs = append(runs, run{slow(), true})
+		}
 		for _, rn := range runs {
 			br, err := pgbenchRun(ctx, c, rn.ship, round, rn.lag)
 			if err != nil {

@@ -8,6 +8,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/walship/walship/tail"
 )
 
 type results struct {
@@ -220,6 +222,9 @@ func (r *results) pgbenchSection(b *strings.Builder, c config) {
 	if len(r.runsOf(walshipProcs2, false)) > 0 {
 		b.WriteString(" walship GOMAXPROCS=2: walship with GOMAXPROCS=2 in its sidecar's and receiver's environment, where they otherwise run on one processor; TPS runs only.")
 	}
+	if len(r.runsOf(walshipSlow, false)) > 0 {
+		fmt.Fprintf(b, " %s: walship with that poll of the primary's flush position where its default is %s, to show what a slower poll trades; the targets judge the default.", walshipSlow, tail.DefaultPoll)
+	}
 	b.WriteString("\n\n| shipper | TPS | TPS ratio | WAL MiB/s | CPU, cores | CPU ms per MiB of WAL | lag p50 ms | lag p99 ms | lag max ms | bytes behind p99 |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, kind := range pgbenchKinds {
 		runs := r.runsOf(kind, false)
@@ -360,7 +365,9 @@ func (r *results) fsyncSection(b *strings.Builder, c config) {
 	}{
 		{walshipName, "pgbench, TPS runs", benchUsages(r.runsOf(walshipName, false))},
 		{walshipProcs2, "pgbench, TPS runs", benchUsages(r.runsOf(walshipProcs2, false))},
+		{walshipSlow, "pgbench, TPS runs", benchUsages(r.runsOf(walshipSlow, false))},
 		{walshipName, "pgbench, lag runs", benchUsages(r.runsOf(walshipName, true))},
+		{walshipSlow, "pgbench, lag runs", benchUsages(r.runsOf(walshipSlow, true))},
 		{receivewal, "pgbench, lag runs", benchUsages(r.runsOf(receivewal, true))},
 		{walshipName, "catch-up", catchUsages(r.catchupOf(walshipName))},
 		{receivewal, "catch-up", catchUsages(r.catchupOf(receivewal))},
@@ -608,6 +615,6 @@ func (r *results) targets(c config) string {
 	} else {
 		notRun(t6b, "crash trials not run")
 	}
-	b.WriteString("\nTarget 7, the Go benchmarks, is not measured here. Where a target is missed, the CPU profiles of walship's first pgbench run (`pprof-pgbench-*.txt`, and `pprof-pgbench-gomaxprocs2-*.txt` for walship GOMAXPROCS=2) and first catch-up (`pprof-catchup-*.txt`) are beside this file; see also the notes in the README. Those profiled runs count in the medians, and profiling costs walship a little CPU.\n")
+	b.WriteString("\nTarget 7, the Go benchmarks, is not measured here. Where a target is missed, the CPU profiles of walship's first pgbench run (`pprof-pgbench-*.txt`, and `pprof-pgbench-<variant>-*.txt` for a variant) and first catch-up (`pprof-catchup-*.txt`) are beside this file; see also the notes in the README. Those profiled runs count in the medians, and profiling costs walship a little CPU.\n")
 	return b.String()
 }

@@ -32,6 +32,11 @@ const (
 	walshipProcs2 = "walship GOMAXPROCS=2"
 )
 
+// walshipSlow is walship with compare's --poll-variant as its sidecar's --poll, named
+// once the flag is read; the pgbench rounds run it beside walshipName to show what a
+// slower poll trades (CPU against lag).
+var walshipSlow = "walship --poll variant"
+
 // A shipper is one way of getting a primary's WAL off its host, run beside one node's
 // primary. It keeps the state of what it runs, so each node needs a new one.
 type shipper interface {
