@@ -51,10 +51,10 @@ and so what a lost host can lose. While the flush position moves (or WAL is inse
 and not yet flushed) it is read every --poll (2ms: up to 500 trivial queries a
 second). Each poll that finds new WAL is one round of work on both hosts (a query, a
 burst of packets, an fsync and an acknowledgement), so a longer poll costs less and
-loses more: on a 2-core test host under pgbench at 12 MiB/s of WAL, --poll 2ms cost
-sidecar, receiver and backend about 29 ms of CPU per MiB of WAL and --poll 5ms about
-20 (pg_receivewal and its walsender: 19), for 1.8 ms more lag at the median; see the
-README's benchmarks. Once it stands still, the sidecar waits:
+loses more: on a 2-core test host under pgbench at 11 MiB/s of WAL, sidecar and
+receiver spent 16-20% less CPU per MiB of WAL with --poll 5ms than with 2ms, and the
+standby's copy was about 2 ms further behind at the median; see the README's
+benchmarks. Once it stands still, the sidecar waits:
   --wake inotify (the default): after 50ms, for the server to write to pg_wal, which
     wakes it at once, and it reads the position every 5 seconds anyway. An idle
     primary then costs a query every 5 seconds. Where inotify cannot be had (it says
