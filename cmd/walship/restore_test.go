@@ -88,6 +88,21 @@ func TestRestoreCommand(t *testing.T) {
 		require.True(t, bytes.Equal(want, got))
 		require.NoError(t, os.Remove(target))
 	})
+	t.Run("partial by its name", func(t *testing.T) {
+		name := c.Partials[1].Seg.Name(1<<20) + spool.PartialSuffix
+		res := restoreCmd(t, ctx, "--spool", r.spool, name, target)
+		require.Equal(t, 0, res.code, res.stderr)
+		got, err := os.ReadFile(target)
+		require.NoError(t, err)
+		// The sidecar still streams: read the partial's bytes after the restore, which
+		// holds what the restore got and perhaps more.
+		want, err := spool.PartialBytes(filepath.Join(r.spool, name), 1<<20)
+		require.NoError(t, err)
+		require.GreaterOrEqual(t, len(got), int(c.Partials[1].Size))
+		require.Less(t, len(got), 1<<20, "a partial is restored as its bytes up to its end, not its pre-sized file")
+		require.True(t, bytes.HasPrefix(want, got), "the partial's bytes, as they are")
+		require.NoError(t, os.Remove(target))
+	})
 	t.Run("history file not there", func(t *testing.T) {
 		res := restoreCmd(t, ctx, "--spool", r.spool, "00000002.history", target)
 		require.Equal(t, 1, res.code, res.stderr)
@@ -271,6 +286,13 @@ func TestVerify(t *testing.T) {
 	second := filepath.Join(spoolDir, c.Segments[1].Name(1<<20))
 	out, err = exec.CommandContext(ctx, walshipBin, "verify", second).CombinedOutput()
 	require.NoError(t, err, "a single published segment verifies on its own: %s", out)
+	// The partial on its own: its bytes are its durable end, not its pre-sized file.
+	p, ok := c.Partials[1]
+	require.True(t, ok, "the spool has a partial")
+	name := p.Seg.Name(1<<20) + spool.PartialSuffix
+	out, err = exec.CommandContext(ctx, walshipBin, "verify", filepath.Join(spoolDir, name)).CombinedOutput()
+	require.NoError(t, err, "the partial verifies on its own: %s", out)
+	require.Contains(t, string(out), fmt.Sprintf("%s ok: %d bytes", name, p.Size), "%s", out)
 
 	// Damage the 100th record of the second segment.
 	b, rec, start := nthRecord(t, spoolDir, c.Segments[1], 100)
