@@ -72,10 +72,11 @@ func decodeSlot(b []byte) (endSlot, bool) {
 	}, true
 }
 
-// partialEnd is where the bytes of an open partial end. legacy says the file is an
-// old-style partial whose size is its end; fellBack that the newest slot did not hold
-// (a sync cut short by a crash). seq is the sequence number of the newest slot whose CRC
-// holds, so that the next one written is newer than every slot in the file.
+// partialState is what a partial's end block says: end is where its durable bytes end.
+// legacy says the file is an old-style partial whose size is its end; fellBack that a
+// slot did not hold (a sync cut short by a crash). seq is the sequence number of the
+// newest slot whose CRC holds, so that the next one written is newer than every slot in
+// the file.
 type partialState struct {
 	end, seq         uint64
 	legacy, fellBack bool
@@ -109,8 +110,12 @@ func readPartialState(f *os.File, segSize uint64) (partialState, error) {
 	if aok {
 		st.seq = a.seq
 	}
-	for i, s := range []endSlot{a, b} {
-		if ok := []bool{aok, bok}[i]; !ok || s.prev > s.end || s.end > segSize {
+	for i, c := range []struct {
+		s  endSlot
+		ok bool
+	}{{a, aok}, {b, bok}} {
+		s := c.s
+		if !c.ok || s.prev > s.end || s.end > segSize {
 			continue
 		}
 		match, err := hashMatches(f, s)
@@ -172,17 +177,13 @@ func PartialEnd(path string, segSize uint64) (uint64, error) {
 	return st.end, err
 }
 
-// writeEndBlock replaces a partial's end block by one valid slot saying that its
-// first end bytes (already durable, or fdatasynced with the block) are held, and
+// writeEndBlock replaces a partial's end block by one valid slot saying that it holds
+// held, its first bytes (already durable, or fdatasynced with the block), and
 // fdatasyncs the file. It is how Recover settles a partial: afterwards no older or
 // broken slot is left to confuse the next recovery.
-func writeEndBlock(f *os.File, segSize uint64, end uint64, seq uint64) error {
-	d := xxhash.New()
-	if _, err := io.Copy(d, io.NewSectionReader(f, 0, int64(end))); err != nil {
-		return fmt.Errorf("read %s: %w", f.Name(), err)
-	}
+func writeEndBlock(f *os.File, segSize uint64, held []byte, seq uint64) error {
 	block := make([]byte, EndBlockSize)
-	s := endSlot{seq: seq, prev: 0, end: end, hash: d.Sum64()}
+	s := endSlot{seq: seq, prev: 0, end: uint64(len(held)), hash: xxhash.Sum64(held)}
 	s.encode(block[(seq%2)*slotSize:])
 	if _, err := f.WriteAt(block, int64(segSize)); err != nil {
 		return fmt.Errorf("write the end block of %s: %w", f.Name(), err)
@@ -206,6 +207,18 @@ func fdatasync(f *os.File) error {
 // zeros is written to pre-size files.
 var zeros = make([]byte, 1<<20)
 
+// writeZeros writes zeros over [from, to) of f.
+func writeZeros(f *os.File, from, to uint64) error {
+	for from < to {
+		n := min(to-from, uint64(len(zeros)))
+		if _, err := f.WriteAt(zeros[:n], int64(from)); err != nil {
+			return err
+		}
+		from += n
+	}
+	return nil
+}
+
 // preSized makes a new file of segSize+EndBlockSize zeros under a temporary name in
 // dir, fsyncs it and returns it open. With write, the zeros are written: writing into a
 // hole allocates blocks and costs what an append costs. Without, the file is a hole,
@@ -217,31 +230,19 @@ func preSized(dir string, segSize uint64, write bool) (*os.File, error) {
 	}
 	// Readable by others, as every WAL file of the spool: restore_command runs as the
 	// server's user.
-	if err := f.Chmod(0o644); err != nil {
+	err = f.Chmod(0o644)
+	if err == nil && write {
+		err = writeZeros(f, 0, segSize+EndBlockSize)
+	} else if err == nil {
+		err = f.Truncate(int64(segSize + EndBlockSize))
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if err != nil {
 		f.Close()
 		os.Remove(f.Name())
-		return nil, err
-	}
-	if !write {
-		if err := f.Truncate(int64(segSize + EndBlockSize)); err != nil {
-			f.Close()
-			os.Remove(f.Name())
-			return nil, fmt.Errorf("pre-size a partial segment: %w", err)
-		}
-	}
-	for left := segSize + EndBlockSize; write && left > 0; {
-		n := min(left, uint64(len(zeros)))
-		if _, err := f.Write(zeros[:n]); err != nil {
-			f.Close()
-			os.Remove(f.Name())
-			return nil, fmt.Errorf("pre-size a partial segment: %w", err)
-		}
-		left -= n
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return nil, fmt.Errorf("pre-size a partial segment: fsync: %w", err)
+		return nil, fmt.Errorf("pre-size a partial segment: %w", err)
 	}
 	return f, nil
 }

@@ -114,18 +114,14 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 	}
 	if st.legacy {
 		// Pre-size it: zeros from the good end to the end block, then the end block.
-		for off := good; off < stream.SegSize+EndBlockSize; {
-			n := min(stream.SegSize+EndBlockSize-off, uint64(len(zeros)))
-			if _, err := f.WriteAt(zeros[:n], int64(off)); err != nil {
-				return false, fmt.Errorf("pre-size %s: %w", path, err)
-			}
-			off += n
+		if err := writeZeros(f, good, stream.SegSize+EndBlockSize); err != nil {
+			return false, fmt.Errorf("pre-size %s: %w", path, err)
 		}
 		log.Info().Str("file", path).Uint64("bytes", good).Msg("pre-sized a partial segment written by an older walship")
 	} else if !st.fellBack && good == st.end {
 		return false, nil
 	}
-	if err := writeEndBlock(f, stream.SegSize, good, st.seq+1); err != nil {
+	if err := writeEndBlock(f, stream.SegSize, data[:good], st.seq+1); err != nil {
 		return false, err
 	}
 	return true, nil
