@@ -56,10 +56,11 @@ type Receiver struct {
 	cancel  context.CancelFunc
 	session chan struct{} // closed when the current session has ended
 
-	durable atomic.Pointer[wal.Position] // the spool's durable end; nil while it holds no WAL
-	moved   notifier                     // wakes those waiting for durable to move
-	fsyncs  atomic.Uint64                // of received WAL, by every session
-	admits  atomic.Uint64                // sessions admitted
+	durable atomic.Pointer[wal.Position]   // the spool's durable end; nil while it holds no WAL
+	moved   notifier                       // wakes those waiting for durable to move
+	fsyncs  atomic.Uint64                  // of received WAL, by every session
+	admits  atomic.Uint64                  // sessions admitted
+	conn    atomic.Pointer[transport.Conn] // the admitted session's, for backups; nil without one
 }
 
 // Sessions is how many sidecar sessions the receiver has admitted since it started.
@@ -160,6 +161,15 @@ func (r *Receiver) Run(ctx context.Context) error {
 	r.log.Info().Str("listen", r.ln.Addr().String()).Str("spool", r.cfg.Spool).Msg("receiver ready")
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	if ctl, err := listenControl(r.cfg.Spool); err != nil {
+		r.log.Warn().Err(err).Msg("no control socket: walship standby init cannot reach this receiver")
+	} else {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.serveControl(ctx, ctl)
+		}()
+	}
 	for {
 		c, err := r.ln.Accept(ctx)
 		if err != nil {
@@ -217,6 +227,8 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 	s, err := r.admit(c, log)
 	if err == nil {
 		defer s.close()
+		r.conn.Store(c)
+		defer r.conn.CompareAndSwap(c, nil)
 		err = s.run(ctx)
 	}
 	var rf *refusal

@@ -211,6 +211,13 @@ func (t *Tailer) session(ctx context.Context) error {
 	t.acked.Store(uint64(from))
 	t.known.Store(true)
 
+	backups := make(chan struct{})
+	go func() {
+		defer close(backups)
+		t.serveBackups(ctx, c)
+	}()
+	// The backup ends with the session: cancel first (deferred above), then wait.
+	defer func() { cancel(); c.Close("sidecar stopping"); <-backups }()
 	acks := make(chan error, 1)
 	ends := make(chan wal.LSN, 1)
 	go func() {

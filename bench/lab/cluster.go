@@ -293,6 +293,27 @@ func (c *Cluster) QueryString(ctx context.Context, sql string, args ...any) (str
 // (with its own free port), ready to be configured as a standby. walMethod is
 // pg_basebackup's -X: "none" makes the standby depend on restored WAL for consistency.
 func (c *Cluster) BaseBackup(ctx context.Context, walMethod string) (*Cluster, error) {
+	s, err := c.Empty()
+	if err != nil {
+		return nil, err
+	}
+	out, err := c.run(ctx, "pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres",
+		"-D", s.Data, "-X", walMethod, "-c", "fast", "--no-sync")
+	if err != nil {
+		os.RemoveAll(s.Base)
+		return nil, fmt.Errorf("pg_basebackup: %w\n%s", err, out)
+	}
+	if err := s.Adopt(); err != nil {
+		os.RemoveAll(s.Base)
+		return nil, err
+	}
+	return s, nil
+}
+
+// Empty returns a cluster beside c (the same binaries and server user, a directory of
+// its own and a free port) whose data directory does not exist yet: for a copy of c that
+// another tool makes. Adopt it once the copy is there.
+func (c *Cluster) Empty() (*Cluster, error) {
 	base, err := os.MkdirTemp("", "walship-lab-")
 	if err != nil {
 		return nil, err
@@ -302,21 +323,17 @@ func (c *Cluster) BaseBackup(ctx context.Context, walMethod string) (*Cluster, e
 		os.RemoveAll(base)
 		return nil, err
 	}
-	out, err := c.run(ctx, "pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres",
-		"-D", s.Data, "-X", walMethod, "-c", "fast", "--no-sync")
-	if err != nil {
-		os.RemoveAll(base)
-		return nil, fmt.Errorf("pg_basebackup: %w\n%s", err, out)
-	}
 	if s.Port, err = FreePort(); err != nil {
 		os.RemoveAll(base)
 		return nil, err
 	}
-	if err := s.appendConf(map[string]string{"port": strconv.Itoa(s.Port), "unix_socket_directories": "'" + base + "'"}); err != nil {
-		os.RemoveAll(base)
-		return nil, err
-	}
 	return s, nil
+}
+
+// Adopt gives a data directory copied from another cluster this cluster's port and
+// socket directory.
+func (c *Cluster) Adopt() error {
+	return c.appendConf(map[string]string{"port": strconv.Itoa(c.Port), "unix_socket_directories": "'" + c.Base + "'"})
 }
 
 // WriteFile writes a file into the cluster's data directory, owned by the server's user.

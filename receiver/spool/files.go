@@ -27,6 +27,10 @@ const (
 	// EndFile is the end-of-WAL mark: the sidecar found the primary's server gone and
 	// sent every valid record its pg_wal held. A new session removes it.
 	EndFile = "walship.end"
+	// ControlSocket is the receiver's Unix socket through which walship standby init
+	// asks the connected sidecar for a base backup. Only the receiver's user (and root)
+	// may connect.
+	ControlSocket = "walship.sock"
 
 	receiverLockFile = ".walship.receiver.lock" // one receiver process per spool
 	writerLockFile   = ".walship.lock"          // held while a session may write

@@ -1,0 +1,260 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/tail/wal"
+)
+
+// standbyInit runs walship standby init into dir and returns its output and error.
+func (r *rig) standbyInit(ctx context.Context, dir string) (string, error) {
+	out, err := exec.CommandContext(ctx, walshipBin, "standby", "init", "--spool", r.spool, "--pgdata", dir, "--wait-wal", "2m").CombinedOutput()
+	return string(out), err
+}
+
+// initOK runs walship standby init into dir, requires success, and returns the bytes
+// the sidecar sent.
+func (r *rig) initOK(ctx context.Context, dir string) (string, int64) {
+	r.t.Helper()
+	out, err := r.standbyInit(ctx, dir)
+	require.NoError(r.t, err, "walship standby init:\n%s", out)
+	r.t.Logf("walship standby init: %s", strings.TrimSpace(out))
+	sent := lastField(r.sidecar.Log(), "sent_bytes=")
+	n, err := strconv.ParseInt(sent, 10, 64)
+	require.NoError(r.t, err, "the sidecar logs the bytes it sent")
+	return out, n
+}
+
+// adoptStandby makes the copy in sb.Data a standby beside the primary on this host (its
+// own port and socket directory) and starts it.
+func adoptStandby(t *testing.T, ctx context.Context, sb *lab.Cluster) {
+	t.Helper()
+	require.NoError(t, sb.Adopt())
+	require.NoError(t, sb.Configure(map[string]string{"archive_mode": "off", "wal_retrieve_retry_interval": "'100ms'"}))
+	require.NoError(t, sb.Start(ctx))
+}
+
+// waitReplayed waits until the standby sb has replayed the WAL up to lsn.
+func waitReplayed(t *testing.T, ctx context.Context, sb *lab.Cluster, lsn wal.LSN) {
+	t.Helper()
+	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "standby replayed to "+lsn.String(), func() (bool, error) {
+		s, err := sb.QueryString(ctx, "SELECT coalesce(pg_last_wal_replay_lsn(), '0/0')::text")
+		if err != nil {
+			return false, nil // still starting
+		}
+		got, err := wal.ParseLSN(s)
+		return got >= lsn, err
+	}))
+}
+
+// emptyStandby is a cluster directory beside the primary with an empty data directory
+// owned by the server's user, removed with the test.
+func emptyStandby(t *testing.T, r *rig) *lab.Cluster {
+	t.Helper()
+	sb, err := r.primary.Empty()
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("--- standby log:\n%s", lastBytes(sb.Log(), 6000))
+		}
+		sb.Close()
+	})
+	require.NoError(t, os.Mkdir(sb.Data, 0o700))
+	require.NoError(t, sb.Own(sb.Data))
+	return sb
+}
+
+// tree maps every file under dir to a digest of its content (a link to its target).
+func tree(t *testing.T, dir string) map[string][32]byte {
+	t.Helper()
+	m := map[string][32]byte{}
+	require.NoError(t, filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		var b []byte
+		if d.Type()&fs.ModeSymlink != 0 {
+			target, err := os.Readlink(p)
+			if err != nil {
+				return err
+			}
+			b = []byte("link " + target)
+		} else if b, err = os.ReadFile(p); err != nil {
+			return err
+		}
+		m[rel] = sha256.Sum256(b)
+		return nil
+	}))
+	return m
+}
+
+// TestStandbyInit makes a standby with walship standby init while the primary is
+// under load, starts it, then crashes the primary and promotes the standby: nothing
+// acknowledged is lost.
+func TestStandbyInit(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	load, err := lab.StartLoad(ctx, r.primary.DSN(), 2, 200)
+	require.NoError(t, err)
+	sb := emptyStandby(t, r)
+	out, sent := r.initOK(ctx, sb.Data)
+	require.NoError(t, load.Stop())
+	require.Contains(t, out, "a fresh copy")
+	require.Contains(t, out, "restore_command")
+	require.Greater(t, sent, int64(1<<20))
+
+	auto, err := os.ReadFile(filepath.Join(sb.Data, "postgresql.auto.conf"))
+	require.NoError(t, err)
+	require.Contains(t, string(auto), "restore_command = '"+walshipBin+" restore --spool "+r.spool+" %f %p %r'")
+	for _, name := range []string{"standby.signal", "backup_label", "PG_VERSION", "global/pg_control"} {
+		_, err := os.Stat(filepath.Join(sb.Data, name))
+		require.NoError(t, err, name)
+	}
+	for _, name := range []string{"postmaster.pid", "recovery.signal"} {
+		_, err := os.Stat(filepath.Join(sb.Data, name))
+		require.ErrorIs(t, err, fs.ErrNotExist, name)
+	}
+	_, err = os.Stat(sb.Data + ".walship-new")
+	require.ErrorIs(t, err, fs.ErrNotExist, "the copy was built beside the data directory and moved into its place")
+	st, err := os.Stat(sb.Data)
+	require.NoError(t, err)
+	require.Equal(t, fs.FileMode(0o700), st.Mode().Perm())
+
+	adoptStandby(t, ctx, sb)
+	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+	flush := flushLSN(t, ctx, r.primary)
+	r.waitSpoolAt(ctx, flush)
+	waitReplayed(t, ctx, sb, flush-1)
+	acked := load.Count()
+	got, err := sb.QueryString(ctx, "SELECT count(*) FROM "+lab.LoadTable)
+	require.NoError(t, err)
+	n, _ := strconv.Atoi(got)
+	require.GreaterOrEqual(t, n, acked, "every commit acknowledged during the copy is on the standby")
+
+	lost, _ := crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
+	require.Zero(t, lost)
+}
+
+// TestStandbyInitRefresh runs standby init again into a directory holding an earlier
+// copy: it sends less than a fresh copy and the result is a fresh copy's, which starts
+// and has the primary's data.
+func TestStandbyInitRefresh(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	// Nothing but the test changes the primary's files between the copies compared.
+	require.NoError(t, r.primary.Exec(ctx, "ALTER SYSTEM SET autovacuum = off"))
+	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_reload_conf()"))
+	createLoadTable(t, ctx, r.primary)
+	require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT 1, repeat('x', 500) FROM generate_series(1, 20000)"))
+
+	sb := emptyStandby(t, r)
+	_, first := r.initOK(ctx, sb.Data)
+	before, err := os.Stat(sb.Data)
+	require.NoError(t, err)
+
+	require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT 2, 'changed' FROM generate_series(1, 2000)"))
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE walship_new_table AS SELECT generate_series(1, 1000) AS n"))
+	out, second := r.initOK(ctx, sb.Data)
+	require.Contains(t, out, "a refresh of the earlier copy")
+	t.Logf("bytes sent: %d for the first copy, %d for the refresh", first, second)
+	require.Less(t, second, first/2, "a refresh sends what changed")
+	after, err := os.Stat(sb.Data)
+	require.NoError(t, err)
+	require.False(t, os.SameFile(before, after), "the refreshed copy took the directory's place whole")
+
+	fresh := emptyStandby(t, r)
+	_, third := r.initOK(ctx, fresh.Data)
+	require.Greater(t, third, second)
+	a, b := tree(t, sb.Data), tree(t, fresh.Data)
+	for name := range b {
+		_, ok := a[name]
+		require.True(t, ok, "the refreshed copy lacks %s", name)
+	}
+	for name, sum := range a {
+		other, ok := b[name]
+		require.True(t, ok, "the refreshed copy has %s, which a fresh copy has not", name)
+		switch name {
+		case "backup_label", "global/pg_control":
+			continue // each backup's own
+		}
+		require.Equal(t, other, sum, "%s differs from a fresh copy's", name)
+	}
+
+	adoptStandby(t, ctx, sb)
+	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+	flush := flushLSN(t, ctx, r.primary)
+	r.waitSpoolAt(ctx, flush)
+	waitReplayed(t, ctx, sb, flush-1)
+	for _, q := range []string{"SELECT count(*) FROM " + lab.LoadTable, "SELECT sum(n) FROM walship_new_table"} {
+		want, err := r.primary.QueryString(ctx, q)
+		require.NoError(t, err)
+		got, err := sb.QueryString(ctx, q)
+		require.NoError(t, err)
+		require.Equal(t, want, got, q)
+	}
+}
+
+// TestStandbyInitRefusals: a running server's directory, another cluster's, and a
+// directory that is no cluster are refused, each with its reason, and left as they were.
+func TestStandbyInitRefusals(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := streamingRig(t, ctx, 1)
+
+	other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
+	require.NoError(t, err)
+	t.Cleanup(func() { other.Close() })
+	stuff := filepath.Join(r.dir, "stuff")
+	require.NoError(t, os.Mkdir(stuff, 0o700))
+	require.NoError(t, os.WriteFile(filepath.Join(stuff, "notes.txt"), []byte("mine"), 0o600))
+
+	for _, c := range []struct {
+		name, dir, want string
+	}{
+		{"another cluster", other.Data, "holds cluster"},
+		{"not a cluster", stuff, "neither empty nor a PostgreSQL data directory"},
+	} {
+		before := tree(t, c.dir)
+		out, err := r.standbyInit(ctx, c.dir)
+		require.Error(t, err, c.name)
+		require.Equal(t, 1, err.(*exec.ExitError).ExitCode(), c.name)
+		require.Contains(t, out, c.want, c.name)
+		require.Equal(t, before, tree(t, c.dir), "%s: changed", c.name)
+		_, err = os.Stat(c.dir + ".walship-new")
+		require.ErrorIs(t, err, fs.ErrNotExist, c.name)
+	}
+
+	// A running server: the rig's own primary.
+	out, err := r.standbyInit(ctx, r.primary.Data)
+	require.Error(t, err)
+	require.Contains(t, out, "a server is running in")
+	pid, err := r.primary.PostmasterPID()
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(pid, 0), "the primary still runs")
+	_, err = os.Stat(r.primary.Data + ".walship-new")
+	require.ErrorIs(t, err, fs.ErrNotExist)
+	_, err = os.Stat(filepath.Join(r.primary.Data, "standby.signal"))
+	require.ErrorIs(t, err, fs.ErrNotExist, "nothing was written into the running server's directory")
+
+	// Without a receiver on the spool.
+	r.receiver.Stop(ctx)
+	dir := filepath.Join(r.dir, "none")
+	out, err = r.standbyInit(ctx, dir)
+	require.Error(t, err)
+	require.Contains(t, out, "no receiver is running on spool")
+	_, err = os.Stat(dir)
+	require.ErrorIs(t, err, fs.ErrNotExist)
+}

@@ -1,0 +1,799 @@
+// Package standby makes a warm standby's data directory from a base backup of the
+// primary taken over the walship link: walship standby init.
+package standby
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/walship/walship/receiver/durable"
+	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
+)
+
+// Options configures Init.
+type Options struct {
+	// Spool is the spool of the receiver that the primary's sidecar is connected to.
+	Spool string
+	// PGData is the standby's data directory: absent, empty, or an earlier copy of the
+	// same cluster, which is refreshed.
+	PGData string
+	// Walship is the absolute path of the walship binary that restore_command runs.
+	Walship string
+	// Tablespaces maps a tablespace's location on the primary to its location here; a
+	// tablespace not named keeps its location.
+	Tablespaces map[string]string
+	// Fast asks the primary for an immediate checkpoint at the backup's start.
+	Fast bool
+	// WaitWAL bounds the wait for the spool to hold the backup's WAL after it ends.
+	WaitWAL time.Duration
+	// Progress, if set, is told how far the copy has got.
+	Progress func(done, total int64)
+	Log      zerolog.Logger
+}
+
+// Result is what Init did.
+type Result struct {
+	Refresh     bool     // PGData held an earlier copy
+	Start, Stop wal.LSN  // the backup's WAL
+	TLI         uint32   // its timeline
+	Total       int64    // bytes of files in the backup
+	Sent        int64    // bytes the sidecar sent
+	Same        int64    // bytes the earlier copy already held
+	Files       int      // files in the copy
+	Config      []string // what Init wrote besides the files, for the report
+}
+
+// suffixes of the directories Init builds and replaces.
+const (
+	newSuffix = ".walship-new"
+)
+
+// Init copies the primary's cluster into o.PGData over the walship link and makes it a
+// warm standby fed from o.Spool. Nothing in o.PGData changes until the copy is whole,
+// fsynced and the spool holds the WAL from the backup's start to its end; then the copy
+// takes the directory's place. On an error o.PGData is as it was.
+func Init(ctx context.Context, o Options) (Result, error) {
+	var res Result
+	id, ok, err := spool.ReadIdentity(o.Spool)
+	if err != nil {
+		return res, err
+	}
+	if !ok {
+		return res, fmt.Errorf("spool %s has taken no WAL yet: start the receiver on it and walship tail beside the primary first", o.Spool)
+	}
+	dst, err := filepath.Abs(o.PGData)
+	if err != nil {
+		return res, err
+	}
+	old, err := inspect(dst, id.SysID)
+	if err != nil {
+		return res, err
+	}
+	res.Refresh = old
+	owner, err := ownerFor(dst)
+	if err != nil {
+		return res, err
+	}
+	var haves []*transport.BackupHave
+	if old {
+		if haves, err = listHaves(dst); err != nil {
+			return res, fmt.Errorf("read the earlier copy in %s: %w", dst, err)
+		}
+	}
+
+	sock := filepath.Join(o.Spool, spool.ControlSocket)
+	uc, err := net.Dial("unix", sock)
+	if err != nil {
+		switch {
+		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
+			return res, fmt.Errorf("no receiver is running on spool %s (%s): %w", o.Spool, sock, err)
+		case errors.Is(err, fs.ErrPermission):
+			return res, fmt.Errorf("%s: %w: run walship standby init as the receiver's user or as root", sock, err)
+		}
+		return res, err
+	}
+	defer uc.Close()
+	stop := context.AfterFunc(ctx, func() { uc.Close() })
+	defer stop()
+	bc := transport.NewBackupConn(uc)
+	for _, h := range haves {
+		if err := bc.Send(h); err != nil {
+			return res, err
+		}
+	}
+	host, _ := os.Hostname()
+	if err := bc.Send(&transport.BackupRequest{Label: "walship standby init on " + host, Fast: o.Fast}); err != nil {
+		return res, err
+	}
+	if err := bc.Flush(); err != nil {
+		return res, fmt.Errorf("ask for the backup: %w", err)
+	}
+	b := &builder{o: o, owner: owner, main: root{final: dst, old: old}}
+	defer b.cleanUp()
+	if err := b.receive(ctx, bc, id); err != nil {
+		if ctx.Err() != nil {
+			return res, ctx.Err()
+		}
+		return res, err
+	}
+	res.Start, res.Stop, res.TLI = b.start, b.stop, b.tli
+	res.Total, res.Sent, res.Same, res.Files = b.begin.Total, b.done.Sent, b.done.Same, b.files
+	if res.Config, err = b.configure(id); err != nil {
+		return res, err
+	}
+	if err := b.syncAll(); err != nil {
+		return res, err
+	}
+	if err := waitWAL(ctx, o, id, b.tli, b.start, b.stop); err != nil {
+		return res, err
+	}
+	if err := b.swap(); err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// inspect says whether dir holds an earlier copy of the cluster sysID (true), or is
+// absent or empty (false); anything else is refused.
+func inspect(dir string, sysID uint64) (bool, error) {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if len(ents) == 0 {
+		return false, nil
+	}
+	if pid, ok := runningServer(dir); ok {
+		return false, fmt.Errorf("a server is running in %s (postmaster.pid names PID %d): stop it before walship standby init replaces its files", dir, pid)
+	}
+	ctl, err := os.ReadFile(filepath.Join(dir, "global", "pg_control"))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return false, fmt.Errorf("%s is neither empty nor a PostgreSQL data directory (no global/pg_control): walship standby init copies only into an empty directory or an earlier copy of the same cluster", dir)
+		}
+		return false, err
+	}
+	if len(ctl) < 8 {
+		return false, fmt.Errorf("%s: global/pg_control holds %d bytes", dir, len(ctl))
+	}
+	if got := binary.LittleEndian.Uint64(ctl); got != sysID {
+		return false, fmt.Errorf("%s holds cluster %d, not %d, whose WAL the spool takes: walship standby init does not overwrite another cluster", dir, got, sysID)
+	}
+	return true, nil
+}
+
+// runningServer says whether dir's postmaster.pid names a live process.
+func runningServer(dir string) (int, bool) {
+	b, err := os.ReadFile(filepath.Join(dir, "postmaster.pid"))
+	if err != nil {
+		return 0, false
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	pid, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil || pid <= 0 {
+		return 0, false
+	}
+	err = unix.Kill(pid, 0)
+	return pid, err == nil || errors.Is(err, unix.EPERM)
+}
+
+// owner is who the copy's files belong to: root gives them the owner of the data
+// directory, or of the directory it is made in; anyone else makes them its own.
+type owner struct {
+	uid, gid int
+	chown    bool
+}
+
+func ownerFor(dir string) (owner, error) {
+	if os.Geteuid() != 0 {
+		return owner{}, nil
+	}
+	st, err := os.Stat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		st, err = os.Stat(filepath.Dir(dir))
+	}
+	if err != nil {
+		return owner{}, err
+	}
+	sys := st.Sys().(*syscall.Stat_t)
+	return owner{uid: int(sys.Uid), gid: int(sys.Gid), chown: true}, nil
+}
+
+func (o owner) apply(path string) error {
+	if !o.chown {
+		return nil
+	}
+	return os.Lchown(path, o.uid, o.gid)
+}
+
+// listHaves reads the earlier copy in dir, and the tablespaces its pg_tblspc links
+// to: each file's size and the SHA-256 of each of its blocks.
+func listHaves(dir string) ([]*transport.BackupHave, error) {
+	var haves []*transport.BackupHave
+	walk := func(root, prefix string) error {
+		return filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if !d.Type().IsRegular() {
+				return nil
+			}
+			rel, err := filepath.Rel(root, p)
+			if err != nil {
+				return err
+			}
+			h, err := sums(p)
+			if err != nil {
+				return err
+			}
+			h.Path = path.Join(prefix, filepath.ToSlash(rel))
+			haves = append(haves, h)
+			return nil
+		})
+	}
+	if err := walk(dir, ""); err != nil {
+		return nil, err
+	}
+	links, err := os.ReadDir(filepath.Join(dir, "pg_tblspc"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	for _, l := range links {
+		target, err := os.Readlink(filepath.Join(dir, "pg_tblspc", l.Name()))
+		if err != nil {
+			continue // not a link: its files, if any, were listed above
+		}
+		if _, err := os.Stat(target); err != nil {
+			continue
+		}
+		if err := walk(target, path.Join("pg_tblspc", l.Name())); err != nil {
+			return nil, err
+		}
+	}
+	return haves, nil
+}
+
+func sums(p string) (*transport.BackupHave, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h := &transport.BackupHave{}
+	buf := make([]byte, transport.BlockSize)
+	for {
+		n, err := io.ReadFull(f, buf)
+		if n > 0 {
+			h.Sums = append(h.Sums, sha256.Sum256(buf[:n]))
+			h.Size += int64(n)
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return h, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// root is a directory tree the copy makes: the data directory, or a tablespace.
+type root struct {
+	final string // where it ends up
+	old   bool   // final holds an earlier copy, whose unchanged blocks are copied
+	made  bool   // final+newSuffix has been made
+}
+
+func (r *root) tmp() string { return r.final + newSuffix }
+
+// builder makes the copy from the sidecar's messages.
+type builder struct {
+	o      Options
+	owner  owner
+	main   root
+	tbs    map[string]*root // by "pg_tblspc/OID"
+	begin  transport.BackupBegin
+	done   transport.BackupDone
+	start  wal.LSN
+	stop   wal.LSN
+	tli    uint32
+	files  int
+	copied int64 // bytes done, for the progress
+
+	f     *os.File // the file being written
+	fname string
+	from  *os.File // its earlier copy, or nil
+	size  int64    // its size in the backup
+	at    int64    // bytes of it written
+	swapd bool
+}
+
+// receive reads the backup from bc into the new trees.
+func (b *builder) receive(ctx context.Context, bc *transport.BackupConn, id spool.Identity) error {
+	m, err := bc.Recv()
+	if err != nil {
+		return fmt.Errorf("base backup: %w", err)
+	}
+	begin, ok := m.(*transport.BackupBegin)
+	if !ok {
+		return fmt.Errorf("base backup: %T before its beginning", m)
+	}
+	b.begin = *begin
+	if begin.SysID != id.SysID {
+		return fmt.Errorf("the sidecar backs up cluster %d, but the spool takes cluster %d", begin.SysID, id.SysID)
+	}
+	if b.start, err = wal.ParseLSN(begin.Start); err != nil {
+		return fmt.Errorf("base backup start: %w", err)
+	}
+	b.tbs = map[string]*root{}
+	for _, t := range begin.Tablespaces {
+		loc := t.Location
+		if m, ok := b.o.Tablespaces[loc]; ok {
+			loc = m
+		}
+		if !filepath.IsAbs(loc) {
+			return fmt.Errorf("tablespace %d: location %q is not absolute", t.OID, loc)
+		}
+		old, err := b.inspectTablespace(loc, t.OID)
+		if err != nil {
+			return err
+		}
+		b.tbs[path.Join("pg_tblspc", strconv.FormatUint(uint64(t.OID), 10))] = &root{final: loc, old: old}
+	}
+	if err := b.mkroot(&b.main); err != nil {
+		return err
+	}
+	for {
+		m, err := bc.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("the stream ended before the backup did (did the sidecar's session end?)")
+			}
+			return fmt.Errorf("base backup: %w", err)
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		switch m := m.(type) {
+		case *transport.BackupEntry:
+			if err := b.finishFile(); err != nil {
+				return err
+			}
+			if err := b.entry(m); err != nil {
+				return err
+			}
+		case *transport.BackupBlock:
+			if err := b.block(m); err != nil {
+				return err
+			}
+		case *transport.BackupDone:
+			if err := b.finishFile(); err != nil {
+				return err
+			}
+			b.done = *m
+			if b.stop, err = wal.ParseLSN(m.Stop); err != nil {
+				return fmt.Errorf("base backup stop: %w", err)
+			}
+			if b.tli, err = labelTimeline(m.Label); err != nil {
+				return err
+			}
+			b.progress()
+			return nil
+		default:
+			return fmt.Errorf("base backup: unexpected %T", m)
+		}
+	}
+}
+
+// inspectTablespace applies inspect's rules to a tablespace's location: absent, empty,
+// or the earlier copy of the same tablespace (it holds the server version's directory).
+func (b *builder) inspectTablespace(loc string, oid uint32) (bool, error) {
+	ents, err := os.ReadDir(loc)
+	if errors.Is(err, fs.ErrNotExist) || err == nil && len(ents) == 0 {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if b.main.old {
+		if target, err := os.Readlink(filepath.Join(b.main.final, "pg_tblspc", strconv.FormatUint(uint64(oid), 10))); err == nil && filepath.Clean(target) == filepath.Clean(loc) {
+			return true, nil
+		}
+	}
+	return false, fmt.Errorf("tablespace %d: %s is neither empty nor this copy's earlier tablespace: map it elsewhere with --tablespace-mapping OLD=NEW", oid, loc)
+}
+
+func (b *builder) mkroot(r *root) error {
+	if err := os.RemoveAll(r.tmp()); err != nil { // left by an earlier init that failed
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(r.final), 0o755); err != nil {
+		return err
+	}
+	if err := os.Mkdir(r.tmp(), 0o700); err != nil {
+		return err
+	}
+	r.made = true
+	return b.owner.apply(r.tmp())
+}
+
+// place says where the entry named name goes: the root, and the path under its new
+// tree; a name that is not a clean relative path is refused.
+func (b *builder) place(name string) (*root, string, error) {
+	if name == "" || path.IsAbs(name) || path.Clean(name) != name || name == ".." || strings.HasPrefix(name, "../") {
+		return nil, "", fmt.Errorf("base backup: entry %q is not a clean relative path", name)
+	}
+	if strings.HasPrefix(name, "pg_tblspc/") {
+		parts := strings.SplitN(name, "/", 3)
+		if len(parts) == 3 {
+			r, ok := b.tbs[parts[0]+"/"+parts[1]]
+			if !ok {
+				return nil, "", fmt.Errorf("base backup: entry %q of an unknown tablespace", name)
+			}
+			return r, parts[2], nil
+		}
+	}
+	return &b.main, name, nil
+}
+
+func (b *builder) entry(e *transport.BackupEntry) error {
+	r, rel, err := b.place(e.Path)
+	if err != nil {
+		return err
+	}
+	p := filepath.Join(r.tmp(), filepath.FromSlash(rel))
+	mode := fs.FileMode(e.Mode).Perm() & 0o750
+	switch e.Type {
+	case transport.EntryDir:
+		if err := os.Mkdir(p, mode|0o700); err != nil {
+			return err
+		}
+		return b.owner.apply(p)
+	case transport.EntryTablespace:
+		t := b.tbs[e.Path]
+		if t == nil {
+			return fmt.Errorf("base backup: tablespace link %q without its tablespace", e.Path)
+		}
+		if err := b.mkroot(t); err != nil {
+			return err
+		}
+		if err := os.Symlink(t.final, p); err != nil {
+			return err
+		}
+		return b.owner.apply(p)
+	case transport.EntryFile:
+		if e.Size < 0 {
+			return fmt.Errorf("base backup: file %q of %d bytes", e.Path, e.Size)
+		}
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode|0o600)
+		if err != nil {
+			return err
+		}
+		b.f, b.fname, b.size, b.at = f, p, e.Size, 0
+		b.files++
+		if r.old {
+			if from, err := os.Open(filepath.Join(r.final, filepath.FromSlash(rel))); err == nil {
+				b.from = from
+			}
+		}
+		return b.owner.apply(p)
+	}
+	return fmt.Errorf("base backup: entry %q of unknown type %q", e.Path, e.Type)
+}
+
+// block writes a block the sidecar sent, after the blocks before it that the earlier
+// copy holds.
+func (b *builder) block(m *transport.BackupBlock) error {
+	if b.f == nil {
+		return errors.New("base backup: a block outside a file")
+	}
+	if m.Offset < b.at || m.Offset%transport.BlockSize != 0 || m.Offset+int64(len(m.Data)) > b.size {
+		return fmt.Errorf("base backup: block at %d of %d bytes in %s (%d bytes, %d written)", m.Offset, len(m.Data), b.fname, b.size, b.at)
+	}
+	if err := b.copyOld(m.Offset); err != nil {
+		return err
+	}
+	if _, err := b.f.WriteAt(m.Data, m.Offset); err != nil {
+		return err
+	}
+	b.at += int64(len(m.Data))
+	b.copied += int64(len(m.Data))
+	b.progress()
+	return nil
+}
+
+// copyOld copies the earlier copy's bytes of the current file up to offset to.
+func (b *builder) copyOld(to int64) error {
+	if to == b.at {
+		return nil
+	}
+	if b.from == nil {
+		return fmt.Errorf("base backup: %s: bytes %d to %d were not sent and there is no earlier copy of them", b.fname, b.at, to)
+	}
+	n, err := io.Copy(io.NewOffsetWriter(b.f, b.at), io.NewSectionReader(b.from, b.at, to-b.at))
+	if err == nil && n != to-b.at {
+		err = fmt.Errorf("the earlier copy holds %d bytes there, not %d: it changed while it was refreshed", n, to-b.at)
+	}
+	if err != nil {
+		return fmt.Errorf("copy %s from the earlier copy: %w", b.fname, err)
+	}
+	b.at = to
+	b.copied += n
+	b.progress()
+	return nil
+}
+
+// finishFile completes the file being written and makes it durable.
+func (b *builder) finishFile() error {
+	if b.f == nil {
+		return nil
+	}
+	err := b.copyOld(b.size)
+	if err == nil {
+		err = b.f.Sync()
+	}
+	if cerr := b.f.Close(); err == nil {
+		err = cerr
+	}
+	if b.from != nil {
+		b.from.Close()
+	}
+	b.f, b.from = nil, nil
+	return err
+}
+
+func (b *builder) progress() {
+	if b.o.Progress != nil {
+		b.o.Progress(b.copied, b.begin.Total)
+	}
+}
+
+// labelTimeline reads the START TIMELINE line of a backup label.
+func labelTimeline(label string) (uint32, error) {
+	for _, line := range strings.Split(label, "\n") {
+		if v, ok := strings.CutPrefix(line, "START TIMELINE: "); ok {
+			n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32)
+			if err != nil {
+				break
+			}
+			return uint32(n), nil
+		}
+	}
+	return 0, fmt.Errorf("base backup: the backup label has no START TIMELINE line:\n%s", label)
+}
+
+// configure writes what makes the copy a standby fed from the spool: the backup label
+// and tablespace map, restore_command in postgresql.auto.conf, and standby.signal.
+func (b *builder) configure(id spool.Identity) ([]string, error) {
+	dir := b.main.tmp()
+	var wrote []string
+	write := func(name string, content []byte) error {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, content, 0o600); err != nil {
+			return err
+		}
+		wrote = append(wrote, name)
+		return b.owner.apply(p)
+	}
+	if err := write("backup_label", []byte(b.done.Label)); err != nil {
+		return nil, err
+	}
+	if m := b.tablespaceMap(); m != "" {
+		if err := write("tablespace_map", []byte(m)); err != nil {
+			return nil, err
+		}
+	}
+	auto, err := os.ReadFile(filepath.Join(dir, "postgresql.auto.conf"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	if err := write("postgresql.auto.conf", []byte(AutoConf(string(auto), RestoreCommand(b.o.Walship, b.o.Spool)))); err != nil {
+		return nil, err
+	}
+	wrote[len(wrote)-1] = "restore_command in postgresql.auto.conf"
+	if err := write("standby.signal", nil); err != nil {
+		return nil, err
+	}
+	return wrote, nil
+}
+
+// tablespaceMap is the server's tablespace map with each location mapped to its place
+// here.
+func (b *builder) tablespaceMap() string {
+	var out []string
+	for _, line := range strings.Split(b.done.TablespaceMap, "\n") {
+		oid, loc, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		if t, ok := b.tbs[path.Join("pg_tblspc", oid)]; ok {
+			loc = t.final
+		}
+		out = append(out, oid+" "+loc)
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return strings.Join(out, "\n") + "\n"
+}
+
+// RestoreCommand is the restore_command that feeds recovery from spoolDir with the
+// walship binary at bin (both made absolute), quoted for postgresql.conf.
+func RestoreCommand(bin, spoolDir string) string {
+	if abs, err := filepath.Abs(spoolDir); err == nil {
+		spoolDir = abs
+	}
+	return shellQuote(bin) + " restore --spool " + shellQuote(spoolDir) + " %f %p %r"
+}
+
+// shellQuote quotes s for the shell that runs restore_command, where it needs quoting.
+func shellQuote(s string) string {
+	if strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("/._-+:,@", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'"'"'`) + "'"
+}
+
+// AutoConf is postgresql.auto.conf's content with restore_command set to cmd: a line
+// that set it before is dropped.
+func AutoConf(content, cmd string) string {
+	var out []string
+	for _, line := range strings.Split(strings.TrimRight(content, "\n"), "\n") {
+		name, _, _ := strings.Cut(strings.TrimSpace(line), "=")
+		if strings.TrimSpace(name) == "restore_command" || line == "" && len(out) == 0 {
+			continue
+		}
+		out = append(out, line)
+	}
+	out = append(out, "# walship standby init: recovery takes WAL from the spool", "restore_command = '"+strings.ReplaceAll(cmd, "'", "''")+"'")
+	return strings.Join(out, "\n") + "\n"
+}
+
+// syncAll fsyncs every directory of the new trees (their files were fsynced as they
+// were closed, configure's are here).
+func (b *builder) syncAll() error {
+	roots := []*root{&b.main}
+	for _, t := range b.tbs {
+		roots = append(roots, t)
+	}
+	for _, r := range roots {
+		err := filepath.WalkDir(r.tmp(), func(p string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if d.Type()&fs.ModeSymlink != 0 {
+				return nil
+			}
+			return syncPath(p)
+		})
+		if err != nil {
+			return fmt.Errorf("fsync the copy: %w", err)
+		}
+	}
+	return nil
+}
+
+func syncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// waitWAL waits until the spool holds the backup's WAL, from the segment of start to
+// stop, and checks that it holds every segment between.
+func waitWAL(ctx context.Context, o Options, id spool.Identity, tli uint32, start, stop wal.LSN) error {
+	wait := o.WaitWAL
+	if wait == 0 {
+		wait = 5 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		c, err := spool.Scan(o.Spool, id.SegSize)
+		if err != nil {
+			return err
+		}
+		if pos, ok := c.Position(id.SegSize); ok && (pos.TLI > tli || pos.TLI == tli && pos.LSN >= stop) {
+			if first := c.OldestRun(tli, stop, id.SegSize); first > start {
+				seg, _ := wal.SegmentOf(tli, start, id.SegSize)
+				return fmt.Errorf("the spool lacks segment %s and maybe later ones, which recovery from the backup needs (its WAL starts at %s; the spool's unbroken run starts at %s)",
+					seg.Name(id.SegSize), start, first)
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the spool has not taken the backup's WAL up to %s within %s: is the sidecar still shipping? %w", stop, wait, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// swap puts each new tree in its final place: an earlier copy is exchanged with it
+// atomically and then removed; an empty directory is replaced.
+func (b *builder) swap() error {
+	roots := []*root{&b.main}
+	for _, t := range b.tbs {
+		roots = append(roots, t)
+	}
+	for _, r := range roots {
+		if err := r.swap(); err != nil {
+			return err
+		}
+	}
+	b.swapd = true
+	for _, r := range roots {
+		if r.old {
+			if err := os.RemoveAll(r.tmp()); err != nil {
+				return fmt.Errorf("remove the earlier copy, now at %s: %w", r.tmp(), err)
+			}
+		}
+	}
+	return nil
+}
+
+func (r *root) swap() error {
+	if r.old {
+		if err := unix.Renameat2(unix.AT_FDCWD, r.tmp(), unix.AT_FDCWD, r.final, unix.RENAME_EXCHANGE); err != nil {
+			return fmt.Errorf("exchange %s with the new copy: %w", r.final, err)
+		}
+	} else {
+		if err := os.Remove(r.final); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("replace the empty %s: %w", r.final, err)
+		}
+		if err := os.Rename(r.tmp(), r.final); err != nil {
+			return err
+		}
+	}
+	r.made = false
+	return durable.SyncDir(filepath.Dir(r.final))
+}
+
+// cleanUp removes the new trees of a copy that did not take its place.
+func (b *builder) cleanUp() {
+	if b.f != nil {
+		b.f.Close()
+	}
+	if b.from != nil {
+		b.from.Close()
+	}
+	if b.swapd {
+		return
+	}
+	roots := []*root{&b.main}
+	for _, t := range b.tbs {
+		roots = append(roots, t)
+	}
+	for _, r := range roots {
+		if r.made {
+			os.RemoveAll(r.tmp())
+		}
+	}
+}

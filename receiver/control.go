@@ -1,0 +1,96 @@
+package receiver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/transport"
+)
+
+// listenControl listens on the spool's control socket, which only the receiver's user
+// (and root) may connect to. A socket left by a receiver that died is replaced: the
+// receiver lock, held by the caller, says that no other receiver serves the spool.
+func listenControl(dir string) (*net.UnixListener, error) {
+	path := filepath.Join(dir, spool.ControlSocket)
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove the old control socket: %w", err)
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("restrict %s to its owner: %w", path, err)
+	}
+	return ln, nil
+}
+
+// serveControl passes each connection to the control socket through to a backup stream
+// to the sidecar of the running session, both ways, until ctx is done.
+func (r *Receiver) serveControl(ctx context.Context, ln *net.UnixListener) {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	defer ln.Close()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		uc, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r.passBackup(ctx, uc)
+		}()
+	}
+}
+
+// passBackup connects uc to a new backup stream of the running session.
+func (r *Receiver) passBackup(ctx context.Context, uc *net.UnixConn) {
+	defer uc.Close()
+	c := r.conn.Load()
+	if c == nil {
+		bc := transport.NewBackupConn(uc)
+		bc.Send(&transport.BackupError{Message: "no sidecar is connected to the receiver of " + r.cfg.Spool + ": start walship tail beside the primary"})
+		bc.Flush()
+		return
+	}
+	st, err := c.OpenBackup(ctx)
+	if err != nil {
+		bc := transport.NewBackupConn(uc)
+		bc.Send(&transport.BackupError{Message: err.Error()})
+		bc.Flush()
+		return
+	}
+	r.log.Info().Msg("passing a base backup through to the standby init that asked")
+	// Either side's end, or the receiver's, ends both.
+	stop := context.AfterFunc(ctx, func() { uc.Close(); st.CancelRead(0); st.CancelWrite(0) })
+	defer stop()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if _, err := io.Copy(st, uc); err != nil {
+			st.CancelWrite(0)
+			return
+		}
+		st.Close()
+	}()
+	if _, err := io.Copy(uc, st); err != nil {
+		r.log.Warn().Err(err).Msg("base backup stream ended early")
+		st.CancelRead(0)
+		uc.Close()
+	} else {
+		uc.CloseWrite()
+	}
+	<-done
+}
