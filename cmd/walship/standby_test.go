@@ -19,10 +19,19 @@ import (
 	"github.com/walship/walship/tail/wal"
 )
 
-// standbyInit runs walship standby init into dir and returns its output and error.
-func (r *rig) standbyInit(ctx context.Context, dir string) (string, error) {
-	out, err := exec.CommandContext(ctx, walshipBin, "standby", "init", "--spool", r.spool, "--pgdata", dir, "--wait-wal", "2m").CombinedOutput()
+// standbyInit runs walship standby init into dir, with args added, and returns its
+// output and error.
+func (r *rig) standbyInit(ctx context.Context, dir string, args ...string) (string, error) {
+	args = append([]string{"standby", "init", "--spool", r.spool, "--pgdata", dir, "--wait-wal", "2m"}, args...)
+	out, err := exec.CommandContext(ctx, walshipBin, args...).CombinedOutput()
 	return string(out), err
+}
+
+func mustQuery(t *testing.T, ctx context.Context, c *lab.Cluster, q string) string {
+	t.Helper()
+	s, err := c.QueryString(ctx, q)
+	require.NoError(t, err, q)
+	return s
 }
 
 // initOK runs walship standby init into dir, requires success, and returns the bytes
@@ -108,14 +117,27 @@ func tree(t *testing.T, dir string) map[string][32]byte {
 func TestStandbyInit(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
 	r := streamingRig(t, ctx, 1)
+	// A tablespace, which the standby gets in a place of its own.
+	primaryTS, standbyTS := filepath.Join(r.dir, "ts-primary"), filepath.Join(r.dir, "ts-standby")
+	require.NoError(t, os.Mkdir(primaryTS, 0o700))
+	require.NoError(t, r.primary.Own(primaryTS))
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLESPACE walship_ts LOCATION '"+primaryTS+"'"))
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE walship_in_ts TABLESPACE walship_ts AS SELECT generate_series(1, 5000) AS n"))
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 2, 200)
 	require.NoError(t, err)
 	sb := emptyStandby(t, r)
-	out, sent := r.initOK(ctx, sb.Data)
+	out, err := r.standbyInit(ctx, sb.Data, "--tablespace-mapping", primaryTS+"="+standbyTS)
+	require.NoError(t, err, "walship standby init:\n%s", out)
+	t.Logf("walship standby init: %s", strings.TrimSpace(out))
 	require.NoError(t, load.Stop())
 	require.Contains(t, out, "a fresh copy")
 	require.Contains(t, out, "restore_command")
-	require.Greater(t, sent, int64(1<<20))
+	link, err := os.Readlink(filepath.Join(sb.Data, "pg_tblspc", mustQuery(t, ctx, r.primary, "SELECT oid FROM pg_tablespace WHERE spcname = 'walship_ts'")))
+	require.NoError(t, err)
+	require.Equal(t, standbyTS, link)
+	ents, err := os.ReadDir(standbyTS)
+	require.NoError(t, err)
+	require.Len(t, ents, 1, "the tablespace's version directory")
 
 	auto, err := os.ReadFile(filepath.Join(sb.Data, "postgresql.auto.conf"))
 	require.NoError(t, err)
@@ -144,6 +166,7 @@ func TestStandbyInit(t *testing.T) {
 	require.NoError(t, err)
 	n, _ := strconv.Atoi(got)
 	require.GreaterOrEqual(t, n, acked, "every commit acknowledged during the copy is on the standby")
+	require.Equal(t, "12502500", mustQuery(t, ctx, sb, "SELECT sum(n) FROM walship_in_ts"))
 
 	lost, _ := crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
 	require.Zero(t, lost)
@@ -257,4 +280,35 @@ func TestStandbyInitRefusals(t *testing.T) {
 	require.Contains(t, out, "no receiver is running on spool")
 	_, err = os.Stat(dir)
 	require.ErrorIs(t, err, fs.ErrNotExist)
+}
+
+// TestStandbyInitPointInTime recovers a copy made by standby init to a point in time
+// from the spool: the commits before it are there, the ones after are not.
+func TestStandbyInitPointInTime(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	createLoadTable(t, ctx, r.primary)
+	sb := emptyStandby(t, r)
+	r.initOK(ctx, sb.Data)
+
+	require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT 1, 'before' FROM generate_series(1, 1000)"))
+	// A commit's time is taken before it returns: the next statement starts later.
+	target := mustQuery(t, ctx, r.primary, "SELECT clock_timestamp()::text")
+	require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT 2, 'after' FROM generate_series(1, 1000)"))
+	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+
+	require.NoError(t, os.Remove(filepath.Join(sb.Data, "standby.signal")))
+	require.NoError(t, sb.WriteFile("recovery.signal", nil))
+	require.NoError(t, sb.Adopt())
+	require.NoError(t, sb.Configure(map[string]string{"archive_mode": "off",
+		"recovery_target_time": "'" + target + "'", "recovery_target_action": "'promote'"}))
+	require.NoError(t, sb.Start(ctx))
+	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "recovery to "+target+" to end", func() (bool, error) {
+		s, err := sb.QueryString(ctx, "SELECT pg_is_in_recovery()::text")
+		return err == nil && s == "false", nil
+	}))
+	require.Equal(t, "1000", mustQuery(t, ctx, sb, "SELECT count(*) FROM "+lab.LoadTable+" WHERE client = 1"))
+	require.Equal(t, "0", mustQuery(t, ctx, sb, "SELECT count(*) FROM "+lab.LoadTable+" WHERE client = 2"))
+	require.Contains(t, sb.Log(), "recovery stopping before commit")
 }
