@@ -312,3 +312,36 @@ func TestStandbyInitPointInTime(t *testing.T) {
 	require.Equal(t, "0", mustQuery(t, ctx, sb, "SELECT count(*) FROM "+lab.LoadTable+" WHERE client = 2"))
 	require.Contains(t, sb.Log(), "recovery stopping before commit")
 }
+
+// TestStandbyInitFlags: usage errors say what is wrong, with exit status 2, and make
+// nothing.
+func TestStandbyInitFlags(t *testing.T) {
+	dir := t.TempDir()
+	pgdata := filepath.Join(dir, "pgdata")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"standby"}, "want 'walship standby init'"},
+		{[]string{"standby", "create"}, "want 'walship standby init'"},
+		{[]string{"standby", "init", "--pgdata", pgdata}, "--spool is required"},
+		{[]string{"standby", "init", "--spool", dir}, "--pgdata is required"},
+		{[]string{"standby", "init", "--spool", dir, "--pgdata", pgdata, "--tablespace-mapping", "/a"}, "want OLDDIR=NEWDIR, both absolute"},
+		{[]string{"standby", "init", "--spool", dir, "--pgdata", pgdata, "--tablespace-mapping", "a=/b"}, "want OLDDIR=NEWDIR, both absolute"},
+		{[]string{"standby", "init", "--spool", dir, "--pgdata", pgdata, "--wait-wal", "0s"}, "--wait-wal 0s: want a positive duration"},
+	} {
+		out, err := exec.Command(walshipBin, c.args...).CombinedOutput()
+		var exit *exec.ExitError
+		require.ErrorAs(t, err, &exit, "%v: %s", c.args, out)
+		require.Equal(t, 2, exit.ExitCode(), "%v: %s", c.args, out)
+		require.Contains(t, string(out), c.want, c.args)
+		require.NoDirExists(t, pgdata)
+	}
+	// A spool that has taken no WAL: nothing to copy from yet.
+	out, err := exec.Command(walshipBin, "standby", "init", "--spool", dir, "--pgdata", pgdata).CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(out), "has taken no WAL yet")
+	require.NoDirExists(t, pgdata)
+	out = []byte(runOK(t, "standby", "init", "--help"))
+	require.Contains(t, string(out), "-tablespace-mapping value")
+}
