@@ -97,7 +97,7 @@ func (p *primary) backup(ctx context.Context, bc *transport.BackupConn) error {
 	if err != nil {
 		return err
 	}
-	files, err := listBackup(p.pgdata, tbs)
+	files, err := listBackup(p.pgdata, tbs, srv.VersionNum)
 	if err != nil {
 		return err
 	}
@@ -117,10 +117,10 @@ func (p *primary) backup(ctx context.Context, bc *transport.BackupConn) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if err := bc.Send(&f.BackupEntry); err != nil {
-			return err
-		}
 		if f.Type != transport.EntryFile {
+			if err := bc.Send(&f.BackupEntry); err != nil {
+				return err
+			}
 			continue
 		}
 		s, m, err := sendFile(bc, f, haves[f.Path], buf)
@@ -190,7 +190,8 @@ var (
 
 // listBackup lists what a base backup of the data directory pgdata and the tablespaces
 // tbs sends, in the order it sends them: every directory before what it holds.
-func listBackup(pgdata string, tbs []transport.BackupTablespace) ([]backupFile, error) {
+func listBackup(pgdata string, tbs []transport.BackupTablespace, versionNum int) ([]backupFile, error) {
+	versionDir := fmt.Sprintf("PG_%d_", versionNum/10000)
 	var files []backupFile
 	if err := walkBackup(pgdata, "", &files); err != nil {
 		return nil, err
@@ -198,8 +199,19 @@ func listBackup(pgdata string, tbs []transport.BackupTablespace) ([]backupFile, 
 	for _, t := range tbs {
 		name := path.Join("pg_tblspc", strconv.FormatUint(uint64(t.OID), 10))
 		files = append(files, backupFile{BackupEntry: transport.BackupEntry{Path: name, Type: transport.EntryTablespace, Mode: 0o700}})
-		if err := walkBackup(t.Location, name, &files); err != nil {
-			return nil, err
+		// Only the server version's directory: an upgrade's older ones, lost+found of a
+		// mount point and the like are not this cluster's.
+		ents, err := os.ReadDir(t.Location)
+		if err != nil {
+			return nil, fmt.Errorf("tablespace %d: %w", t.OID, err)
+		}
+		for _, e := range ents {
+			if e.IsDir() && strings.HasPrefix(e.Name(), versionDir) {
+				files = append(files, backupFile{BackupEntry: transport.BackupEntry{Path: path.Join(name, e.Name()), Type: transport.EntryDir, Mode: 0o700}})
+				if err := walkBackup(filepath.Join(t.Location, e.Name()), path.Join(name, e.Name()), &files); err != nil {
+					return nil, err
+				}
+			}
 		}
 	}
 	return files, nil
@@ -242,6 +254,15 @@ func walkBackup(root, prefix string, files *[]backupFile) error {
 		switch {
 		case d.IsDir():
 			e.Type = transport.EntryDir
+		case prefix == "" && rel == "pg_wal" && d.Type()&fs.ModeSymlink != 0:
+			// initdb --waldir: the copy gets a directory of its own, as from the server's
+			// own base backup.
+			e.Type, e.Mode = transport.EntryDir, 0o700
+			*files = append(*files, backupFile{BackupEntry: e, local: p},
+				backupFile{BackupEntry: transport.BackupEntry{Path: "pg_wal/archive_status", Type: transport.EntryDir, Mode: 0o700}})
+			return nil
+		case d.Type()&fs.ModeSymlink != 0:
+			return fmt.Errorf("%s is a symbolic link, which a base backup does not follow: move what it points to into the data directory, or out of it", p)
 		case info.Mode().IsRegular():
 			if unloggedMain(p, name) {
 				return nil
@@ -273,29 +294,33 @@ func unloggedMain(p, name string) bool {
 	return err == nil
 }
 
-// sendFile sends the blocks of f that have does not hold, as f's size said when it was
-// listed: a file that has grown since is cut there, and one that has shrunk is padded
+// sendFile sends f's entry and the blocks of f that have does not hold. A file removed
+// since it was listed is left out; of the others, the size is taken as the file is
+// opened: one that grows while it is read is cut there, and one that shrinks is padded
 // with zeros, as the server's own base backup does (recovery from the backup's WAL
 // mends both). It returns the bytes sent and the bytes the copy already held.
 func sendFile(bc *transport.BackupConn, f backupFile, have *transport.BackupHave, buf []byte) (sent, same int64, err error) {
 	fh, err := os.Open(f.local)
-	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			fh = nil // removed since it was listed: zeros, as if shrunk to nothing
-		} else {
-			return 0, 0, err
-		}
+	if errors.Is(err, fs.ErrNotExist) {
+		return 0, 0, nil
 	}
-	if fh != nil {
-		defer fh.Close()
+	if err != nil {
+		return 0, 0, err
+	}
+	defer fh.Close()
+	info, err := fh.Stat()
+	if err != nil {
+		return 0, 0, err
+	}
+	f.Size = info.Size()
+	if err := bc.Send(&f.BackupEntry); err != nil {
+		return 0, 0, err
 	}
 	for off := int64(0); off < f.Size; off += transport.BlockSize {
 		b := buf[:min(transport.BlockSize, f.Size-off)]
-		n := 0
-		if fh != nil {
-			if n, err = io.ReadFull(io.NewSectionReader(fh, off, int64(len(b))), b); err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-				return sent, same, fmt.Errorf("read %s: %w", f.local, err)
-			}
+		n, err := io.ReadFull(io.NewSectionReader(fh, off, int64(len(b))), b)
+		if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+			return sent, same, fmt.Errorf("read %s: %w", f.local, err)
 		}
 		clear(b[n:])
 		if have != nil {

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -243,9 +242,8 @@ func (c *Conn) AcceptBackup(ctx context.Context) (*quic.Stream, error) {
 }
 
 // CloseStream ends a backup stream: the write side is closed (the peer reads the end
-// after what was sent) and reading is given up after a moment.
+// after what was sent) and reading is given up.
 func CloseStream(st *quic.Stream) {
 	st.Close()
-	st.SetReadDeadline(time.Now().Add(time.Second))
 	st.CancelRead(0)
 }

@@ -43,7 +43,7 @@ Make a warm standby of the primary whose WAL the spool takes, over the walship l
 replication connection and no pg_basebackup. Run it on the standby's host while the
 receiver runs on --spool and the primary's sidecar is connected to it, as the
 receiver's user or as root (it reaches the receiver through the spool's control
-socket, walship.sock).
+socket, .walship.sock).
 
 The sidecar takes a base backup with the server's non-exclusive backup API on a
 connection of its own (its role needs superuser, or EXECUTE on pg_backup_start and

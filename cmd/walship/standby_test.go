@@ -274,12 +274,21 @@ func TestStandbyInitRefusals(t *testing.T) {
 
 	// Without a receiver on the spool.
 	r.receiver.Stop(ctx)
-	dir := filepath.Join(r.dir, "none")
+	dir := emptyStandby(t, r).Data
 	out, err = r.standbyInit(ctx, dir)
 	require.Error(t, err)
 	require.Contains(t, out, "no receiver is running on spool")
-	_, err = os.Stat(dir)
-	require.ErrorIs(t, err, fs.ErrNotExist)
+	ents, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	require.Empty(t, ents)
+
+	// As root, into a directory that root owns: the server could not start from it.
+	if os.Geteuid() == 0 {
+		out, err = r.standbyInit(ctx, filepath.Join(r.dir, "rootowned"))
+		require.Error(t, err)
+		require.Contains(t, out, "PostgreSQL does not start as root")
+		require.NoDirExists(t, filepath.Join(r.dir, "rootowned"))
+	}
 }
 
 // TestStandbyInitPointInTime recovers a copy made by standby init to a point in time

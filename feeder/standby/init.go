@@ -83,6 +83,12 @@ func Init(ctx context.Context, o Options) (Result, error) {
 	if err != nil {
 		return res, err
 	}
+	if real, err := filepath.EvalSymlinks(dst); err == nil {
+		dst = real // the copy replaces the directory, not a link to it
+	}
+	if err := notMountPoint(dst); err != nil {
+		return res, err
+	}
 	old, err := inspect(dst, id.SysID)
 	if err != nil {
 		return res, err
@@ -93,8 +99,9 @@ func Init(ctx context.Context, o Options) (Result, error) {
 		return res, err
 	}
 	var haves []*transport.BackupHave
+	held := map[string]string{} // a held file's path in the backup: where it is here
 	if old {
-		if haves, err = listHaves(dst); err != nil {
+		if haves, err = listHaves(dst, held); err != nil {
 			return res, fmt.Errorf("read the earlier copy in %s: %w", dst, err)
 		}
 	}
@@ -126,7 +133,7 @@ func Init(ctx context.Context, o Options) (Result, error) {
 	if err := bc.Flush(); err != nil {
 		return res, fmt.Errorf("ask for the backup: %w", err)
 	}
-	b := &builder{o: o, owner: owner, main: root{final: dst, old: old}}
+	b := &builder{o: o, owner: owner, main: root{final: dst, old: old}, held: held}
 	defer b.cleanUp()
 	if err := b.receive(ctx, bc, id); err != nil {
 		if ctx.Err() != nil {
@@ -175,7 +182,7 @@ func inspect(dir string, sysID uint64) (bool, error) {
 		return false, err
 	}
 	if len(ctl) < 8 {
-		return false, fmt.Errorf("%s: global/pg_control holds %d bytes", dir, len(ctl))
+		return false, fmt.Errorf("%s: global/pg_control holds %d bytes: the file is cut short, or this is not a data directory", dir, len(ctl))
 	}
 	if got := binary.LittleEndian.Uint64(ctl); got != sysID {
 		return false, fmt.Errorf("%s holds cluster %d, not %d, whose WAL the spool takes: walship standby init does not overwrite another cluster", dir, got, sysID)
@@ -217,7 +224,30 @@ func ownerFor(dir string) (owner, error) {
 		return owner{}, err
 	}
 	sys := st.Sys().(*syscall.Stat_t)
+	if sys.Uid == 0 {
+		return owner{}, fmt.Errorf("the copy would belong to root (the owner of %s), and PostgreSQL does not start as root: make %s owned by the server's user first, or run walship standby init as that user", st.Name(), dir)
+	}
 	return owner{uid: int(sys.Uid), gid: int(sys.Gid), chown: true}, nil
+}
+
+// notMountPoint refuses a directory that is a mount point: the copy is built beside it
+// and renamed into its place, which cannot cross file systems.
+func notMountPoint(dir string) error {
+	st, err := os.Stat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	parent, err := os.Stat(filepath.Dir(dir))
+	if err != nil {
+		return err
+	}
+	if st.Sys().(*syscall.Stat_t).Dev != parent.Sys().(*syscall.Stat_t).Dev {
+		return fmt.Errorf("%s is a mount point: the copy is built beside it and moved into its place, which cannot cross file systems; use a directory inside it", dir)
+	}
+	return nil
 }
 
 func (o owner) apply(path string) error {
@@ -229,7 +259,7 @@ func (o owner) apply(path string) error {
 
 // listHaves reads the earlier copy in dir, and the tablespaces its pg_tblspc links
 // to: each file's size and the SHA-256 of each of its blocks.
-func listHaves(dir string) ([]*transport.BackupHave, error) {
+func listHaves(dir string, held map[string]string) ([]*transport.BackupHave, error) {
 	var haves []*transport.BackupHave
 	walk := func(root, prefix string) error {
 		return filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
@@ -249,6 +279,7 @@ func listHaves(dir string) ([]*transport.BackupHave, error) {
 			}
 			h.Path = path.Join(prefix, filepath.ToSlash(rel))
 			haves = append(haves, h)
+			held[h.Path] = p
 			return nil
 		})
 	}
@@ -310,6 +341,7 @@ func (r *root) tmp() string { return r.final + newSuffix }
 type builder struct {
 	o      Options
 	owner  owner
+	held   map[string]string // files of the earlier copy, as listHaves found them
 	main   root
 	tbs    map[string]*root // by "pg_tblspc/OID"
 	begin  transport.BackupBegin
@@ -353,6 +385,15 @@ func (b *builder) receive(ctx context.Context, bc *transport.BackupConn, id spoo
 		}
 		if !filepath.IsAbs(loc) {
 			return fmt.Errorf("tablespace %d: location %q is not absolute", t.OID, loc)
+		}
+		if real, err := filepath.EvalSymlinks(loc); err == nil {
+			loc = real
+		}
+		if err := notMountPoint(loc); err != nil {
+			return fmt.Errorf("tablespace %d: %w", t.OID, err)
+		}
+		if loc == b.main.final || strings.HasPrefix(loc, b.main.final+"/") || strings.HasPrefix(b.main.final, loc+"/") {
+			return fmt.Errorf("tablespace %d: its location %s overlaps the data directory %s: map it elsewhere with --tablespace-mapping", t.OID, loc, b.main.final)
 		}
 		old, err := b.inspectTablespace(loc, t.OID)
 		if err != nil {
@@ -491,8 +532,8 @@ func (b *builder) entry(e *transport.BackupEntry) error {
 		}
 		b.f, b.fname, b.size, b.at = f, p, e.Size, 0
 		b.files++
-		if r.old {
-			if from, err := os.Open(filepath.Join(r.final, filepath.FromSlash(rel))); err == nil {
+		if local, ok := b.held[e.Path]; ok {
+			if from, err := os.Open(local); err == nil {
 				b.from = from
 			}
 		}
@@ -739,12 +780,26 @@ func waitWAL(ctx context.Context, o Options, id spool.Identity, tli uint32, star
 // swap puts each new tree in its final place: an earlier copy is exchanged with it
 // atomically and then removed; an empty directory is replaced.
 func (b *builder) swap() error {
-	roots := []*root{&b.main}
+	if pid, ok := runningServer(b.main.final); ok {
+		return fmt.Errorf("a server started in %s while the copy was made (postmaster.pid names PID %d): stop it and run walship standby init again", b.main.final, pid)
+	}
+	// The tablespaces first, the data directory last: until it moves, no server starts
+	// from the new copy.
+	var roots []*root
 	for _, t := range b.tbs {
 		roots = append(roots, t)
 	}
-	for _, r := range roots {
+	roots = append(roots, &b.main)
+	for i, r := range roots {
 		if err := r.swap(); err != nil {
+			if i > 0 && b.main.old {
+				// Some tablespaces are new and the data directory is old: keep a server
+				// from starting on the mix.
+				ctl := filepath.Join(b.main.final, "global", "pg_control")
+				if rerr := os.Rename(ctl, ctl+".walship-incomplete"); rerr == nil {
+					return fmt.Errorf("%w; part of the copy took its place, so %s was renamed to keep a server from starting on the mix: run walship standby init again", err, ctl)
+				}
+			}
 			return err
 		}
 	}
@@ -761,7 +816,19 @@ func (b *builder) swap() error {
 
 func (r *root) swap() error {
 	if r.old {
-		if err := unix.Renameat2(unix.AT_FDCWD, r.tmp(), unix.AT_FDCWD, r.final, unix.RENAME_EXCHANGE); err != nil {
+		err := unix.Renameat2(unix.AT_FDCWD, r.tmp(), unix.AT_FDCWD, r.final, unix.RENAME_EXCHANGE)
+		if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) {
+			// No atomic exchange here: the old copy steps aside, then the new one moves in.
+			aside := r.final + ".walship-old"
+			if err = os.Rename(r.final, aside); err == nil {
+				if err = os.Rename(r.tmp(), r.final); err != nil {
+					os.Rename(aside, r.final)
+				} else {
+					err = os.Rename(aside, r.tmp())
+				}
+			}
+		}
+		if err != nil {
 			return fmt.Errorf("exchange %s with the new copy: %w", r.final, err)
 		}
 	} else {

@@ -16,6 +16,8 @@
 //     (Freeze, WriteTrigger, Unfreeze);
 //   - two lock files: one receiver process per spool (LockReceiver), one writer at a
 //     time (LockWriter);
+//   - .walship.sock, the running receiver's control socket (ControlSocket), through
+//     which walship standby init reaches the sidecar;
 //   - leftovers of interrupted publishes (durable.TempPrefix), which Recover removes.
 //
 // Duties of a writer, in order: hold LockWriter; check Frozen after taking it (a

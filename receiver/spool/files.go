@@ -30,7 +30,7 @@ const (
 	// ControlSocket is the receiver's Unix socket through which walship standby init
 	// asks the connected sidecar for a base backup. Only the receiver's user (and root)
 	// may connect.
-	ControlSocket = "walship.sock"
+	ControlSocket = ".walship.sock"
 
 	receiverLockFile = ".walship.receiver.lock" // one receiver process per spool
 	writerLockFile   = ".walship.lock"          // held while a session may write
