@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/transport"
@@ -34,6 +35,22 @@ func listenControl(dir string) (*net.UnixListener, error) {
 	return ln, nil
 }
 
+// DialControl connects to the control socket of the receiver running on spoolDir, with
+// errors that say what to do.
+func DialControl(spoolDir string) (net.Conn, error) {
+	sock := filepath.Join(spoolDir, spool.ControlSocket)
+	uc, err := net.Dial("unix", sock)
+	switch {
+	case err == nil:
+		return uc, nil
+	case errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
+		return nil, fmt.Errorf("no receiver is running on spool %s (%s): %w", spoolDir, sock, err)
+	case errors.Is(err, os.ErrPermission):
+		return nil, fmt.Errorf("%s: %w: run this as the receiver's user or as root", sock, err)
+	}
+	return nil, err
+}
+
 // serveControl passes each connection to the control socket through to a backup stream
 // to the sidecar of the running session, both ways, until ctx is done.
 func (r *Receiver) serveControl(ctx context.Context, ln *net.UnixListener) {
@@ -50,24 +67,24 @@ func (r *Receiver) serveControl(ctx context.Context, ln *net.UnixListener) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r.passBackup(ctx, uc)
+			r.passControl(ctx, uc)
 		}()
 	}
 }
 
-// passBackup connects uc to a new backup stream of the running session.
-func (r *Receiver) passBackup(ctx context.Context, uc *net.UnixConn) {
+// passControl connects uc to a new backup stream of the running session.
+func (r *Receiver) passControl(ctx context.Context, uc *net.UnixConn) {
 	defer uc.Close()
 	c := r.conn.Load()
 	if c == nil {
-		bc := transport.NewBackupConn(uc)
+		bc := transport.NewControlConn(uc)
 		bc.Send(&transport.BackupError{Message: "no sidecar is connected to the receiver of " + r.cfg.Spool + ": start walship tail beside the primary"})
 		bc.Flush()
 		return
 	}
-	st, err := c.OpenBackup(ctx)
+	st, err := c.OpenControl(ctx)
 	if err != nil {
-		bc := transport.NewBackupConn(uc)
+		bc := transport.NewControlConn(uc)
 		bc.Send(&transport.BackupError{Message: err.Error()})
 		bc.Flush()
 		return

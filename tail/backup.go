@@ -24,33 +24,49 @@ import (
 // AppBackup is the application_name of the connection that takes a base backup.
 const AppBackup = "walship backup"
 
-// backupSource is a source that can take a base backup of its cluster: a primary.
-type backupSource interface {
-	backup(ctx context.Context, bc *transport.BackupConn) error
+// controlSource is a source that answers control streams: a primary, which can take a
+// base backup of its cluster and stop its server for a switchover.
+type controlSource interface {
+	backup(ctx context.Context, bc *transport.ControlConn, first any) error
+	switchover(ctx context.Context, bc *transport.ControlConn) error
 }
 
-// serveBackups answers the backup streams the receiver opens during a session, one at
+// serveControl answers the control streams the receiver opens during a session, one at
 // a time, until the session ends; it returns once the last one has ended.
-func (t *Tailer) serveBackups(ctx context.Context, c *transport.Conn) {
+func (t *Tailer) serveControl(ctx context.Context, c *transport.Conn) {
 	for {
-		st, err := c.AcceptBackup(ctx)
+		st, err := c.AcceptControl(ctx)
 		if err != nil {
 			return
 		}
-		bc := transport.NewBackupConn(st)
+		bc := transport.NewControlConn(st)
 		start := time.Now()
-		bs, ok := t.src.(backupSource)
-		if !ok {
-			err = errors.New("this sidecar relays a spool: a base backup is taken by the sidecar beside the primary")
-		} else {
-			t.log.Info().Msg("base backup asked for")
-			err = bs.backup(ctx, bc)
+		what := "base backup"
+		first, err := bc.Recv()
+		if err == nil {
+			cs, ok := t.src.(controlSource)
+			_, stop := first.(*transport.SwitchoverRequest)
+			switch {
+			case stop:
+				what = "switchover"
+				if !ok {
+					err = errors.New("this sidecar relays a spool: a switchover is asked of the sidecar beside the primary")
+				} else {
+					t.log.Info().Msg("switchover asked for")
+					err = cs.switchover(ctx, bc)
+				}
+			case !ok:
+				err = errors.New("this sidecar relays a spool: a base backup is taken by the sidecar beside the primary")
+			default:
+				t.log.Info().Msg("base backup asked for")
+				err = cs.backup(ctx, bc, first)
+			}
 		}
 		if err != nil {
-			t.log.Warn().Err(err).Msg("base backup failed")
+			t.log.Warn().Err(err).Msg(what + " failed")
 			bc.Send(&transport.BackupError{Message: err.Error()})
 		} else {
-			t.log.Info().Dur("took", time.Since(start)).Msg("base backup sent")
+			t.log.Info().Dur("took", time.Since(start)).Msg(what + " done")
 		}
 		bc.Flush()
 		transport.CloseStream(st)
@@ -60,15 +76,11 @@ func (t *Tailer) serveBackups(ctx context.Context, c *transport.Conn) {
 // backup takes a base backup with the non-exclusive backup API on a connection of its
 // own (the backup lasts as long as that session) and sends the data directory's files,
 // and the tablespaces', over bc: of a file the command already holds (its BackupHave),
-// only the blocks that differ.
-func (p *primary) backup(ctx context.Context, bc *transport.BackupConn) error {
+// only the blocks that differ. first is the stream's first message.
+func (p *primary) backup(ctx context.Context, bc *transport.ControlConn, first any) error {
 	haves := map[string]*transport.BackupHave{}
 	var req *transport.BackupRequest
-	for req == nil {
-		m, err := bc.Recv()
-		if err != nil {
-			return fmt.Errorf("read the backup request: %w", err)
-		}
+	for m := first; req == nil; {
 		switch m := m.(type) {
 		case *transport.BackupHave:
 			haves[m.Path] = m
@@ -76,6 +88,12 @@ func (p *primary) backup(ctx context.Context, bc *transport.BackupConn) error {
 			req = m
 		default:
 			return fmt.Errorf("backup request: unexpected %T", m)
+		}
+		if req == nil {
+			var err error
+			if m, err = bc.Recv(); err != nil {
+				return fmt.Errorf("read the backup request: %w", err)
+			}
 		}
 	}
 	pg, err := connect(ctx, p.cfg.DSN, AppBackup)
@@ -299,7 +317,7 @@ func unloggedMain(p, name string) bool {
 // opened: one that grows while it is read is cut there, and one that shrinks is padded
 // with zeros, as the server's own base backup does (recovery from the backup's WAL
 // mends both). It returns the bytes sent and the bytes the copy already held.
-func sendFile(bc *transport.BackupConn, f backupFile, have *transport.BackupHave, buf []byte) (sent, same int64, err error) {
+func sendFile(bc *transport.ControlConn, f backupFile, have *transport.BackupHave, buf []byte) (sent, same int64, err error) {
 	fh, err := os.Open(f.local)
 	if errors.Is(err, fs.ErrNotExist) {
 		return 0, 0, nil

@@ -48,6 +48,9 @@ type Primary struct {
 	// last flush position it read. The drain needs to see the server's processes (same
 	// host, or the same PID and IPC namespaces); without that, turn it off.
 	NoDrain bool
+	// AllowSwitchover lets walship switchover, run on a receiver's host, stop this
+	// primary with a fast shutdown over the link (see switchover).
+	AllowSwitchover bool
 }
 
 // wakeCheck is how often an idle sidecar that waits on inotify reads the flush position

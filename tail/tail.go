@@ -214,7 +214,7 @@ func (t *Tailer) session(ctx context.Context) error {
 	backups := make(chan struct{})
 	go func() {
 		defer close(backups)
-		t.serveBackups(ctx, c)
+		t.serveControl(ctx, c)
 	}()
 	// The backup ends with the session: cancel first (deferred above), then wait.
 	defer func() { cancel(); c.Close("sidecar stopping"); <-backups }()

@@ -12,10 +12,13 @@ import (
 	"github.com/quic-go/quic-go"
 )
 
-// A base backup travels on a stream of its own beside a session's: the receiver opens
-// it towards the sidecar when `walship standby init` asks, and passes its bytes through
-// both ways, so the two ends of the conversation are the command on the standby's host
-// and the sidecar beside the primary. The command speaks first: the files of the copy
+// A control stream runs beside a session's own: the receiver opens it towards the
+// sidecar when a command on the standby's host asks (walship standby init, walship
+// switchover), and passes its bytes through both ways, so the two ends of the
+// conversation are the command and the sidecar beside the primary. The command's first
+// message says what it wants.
+//
+// A base backup: the command speaks first: the files of the copy
 // it already holds (BackupHave, one per file, for a refresh), then BackupRequest. The
 // sidecar answers BackupBegin, then for every directory, link and file of the backup a
 // BackupEntry, a file's entry followed by a BackupBlock for each of its blocks that the
@@ -37,6 +40,9 @@ const (
 	kindBackupBlock   = 5
 	kindBackupDone    = 6
 	kindBackupError   = 7
+	kindSwitchover    = 8
+	kindStopping      = 9
+	kindStopped       = 10
 )
 
 // maxBackupBody bounds a message: a block and its offset, or the JSON of a file's
@@ -109,16 +115,33 @@ type BackupDone struct {
 	Same          int64  `json:"same_bytes"` // of blocks the copy already held
 }
 
-// BackupError is the sidecar's reason for ending a backup, or the receiver's for not
-// starting one.
+// SwitchoverRequest asks the sidecar to stop its primary with a fast shutdown, for a
+// switchover: the sidecar refuses unless it was started allowing it.
+type SwitchoverRequest struct{}
+
+// SwitchoverStopping says that the sidecar has asked the primary's postmaster, PID,
+// for a fast shutdown; Flush is the flush position it read just before.
+type SwitchoverStopping struct {
+	PID   int    `json:"pid"`
+	Flush string `json:"flush_lsn"`
+}
+
+// SwitchoverStopped says that the postmaster has exited; State is its control file's
+// state then ("shut down" after a clean shutdown).
+type SwitchoverStopped struct {
+	State string `json:"state"`
+}
+
+// BackupError is the sidecar's reason for ending a backup or a switchover, or the
+// receiver's for not starting one.
 type BackupError struct {
 	Message string `json:"message"`
 }
 
 func (e *BackupError) Error() string { return e.Message }
 
-// BackupConn reads and writes backup messages on a byte stream.
-type BackupConn struct {
+// ControlConn reads and writes a control stream's messages on a byte stream.
+type ControlConn struct {
 	rw  io.ReadWriter
 	r   *bufio.Reader
 	w   *bufio.Writer
@@ -126,14 +149,15 @@ type BackupConn struct {
 	buf []byte
 }
 
-// NewBackupConn reads and writes backup messages on rw.
-func NewBackupConn(rw io.ReadWriter) *BackupConn {
-	return &BackupConn{rw: rw, r: bufio.NewReaderSize(rw, 256<<10), w: bufio.NewWriterSize(rw, 256<<10)}
+// NewControlConn reads and writes backup messages on rw.
+func NewControlConn(rw io.ReadWriter) *ControlConn {
+	return &ControlConn{rw: rw, r: bufio.NewReaderSize(rw, 256<<10), w: bufio.NewWriterSize(rw, 256<<10)}
 }
 
 // Send writes one message: a *BackupHave, *BackupRequest, *BackupBegin, *BackupEntry,
-// *BackupBlock, *BackupDone or *BackupError. Messages wait in a buffer until Flush.
-func (c *BackupConn) Send(m any) error {
+// *BackupBlock, *BackupDone, *SwitchoverRequest, *SwitchoverStopping,
+// *SwitchoverStopped or *BackupError. Messages wait in a buffer until Flush.
+func (c *ControlConn) Send(m any) error {
 	var kind byte
 	switch m.(type) {
 	case *BackupHave:
@@ -148,6 +172,12 @@ func (c *BackupConn) Send(m any) error {
 		kind = kindBackupDone
 	case *BackupError:
 		kind = kindBackupError
+	case *SwitchoverRequest:
+		kind = kindSwitchover
+	case *SwitchoverStopping:
+		kind = kindStopping
+	case *SwitchoverStopped:
+		kind = kindStopped
 	case *BackupBlock:
 		b := m.(*BackupBlock)
 		c.hdr[0] = kindBackupBlock
@@ -173,11 +203,11 @@ func (c *BackupConn) Send(m any) error {
 }
 
 // Flush sends what Send buffered.
-func (c *BackupConn) Flush() error { return c.w.Flush() }
+func (c *ControlConn) Flush() error { return c.w.Flush() }
 
 // Recv reads one message. A block's Data is valid until the next Recv. A BackupError
 // from the peer is returned as the error.
-func (c *BackupConn) Recv() (any, error) {
+func (c *ControlConn) Recv() (any, error) {
 	if _, err := io.ReadFull(c.r, c.hdr[:]); err != nil {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			err = fmt.Errorf("%w: backup stream ended inside a message header", ErrMalformed)
@@ -214,6 +244,12 @@ func (c *BackupConn) Recv() (any, error) {
 		m = new(BackupDone)
 	case kindBackupError:
 		m = new(BackupError)
+	case kindSwitchover:
+		m = new(SwitchoverRequest)
+	case kindStopping:
+		m = new(SwitchoverStopping)
+	case kindStopped:
+		m = new(SwitchoverStopped)
 	default:
 		return nil, fmt.Errorf("%w: backup message of unknown kind %d", ErrMalformed, kind)
 	}
@@ -226,8 +262,8 @@ func (c *BackupConn) Recv() (any, error) {
 	return m, nil
 }
 
-// OpenBackup opens a backup stream towards the sidecar of the session (receiver side).
-func (c *Conn) OpenBackup(ctx context.Context) (*quic.Stream, error) {
+// OpenControl opens a control stream towards the sidecar of the session (receiver side).
+func (c *Conn) OpenControl(ctx context.Context) (*quic.Stream, error) {
 	st, err := c.qc.OpenStreamSync(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("open a backup stream to %s: %w", c.qc.RemoteAddr(), err)
@@ -235,13 +271,13 @@ func (c *Conn) OpenBackup(ctx context.Context) (*quic.Stream, error) {
 	return st, nil
 }
 
-// AcceptBackup waits for the receiver to open a backup stream (sidecar side). It
+// AcceptControl waits for the receiver to open a control stream (sidecar side). It
 // returns an error once the session has ended.
-func (c *Conn) AcceptBackup(ctx context.Context) (*quic.Stream, error) {
+func (c *Conn) AcceptControl(ctx context.Context) (*quic.Stream, error) {
 	return c.qc.AcceptStream(ctx)
 }
 
-// CloseStream ends a backup stream: the write side is closed (the peer reads the end
+// CloseStream ends a control stream: the write side is closed (the peer reads the end
 // after what was sent) and reading is given up.
 func CloseStream(st *quic.Stream) {
 	st.Close()

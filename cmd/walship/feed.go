@@ -174,3 +174,52 @@ every file is ok, 1 when any is not or a file cannot be read, 2 a usage error.`)
 	}
 	return exitOK
 }
+
+func runSwitchover(args []string) int {
+	fs := newFlags("switchover", "--spool DIR [--dsn DSN | --pgdata DIR] [--timeout DURATION]", `
+Swap the roles of the primary and the standby, losing nothing: a planned failover for
+maintenance. Run it on the standby's host, where the receiver runs on --spool, as the
+receiver's user or root. The primary's sidecar must have been started with
+--allow-switchover; it is asked over the authenticated link:
+
+  1. check that the standby runs, is in recovery and is the spool's cluster;
+  2. the sidecar stops the primary with a fast shutdown (as pg_ctl stop -m fast): the
+     server writes a shutdown checkpoint and exits;
+  3. the sidecar drains what the server flushed last, the shutdown checkpoint
+     included, and sends the end-of-WAL mark;
+  4. the standby is promoted with all of it (as walship promote does), and the new
+     timeline and where it forked are printed.
+
+The old primary's WAL then ends where the new timeline forks: it can follow the new
+primary as a standby without a new base backup. If the sidecar refuses or cannot stop
+the primary, nothing changes; if the primary stopped but no end-of-WAL mark came, the
+standby is not promoted and the command says so.`)
+	spoolDir := fs.String("spool", "", "the standby's spool directory (required)")
+	dsn := fs.String("dsn", "", "connection string of the standby")
+	pgdata := fs.String("pgdata", "", "the standby's data directory (default: its data_directory setting)")
+	timeout := fs.Duration("timeout", 2*time.Minute, "give up after this long")
+	logger := logFlags(fs)
+	if rc := parse(fs, args); rc >= 0 {
+		return rc
+	}
+	switch {
+	case *spoolDir == "":
+		return usageError(fs, "--spool is required")
+	case *dsn == "" && *pgdata == "":
+		return usageError(fs, "give --dsn or --pgdata")
+	case *timeout <= 0:
+		return usageError(fs, "--timeout %s: want a positive duration", *timeout)
+	}
+	log, err := logger()
+	if err != nil {
+		return usageError(fs, "%v", err)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	rep, err := feeder.Switchover(ctx, feeder.SwitchoverConfig{Spool: *spoolDir, DSN: *dsn, PGData: *pgdata, Timeout: *timeout, Logger: log})
+	if err != nil {
+		return fail("%v", err)
+	}
+	fmt.Println(rep)
+	return exitOK
+}

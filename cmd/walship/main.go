@@ -36,13 +36,14 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"tail":    {"stream the primary's WAL to a receiver (the sidecar on the primary's host)", runTail},
-	"receive": {"receive WAL into a spool directory (on the standby's host)", runReceive},
-	"certs":   {"make a CA and certificates for a sidecar and a receiver", runCerts},
-	"restore": {"the standby's restore_command: hand spool segments to recovery", runRestore},
-	"promote": {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
-	"verify":  {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
-	"standby": {"standby init: make a standby's data directory over the walship link", runStandby},
+	"tail":       {"stream the primary's WAL to a receiver (the sidecar on the primary's host)", runTail},
+	"receive":    {"receive WAL into a spool directory (on the standby's host)", runReceive},
+	"certs":      {"make a CA and certificates for a sidecar and a receiver", runCerts},
+	"restore":    {"the standby's restore_command: hand spool segments to recovery", runRestore},
+	"promote":    {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
+	"verify":     {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
+	"standby":    {"standby init: make a standby's data directory over the walship link", runStandby},
+	"switchover": {"swap primary and standby losing nothing: stop the primary, drain, promote", runSwitchover},
 }
 
 func main() {
@@ -79,7 +80,7 @@ Commands:`)
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-9s %s\n", n, commands[n].summary)
+		fmt.Fprintf(w, "  %-10s %s\n", n, commands[n].summary)
 	}
 	fmt.Fprintln(w, "\nRun 'walship COMMAND --help' for a command's flags.")
 }

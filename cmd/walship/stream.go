@@ -46,6 +46,12 @@ crash of the server alone loses no commit. The check needs to see the server's p
 and System V shared memory (same host, or the same PID and IPC namespaces); elsewhere
 use --no-drain.
 
+Through its receivers, the sidecar also serves walship standby init (a base backup of
+the primary over the link; its role then needs the backup functions, and this user
+must read the whole data directory and the tablespaces) and, with --allow-switchover,
+walship switchover: a receiver's host may then ask it to stop the primary with a fast
+shutdown (it signals the postmaster, so it must run as the server's user or root).
+
 Polling: the poll interval bounds how late a flushed commit leaves for the standby,
 and so what a lost host can lose. While the flush position moves (or WAL is inserted
 and not yet flushed) it is read every --poll (2ms: up to 500 trivial queries a
@@ -75,6 +81,7 @@ benchmarks. Once it stands still, the sidecar waits:
 	slotWarn := fs.Uint64("slot-warn", tail.DefaultSlotWarn, "warn when the slot holds back more than this many bytes of WAL")
 	archive := fs.String("archive-dir", "", "the primary's WAL archive, for segments gone from pg_wal before they were shipped")
 	noDrain := fs.Bool("no-drain", false, "when the server is lost, do not drain pg_wal past the last flush position read")
+	allowSwitchover := fs.Bool("allow-switchover", false, "let walship switchover on a receiver's host stop this primary (a fast shutdown) over the link")
 	metrics := metricsFlag(fs)
 	logger := logFlags(fs)
 	profile := profileFlag(fs)
@@ -106,7 +113,7 @@ benchmarks. Once it stands still, the sidecar waits:
 		return fail("%v", err)
 	}
 	tailers, err := newTailers(to, *tlsDir, "receiver", log,
-		tail.Primary{DSN: *dsn, PGData: *pgdata, Poll: *poll, IdlePoll: *idlePoll, Wake: tail.Wake(*wake), ArchiveDir: *archive, NoDrain: *noDrain})
+		tail.Primary{DSN: *dsn, PGData: *pgdata, Poll: *poll, IdlePoll: *idlePoll, Wake: tail.Wake(*wake), ArchiveDir: *archive, NoDrain: *noDrain, AllowSwitchover: *allowSwitchover})
 	if err != nil {
 		return fail("%v", err)
 	}

@@ -5,12 +5,10 @@ package standby
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"os"
 	"path"
 	"path/filepath"
@@ -22,6 +20,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
@@ -106,21 +105,14 @@ func Init(ctx context.Context, o Options) (Result, error) {
 		}
 	}
 
-	sock := filepath.Join(o.Spool, spool.ControlSocket)
-	uc, err := net.Dial("unix", sock)
+	uc, err := receiver.DialControl(o.Spool)
 	if err != nil {
-		switch {
-		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED):
-			return res, fmt.Errorf("no receiver is running on spool %s (%s): %w", o.Spool, sock, err)
-		case errors.Is(err, fs.ErrPermission):
-			return res, fmt.Errorf("%s: %w: run walship standby init as the receiver's user or as root", sock, err)
-		}
 		return res, err
 	}
 	defer uc.Close()
 	stop := context.AfterFunc(ctx, func() { uc.Close() })
 	defer stop()
-	bc := transport.NewBackupConn(uc)
+	bc := transport.NewControlConn(uc)
 	for _, h := range haves {
 		if err := bc.Send(h); err != nil {
 			return res, err
@@ -174,18 +166,15 @@ func inspect(dir string, sysID uint64) (bool, error) {
 	if pid, ok := runningServer(dir); ok {
 		return false, fmt.Errorf("a server is running in %s (postmaster.pid names PID %d): stop it before walship standby init replaces its files", dir, pid)
 	}
-	ctl, err := os.ReadFile(filepath.Join(dir, "global", "pg_control"))
+	ctl, err := wal.ReadControl(dir)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return false, fmt.Errorf("%s is neither empty nor a PostgreSQL data directory (no global/pg_control): walship standby init copies only into an empty directory or an earlier copy of the same cluster", dir)
 		}
 		return false, err
 	}
-	if len(ctl) < 8 {
-		return false, fmt.Errorf("%s: global/pg_control holds %d bytes: the file is cut short, or this is not a data directory", dir, len(ctl))
-	}
-	if got := binary.LittleEndian.Uint64(ctl); got != sysID {
-		return false, fmt.Errorf("%s holds cluster %d, not %d, whose WAL the spool takes: walship standby init does not overwrite another cluster", dir, got, sysID)
+	if ctl.SysID != sysID {
+		return false, fmt.Errorf("%s holds cluster %d, not %d, whose WAL the spool takes: walship standby init does not overwrite another cluster", dir, ctl.SysID, sysID)
 	}
 	return true, nil
 }
@@ -361,7 +350,7 @@ type builder struct {
 }
 
 // receive reads the backup from bc into the new trees.
-func (b *builder) receive(ctx context.Context, bc *transport.BackupConn, id spool.Identity) error {
+func (b *builder) receive(ctx context.Context, bc *transport.ControlConn, id spool.Identity) error {
 	m, err := bc.Recv()
 	if err != nil {
 		return fmt.Errorf("base backup: %w", err)

@@ -1,0 +1,144 @@
+package feeder
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/transport"
+)
+
+// SwitchoverConfig configures Switchover: the standby, as PromoteConfig has it.
+type SwitchoverConfig struct {
+	Spool   string
+	DSN     string
+	PGData  string
+	Timeout time.Duration // bounds the whole switchover; zero means two minutes
+	Logger  zerolog.Logger
+}
+
+// SwitchoverReport says what a switchover did.
+type SwitchoverReport struct {
+	PID     int    // the old primary's postmaster
+	Flush   string // its flush position just before the shutdown
+	State   string // its control file's state once it had exited; "" if the sidecar could not say
+	Promote Report // the standby's promotion
+}
+
+func (r SwitchoverReport) String() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "switchover: the primary (postmaster PID %d, flush position %s) was stopped with a fast shutdown", r.PID, r.Flush)
+	if r.State != "" {
+		fmt.Fprintf(&b, "; its control file says %q", r.State)
+	}
+	b.WriteString("\n")
+	b.WriteString(r.Promote.String())
+	return b.String()
+}
+
+// Switchover swaps the roles of the primary and the standby without losing a commit:
+// it checks that the standby is one and belongs to the spool's cluster, asks the
+// primary's sidecar (started with --allow-switchover) over the link to stop the primary
+// with a fast shutdown, waits for the sidecar's end-of-WAL mark (the drain of the
+// primary's last WAL, its shutdown checkpoint included), and promotes the standby
+// (Promote). If the primary cannot be stopped, nothing changes; if it stopped but no
+// end-of-WAL mark comes, the standby is not promoted.
+func Switchover(ctx context.Context, cfg SwitchoverConfig) (SwitchoverReport, error) {
+	var rep SwitchoverReport
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 2 * time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+	defer cancel()
+	id, ok, err := spool.ReadIdentity(cfg.Spool)
+	if err != nil {
+		return rep, err
+	}
+	if !ok {
+		return rep, fmt.Errorf("switchover: spool %s has received nothing yet", cfg.Spool)
+	}
+	if err := checkStandby(ctx, cfg, id); err != nil {
+		return rep, err
+	}
+	if _, ok, err := spool.ReadTrigger(cfg.Spool); err != nil || ok {
+		if err == nil {
+			err = fmt.Errorf("spool %s was promoted from before (%s is there): a switchover needs a standby that follows the primary", cfg.Spool, spool.TriggerFile)
+		}
+		return rep, fmt.Errorf("switchover: %w", err)
+	}
+	uc, err := receiver.DialControl(cfg.Spool)
+	if err != nil {
+		return rep, fmt.Errorf("switchover: %w", err)
+	}
+	defer uc.Close()
+	stop := context.AfterFunc(ctx, func() { uc.Close() })
+	defer stop()
+	cc := transport.NewControlConn(uc)
+	if err := cc.Send(&transport.SwitchoverRequest{}); err == nil {
+		err = cc.Flush()
+	}
+	m, err := cc.Recv()
+	if err != nil {
+		return rep, fmt.Errorf("switchover: the primary was not stopped: %w", err)
+	}
+	stopping, ok := m.(*transport.SwitchoverStopping)
+	if !ok {
+		return rep, fmt.Errorf("switchover: the sidecar answered %T", m)
+	}
+	rep.PID, rep.Flush = stopping.PID, stopping.Flush
+	cfg.Logger.Info().Int("pid", rep.PID).Str("flush", rep.Flush).Msg("the primary is shutting down; waiting for the sidecar's drain")
+	// The sidecar says when the postmaster has exited, unless its session ends first
+	// (its drain is done): the end-of-WAL mark below is what counts.
+	if m, err := cc.Recv(); err == nil {
+		if st, ok := m.(*transport.SwitchoverStopped); ok {
+			rep.State = st.State
+		}
+	} else if !errors.Is(err, io.EOF) {
+		cfg.Logger.Debug().Err(err).Msg("the control stream ended before the sidecar said the postmaster had exited")
+	}
+	if err := waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
+		_, ok, err := spool.ReadEnd(cfg.Spool)
+		return ok, err
+	}); err != nil {
+		return rep, fmt.Errorf("switchover: the primary was stopped, but the sidecar's end-of-WAL mark did not come (%w); the standby was not promoted: see the sidecar's log, start the primary again or run walship promote", err)
+	}
+	rep.Promote, err = Promote(ctx, PromoteConfig{Spool: cfg.Spool, DSN: cfg.DSN, PGData: cfg.PGData, Timeout: cfg.Timeout, Logger: cfg.Logger})
+	return rep, err
+}
+
+// checkStandby checks that the standby runs, is in recovery and belongs to the spool's
+// cluster.
+func checkStandby(ctx context.Context, cfg SwitchoverConfig, id spool.Identity) error {
+	dsn := cfg.DSN
+	if dsn == "" {
+		var err error
+		if dsn, err = dsnFromPGData(cfg.PGData); err != nil {
+			return err
+		}
+	}
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return fmt.Errorf("switchover: connect to the standby: %w", err)
+	}
+	defer conn.Close(context.Background())
+	var sysid uint64
+	var inRecovery bool
+	if err := conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery()`).Scan(&sysid, &inRecovery); err != nil {
+		return fmt.Errorf("switchover: read the standby's state: %w", err)
+	}
+	switch {
+	case sysid != id.SysID:
+		return fmt.Errorf("switchover: %w: spool %s holds system identifier %d, the standby is %d", spool.ErrWrongCluster, cfg.Spool, id.SysID, sysid)
+	case !inRecovery:
+		return errors.New("switchover: the standby is not in recovery: it is a primary already")
+	}
+	return nil
+}
