@@ -296,6 +296,17 @@ func (r *Receiver) admit(c *transport.Conn, log zerolog.Logger) (*session, error
 	s := &session{dir: dir, c: c, log: log, wlock: wlock, rb: NewRebuild(id.Stream(), contents), w: spool.NewWriter(dir, id.SegSize), r: r}
 	s.w.Syncs = &r.fsyncs
 	pos := s.rb.Durable()
+	if s.rb.Empty() {
+		// An empty spool may ask to start before the segment being written.
+		m, ok, err := spool.ReadStart(dir)
+		if err != nil {
+			s.close()
+			return nil, refuse(err)
+		}
+		if ok {
+			pos.LSN = m.LSN
+		}
+	}
 	if err := c.Send(&transport.Welcome{Version: transport.Version, Empty: s.rb.Empty(), TLI: pos.TLI, LSN: pos.LSN}); err != nil {
 		s.close()
 		return nil, err

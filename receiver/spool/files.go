@@ -27,6 +27,10 @@ const (
 	// EndFile is the end-of-WAL mark: the sidecar found the primary's server gone and
 	// sent every valid record its pg_wal held. A new session removes it.
 	EndFile = "walship.end"
+	// StartFile says where the WAL of a spool that holds none is to start (WriteStart):
+	// walship standby rejoin writes it, for an old primary needs the new timeline from
+	// where its own WAL ends, which may be segments before the one being written.
+	StartFile = "walship.start"
 	// ControlSocket is the receiver's Unix socket through which walship standby init
 	// asks the connected sidecar for a base backup. Only the receiver's user (and root)
 	// may connect.

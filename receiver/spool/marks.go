@@ -103,6 +103,25 @@ func ClearEnd(dir string) error {
 	return durable.SyncDir(dir)
 }
 
+// StartMark is the content of StartFile: where an empty spool's WAL is to start.
+type StartMark struct {
+	LSN wal.LSN `json:"lsn"`
+	At  string  `json:"written_at"`
+}
+
+// ReadStart reads the spool's start mark; ok is false when there is none.
+func ReadStart(dir string) (m StartMark, ok bool, err error) {
+	ok, err = readJSON(dir, StartFile, "start mark", &m)
+	return m, ok, err
+}
+
+// WriteStart records durably where the spool's WAL is to start, while it holds none:
+// the first session ships from the segment holding lsn (on the sidecar's timeline, or
+// from where that timeline begins, if later) instead of the segment being written.
+func WriteStart(dir string, lsn wal.LSN) error {
+	return writeJSON(dir, StartFile, StartMark{LSN: lsn, At: now()})
+}
+
 // PublishOnce publishes a small whole file (a timeline history file) under name,
 // unless the same content is there already; other content there is ErrConflict and
 // stays.

@@ -10,11 +10,12 @@ import (
 // Control is what walship reads of a data directory's control file, global/pg_control:
 // the fields at its head, laid out alike from PostgreSQL 9.3 on (pg_control.h,
 // ControlFileData: system_identifier, pg_control_version, catalog_version_no, state,
-// time, checkPoint).
+// time, checkPoint, then checkPointCopy, whose redo and ThisTimeLineID come first).
 type Control struct {
 	SysID      uint64
 	State      DBState
-	CheckPoint LSN // the last checkpoint record's position
+	CheckPoint LSN    // the last checkpoint record's position
+	TLI        uint32 // the last checkpoint's timeline
 }
 
 // DBState is the cluster state the control file records (pg_control.h).
@@ -58,9 +59,9 @@ func ReadControl(pgdata string) (Control, error) {
 	if err != nil {
 		return Control{}, err
 	}
-	if len(b) < 40 {
+	if len(b) < 52 {
 		return Control{}, fmt.Errorf("%s holds %d bytes: the file is cut short, or this is not a data directory", path, len(b))
 	}
 	le := binary.LittleEndian
-	return Control{SysID: le.Uint64(b), State: DBState(le.Uint32(b[16:])), CheckPoint: LSN(le.Uint64(b[32:]))}, nil
+	return Control{SysID: le.Uint64(b), State: DBState(le.Uint32(b[16:])), CheckPoint: LSN(le.Uint64(b[32:])), TLI: le.Uint32(b[48:])}, nil
 }
