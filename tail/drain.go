@@ -84,6 +84,13 @@ func (p *primary) drain(ctx context.Context, s *stream) error {
 	if err := s.send(end); err != nil {
 		return fmt.Errorf("drain: %w", err)
 	}
+	if told := p.stopped.Load(); told != nil {
+		// A switchover stopped the server: let its news reach the command first.
+		select {
+		case <-*told:
+		case <-time.After(time.Second):
+		}
+	}
 	if err := s.conn.Send(&transport.End{TLI: tli, LSN: end}); err != nil {
 		return fmt.Errorf("drain: send the end-of-WAL mark: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -107,6 +108,11 @@ type primary struct {
 	tli    uint32
 	pgdata string
 	last   Positions // as last read
+
+	// stopped, while a switchover stops the server, is closed once the sidecar has told
+	// the command that the postmaster exited: the drain's end-of-WAL mark waits for it,
+	// lest the session end first and take the message with it.
+	stopped atomic.Pointer[chan struct{}]
 
 	watch     *dirwatch.Watch // nil: poll while idle
 	armed     bool            // the watch's stale events are drained and the position read since

@@ -55,6 +55,9 @@ func (p *primary) switchover(ctx context.Context, bc *transport.ControlConn) err
 	if err != nil {
 		return err
 	}
+	told := make(chan struct{})
+	p.stopped.Store(&told)
+	defer close(told)
 	if err := syscall.Kill(pid, syscall.SIGINT); err != nil {
 		return fmt.Errorf("ask the postmaster (PID %d) for a fast shutdown: %w (the sidecar must run as the server's user, or as root)", pid, err)
 	}
@@ -86,7 +89,10 @@ func (p *primary) switchover(ctx context.Context, bc *transport.ControlConn) err
 		state = c.State.String()
 	}
 	p.log.Info().Int("pid", pid).Str("state", state).Msg("switchover: the primary has stopped")
-	return bc.Send(&transport.SwitchoverStopped{State: state})
+	if err := bc.Send(&transport.SwitchoverStopped{State: state}); err != nil {
+		return err
+	}
+	return bc.Flush()
 }
 
 // postmasterPID reads the postmaster's PID from pgdata's postmaster.pid.

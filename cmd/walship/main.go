@@ -42,7 +42,7 @@ var commands = map[string]command{
 	"restore":    {"the standby's restore_command: hand spool segments to recovery", runRestore},
 	"promote":    {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
 	"verify":     {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
-	"standby":    {"standby init: make a standby's data directory over the walship link", runStandby},
+	"standby":    {"standby init | rejoin: make a standby over the link, or an old primary one", runStandby},
 	"switchover": {"swap primary and standby losing nothing: stop the primary, drain, promote", runSwitchover},
 }
 

@@ -12,16 +12,95 @@ import (
 	"github.com/walship/walship/feeder/standby"
 )
 
+const standbyUsage = `Usage:
+  walship standby init --spool DIR --pgdata DIR [flags]    make a standby from a base backup over the link
+  walship standby rejoin --spool DIR --pgdata DIR [flags]  make an old primary follow the new one, without one
+
+Run 'walship standby init --help' or 'walship standby rejoin --help' for the flags.`
+
 func runStandby(args []string) int {
-	if len(args) == 0 || args[0] != "init" {
-		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help" || args[0] == "help") {
-			fmt.Println("Usage: walship standby init --spool DIR --pgdata DIR [flags]\n\nRun 'walship standby init --help' for its flags.")
+	if len(args) > 0 {
+		switch args[0] {
+		case "init":
+			return runStandbyInit(args[1:])
+		case "rejoin":
+			return runStandbyRejoin(args[1:])
+		case "-h", "--help", "help":
+			fmt.Println(standbyUsage)
 			return exitOK
 		}
-		fmt.Fprintln(os.Stderr, "walship standby: want 'walship standby init'\nRun 'walship standby init --help' for usage.")
-		return exitUsage
 	}
-	return runStandbyInit(args[1:])
+	fmt.Fprintln(os.Stderr, "walship standby: want 'walship standby init' or 'walship standby rejoin'\n\n"+standbyUsage)
+	return exitUsage
+}
+
+func runStandbyRejoin(args []string) int {
+	fs := newFlags("standby rejoin", "--spool DIR --pgdata DIR [flags]", `
+Make the old primary, stopped, a standby of the new primary without a new base backup:
+after walship switchover its WAL ends exactly where the new timeline forked from it,
+so it can replay the new timeline from there. Run it on the old primary's host, with
+a receiver running on --spool beside it, as the server's user or root.
+
+  1. an empty spool gets a start mark at the old primary's last checkpoint, so that the
+     new primary's sidecar, when it connects, ships its timeline from the segment where
+     it forked rather than from the segment being written: start that sidecar after
+     this command (it waits for it, up to --wait);
+  2. once the spool holds the new timeline's history file and WAL, it reads the old
+     primary's pg_wal from its last checkpoint to the end of its valid records and
+     checks that this end is at or before the fork;
+  3. it writes restore_command (this walship binary, by its absolute path) and
+     recovery_target_timeline = 'latest' in postgresql.auto.conf, and standby.signal.
+     Then 'pg_ctl start -D DIR' starts the standby.
+
+If the old primary's WAL goes past the fork (it crashed and the standby was promoted
+without all of its WAL), it is refused and nothing changes: make the standby again
+with walship standby init into the same directory (a refresh sends only the blocks
+that differ), or with pg_rewind. A spool that was promoted from is refused too: a
+rejoining standby needs a spool of its own.`)
+	spoolDir := fs.String("spool", "", "the spool of the receiver beside the old primary, which the new primary's sidecar ships to (required)")
+	pgdata := fs.String("pgdata", "", "the old primary's data directory (required)")
+	wait := fs.Duration("wait", 2*time.Minute, "how long to wait for the new timeline to arrive in the spool")
+	logger := logFlags(fs)
+	if rc := parse(fs, args); rc >= 0 {
+		return rc
+	}
+	switch {
+	case *spoolDir == "":
+		return usageError(fs, "--spool is required")
+	case *pgdata == "":
+		return usageError(fs, "--pgdata is required")
+	case *wait <= 0:
+		return usageError(fs, "--wait %s: want a positive duration", *wait)
+	}
+	log, err := logger()
+	if err != nil {
+		return usageError(fs, "%v", err)
+	}
+	bin, err := walshipPath()
+	if err != nil {
+		return fail("%v", err)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	rep, err := standby.Rejoin(ctx, standby.RejoinOptions{PGData: *pgdata, Spool: *spoolDir, Walship: bin, Wait: *wait, Log: log})
+	if err != nil {
+		return fail("standby rejoin: %v", err)
+	}
+	fmt.Println(rep)
+	fmt.Printf("start the standby with: pg_ctl start -D %s\n", *pgdata)
+	return exitOK
+}
+
+// walshipPath is this walship binary's absolute path, for restore_command.
+func walshipPath() (string, error) {
+	bin, err := os.Executable()
+	if err == nil {
+		bin, err = filepath.EvalSymlinks(bin)
+	}
+	if err != nil {
+		return "", fmt.Errorf("find this walship binary's path for restore_command: %w", err)
+	}
+	return bin, nil
 }
 
 // mapFlag collects OLD=NEW pairs.
@@ -87,12 +166,9 @@ Progress goes to standard error: a bar on a terminal, a line every 10 s otherwis
 	if err != nil {
 		return usageError(fs, "%v", err)
 	}
-	bin, err := os.Executable()
-	if err == nil {
-		bin, err = filepath.EvalSymlinks(bin)
-	}
+	bin, err := walshipPath()
 	if err != nil {
-		return fail("find this walship binary's path for restore_command: %v", err)
+		return fail("%v", err)
 	}
 	ctx, stop := signalContext()
 	defer stop()

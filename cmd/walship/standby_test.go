@@ -331,8 +331,10 @@ func TestStandbyInitFlags(t *testing.T) {
 		args []string
 		want string
 	}{
-		{[]string{"standby"}, "want 'walship standby init'"},
-		{[]string{"standby", "create"}, "want 'walship standby init'"},
+		{[]string{"standby"}, "want 'walship standby init' or 'walship standby rejoin'"},
+		{[]string{"standby", "create"}, "want 'walship standby init' or 'walship standby rejoin'"},
+		{[]string{"standby", "rejoin", "--pgdata", pgdata}, "--spool is required"},
+		{[]string{"standby", "rejoin", "--spool", dir}, "--pgdata is required"},
 		{[]string{"standby", "init", "--pgdata", pgdata}, "--spool is required"},
 		{[]string{"standby", "init", "--spool", dir}, "--pgdata is required"},
 		{[]string{"standby", "init", "--spool", dir, "--pgdata", pgdata, "--tablespace-mapping", "/a"}, "want OLDDIR=NEWDIR, both absolute"},

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -81,4 +82,85 @@ func TestSwitchoverRefused(t *testing.T) {
 	out, err = exec.CommandContext(ctx, walshipBin, "switchover", "--spool", r.spool, "--dsn", r.primary.DSN()).CombinedOutput()
 	require.Error(t, err)
 	require.Contains(t, string(out), "not in recovery")
+}
+
+// inodes reads the inode numbers of a data directory and of its PG_VERSION.
+func inodes(t *testing.T, dir string) [2]uint64 {
+	t.Helper()
+	var out [2]uint64
+	for i, p := range []string{dir, filepath.Join(dir, "PG_VERSION")} {
+		st, err := os.Stat(p)
+		require.NoError(t, err)
+		out[i] = st.Sys().(*syscall.Stat_t).Ino
+	}
+	return out
+}
+
+// TestSwitchoverAndBack swaps the roles three times with load between the swaps. After
+// each swap the old primary rejoins as a standby of the new one, fed by a receiver and
+// an empty spool beside it, without a base backup: its data directory is never
+// replaced. Every acknowledged commit is on the final primary, and the timeline goes
+// up by one per swap.
+func TestSwitchoverAndBack(t *testing.T) {
+	ctx := testContext(t, 8*time.Minute)
+	cur := streamingRig(t, ctx, 1, "--allow-switchover")
+	primary := cur.primary
+	standby := emptyStandby(t, cur)
+	cur.initOK(ctx, standby.Data)
+	adoptStandby(t, ctx, standby)
+	before := map[string][2]uint64{primary.Data: inodes(t, primary.Data), standby.Data: inodes(t, standby.Data)}
+
+	var acks []lab.Ack
+	for swap := 1; swap <= 3; swap++ {
+		load, err := lab.StartLoad(ctx, primary.DSN(), 2, 100)
+		require.NoError(t, err)
+		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "100 commits", func() (bool, error) { return load.Count() >= 100, nil }))
+		out, err := exec.CommandContext(ctx, walshipBin, "switchover", "--spool", cur.spool, "--dsn", standby.DSN()).CombinedOutput()
+		load.Stop() // its errors are expected: the server stopped
+		require.NoError(t, err, "swap %d: walship switchover:\n%s", swap, out)
+		t.Logf("swap %d: %s", swap, strings.TrimSpace(string(out)))
+		require.Contains(t, string(out), "promoted: timeline "+strconv.Itoa(swap+1))
+		require.Contains(t, string(out), `its control file says "shut down"`)
+		acks = append(acks, load.Acks()...)
+
+		// The old primary rejoins: a receiver with an empty spool beside it, the start
+		// mark, then the new primary's sidecar.
+		cur.sidecar.Stop(ctx)
+		cur.receiver.Stop(ctx)
+		next := cur.sibling("swap" + strconv.Itoa(swap))
+		next.primary = standby
+		next.sidecarArgs = []string{"--allow-switchover"}
+		next.startReceiver(ctx)
+		rejoin := exec.CommandContext(ctx, walshipBin, "standby", "rejoin", "--spool", next.spool, "--pgdata", primary.Data, "--wait", "2m")
+		var rejoinOut strings.Builder
+		rejoin.Stdout, rejoin.Stderr = &rejoinOut, &rejoinOut
+		require.NoError(t, rejoin.Start())
+		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the start mark", func() (bool, error) {
+			_, err := os.Stat(filepath.Join(next.spool, "walship.start"))
+			return err == nil, nil
+		}))
+		next.startSidecar(ctx, standby)
+		require.NoError(t, rejoin.Wait(), "swap %d: walship standby rejoin:\n%s", swap, rejoinOut.String())
+		t.Logf("swap %d: %s", swap, strings.TrimSpace(rejoinOut.String()))
+		require.Contains(t, rejoinOut.String(), "so it follows without a new base backup")
+		require.NoError(t, primary.Start(ctx))
+		next.waitStreaming(ctx)
+
+		require.NoError(t, standby.Exec(ctx, "SELECT pg_switch_wal()"))
+		flush := flushLSN(t, ctx, standby)
+		next.waitSpoolAt(ctx, flush)
+		waitReplayed(t, ctx, primary, flush-1)
+		primary, standby, cur = standby, primary, next
+	}
+	tli := mustQuery(t, ctx, primary, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+	require.Equal(t, "00000004", tli, "three swaps, three new timelines")
+	loss, err := lab.MeasureLoss(ctx, primary, acks, time.Now())
+	require.NoError(t, err)
+	require.Empty(t, loss.Lost, "%d of %d acknowledged commits lost", len(loss.Lost), len(acks))
+	t.Logf("%d commits acknowledged over three swaps, none lost", len(acks))
+	for dir, ino := range before {
+		require.Equal(t, ino, inodes(t, dir), "%s was never replaced", dir)
+	}
+	// The last old primary follows too.
+	require.Equal(t, "true", mustQuery(t, ctx, standby, "SELECT pg_is_in_recovery()::text"))
 }

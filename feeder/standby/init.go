@@ -214,7 +214,7 @@ func ownerFor(dir string) (owner, error) {
 	}
 	sys := st.Sys().(*syscall.Stat_t)
 	if sys.Uid == 0 {
-		return owner{}, fmt.Errorf("the copy would belong to root (the owner of %s), and PostgreSQL does not start as root: make %s owned by the server's user first, or run walship standby init as that user", st.Name(), dir)
+		return owner{}, fmt.Errorf("the files would belong to root (the owner of %s), and PostgreSQL does not start as root: make %s owned by the server's user first, or run walship standby as that user", st.Name(), dir)
 	}
 	return owner{uid: int(sys.Uid), gid: int(sys.Gid), chown: true}, nil
 }
@@ -637,7 +637,7 @@ func (b *builder) configure(id spool.Identity) ([]string, error) {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
-	if err := write("postgresql.auto.conf", []byte(AutoConf(string(auto), RestoreCommand(b.o.Walship, b.o.Spool)))); err != nil {
+	if err := write("postgresql.auto.conf", []byte(AutoConf(string(auto), "walship standby init: recovery takes WAL from the spool", RestoreCommand(b.o.Walship, b.o.Spool)))); err != nil {
 		return nil, err
 	}
 	wrote[len(wrote)-1] = "restore_command in postgresql.auto.conf"
@@ -686,18 +686,27 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'"'"'`) + "'"
 }
 
-// AutoConf is postgresql.auto.conf's content with restore_command set to cmd: a line
-// that set it before is dropped.
-func AutoConf(content, cmd string) string {
+// AutoConf is postgresql.auto.conf's content with restore_command set to cmd, and the
+// settings of more (name, value pairs) too: lines that set any of them before are
+// dropped. why heads the lines added, as a comment.
+func AutoConf(content, why, cmd string, more ...string) string {
+	set := append([]string{"restore_command", cmd}, more...)
+	names := map[string]bool{}
+	for i := 0; i < len(set); i += 2 {
+		names[set[i]] = true
+	}
 	var out []string
 	for _, line := range strings.Split(strings.TrimRight(content, "\n"), "\n") {
 		name, _, _ := strings.Cut(strings.TrimSpace(line), "=")
-		if strings.TrimSpace(name) == "restore_command" || line == "" && len(out) == 0 {
+		if names[strings.TrimSpace(name)] || line == "" && len(out) == 0 {
 			continue
 		}
 		out = append(out, line)
 	}
-	out = append(out, "# walship standby init: recovery takes WAL from the spool", "restore_command = '"+strings.ReplaceAll(cmd, "'", "''")+"'")
+	out = append(out, "# "+why)
+	for i := 0; i < len(set); i += 2 {
+		out = append(out, set[i]+" = '"+strings.ReplaceAll(set[i+1], "'", "''")+"'")
+	}
 	return strings.Join(out, "\n") + "\n"
 }
 
@@ -741,29 +750,26 @@ func waitWAL(ctx context.Context, o Options, id spool.Identity, tli uint32, star
 	if wait == 0 {
 		wait = 5 * time.Minute
 	}
-	ctx, cancel := context.WithTimeout(ctx, wait)
-	defer cancel()
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for {
+	err := waitFor(ctx, wait, func() (bool, error) {
 		c, err := spool.Scan(o.Spool, id.SegSize)
 		if err != nil {
-			return err
+			return false, err
 		}
-		if pos, ok := c.Position(id.SegSize); ok && (pos.TLI > tli || pos.TLI == tli && pos.LSN >= stop) {
-			if first := c.OldestRun(tli, stop, id.SegSize); first > start {
-				seg, _ := wal.SegmentOf(tli, start, id.SegSize)
-				return fmt.Errorf("the spool lacks segment %s and maybe later ones, which recovery from the backup needs (its WAL starts at %s; the spool's unbroken run starts at %s)",
-					seg.Name(id.SegSize), start, first)
-			}
-			return nil
+		pos, ok := c.Position(id.SegSize)
+		if !ok || pos.TLI < tli || pos.TLI == tli && pos.LSN < stop {
+			return false, nil
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("the spool has not taken the backup's WAL up to %s within %s: is the sidecar still shipping? %w", stop, wait, ctx.Err())
-		case <-tick.C:
+		if first := c.OldestRun(tli, stop, id.SegSize); first > start {
+			seg, _ := wal.SegmentOf(tli, start, id.SegSize)
+			return false, fmt.Errorf("the spool lacks segment %s and maybe later ones, which recovery from the backup needs (its WAL starts at %s; the spool's unbroken run starts at %s)",
+				seg.Name(id.SegSize), start, first)
 		}
+		return true, nil
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("the spool has not taken the backup's WAL up to %s within %s: is the sidecar still shipping? %w", stop, wait, err)
 	}
+	return err
 }
 
 // swap puts each new tree in its final place: an earlier copy is exchanged with it
