@@ -77,6 +77,11 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		return fmt.Errorf("restore: spool %s: %w", cfg.Spool, err)
 	}
 	name := cfg.File
+	if name == "00000001.history" {
+		// Timeline 1 has none, but a promotion asks for its parent's history file to
+		// copy into the new one: there is nothing to give.
+		return fmt.Errorf("restore %s: timeline 1 has no history file: %w", name, ErrNotAvailable)
+	}
 	id, haveID, err := spool.ReadIdentity(cfg.Spool)
 	if err != nil {
 		return err

@@ -108,13 +108,19 @@ func TestRestoreCommand(t *testing.T) {
 		require.Equal(t, 1, res.code, res.stderr)
 		absent(t)
 	})
+	t.Run("timeline 1's history file is never there", func(t *testing.T) {
+		// A promotion asks for its parent timeline's history file.
+		res := restoreCmd(t, ctx, "--spool", r.spool, "00000001.history", target)
+		require.Equal(t, 1, res.code, res.stderr)
+		absent(t)
+	})
 	t.Run("missing segment answers at once", func(t *testing.T) {
 		res := restoreCmd(t, ctx, "--spool", r.spool, "0000000100000000000000FF", target)
 		require.Equal(t, 1, res.code, res.stderr)
 		absent(t)
 	})
 	t.Run("bad names", func(t *testing.T) {
-		for _, name := range []string{"../" + first, first + "/x", "/etc/passwd", "foo", "0000000100000000000000GG", first + ".tmp", "00000001.history"} {
+		for _, name := range []string{"../" + first, first + "/x", "/etc/passwd", "foo", "0000000100000000000000GG", first + ".tmp"} {
 			res := restoreCmd(t, ctx, "--spool", r.spool, name, target)
 			require.Equal(t, 3, res.code, "%q: %s", name, res.stderr)
 			require.Contains(t, res.stderr, "not a WAL file name", name)

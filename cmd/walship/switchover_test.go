@@ -164,3 +164,70 @@ func TestSwitchoverAndBack(t *testing.T) {
 	// The last old primary follows too.
 	require.Equal(t, "true", mustQuery(t, ctx, standby, "SELECT pg_is_in_recovery()::text"))
 }
+
+// TestRejoinRefusedAfterCrash: the primary's host is lost (the sidecar first, then the
+// server, with commits between), the standby is promoted without them, and the old
+// primary's WAL goes past the fork: rejoin refuses and changes nothing, and the remedy
+// it names, standby init into the same directory, makes it a standby again.
+func TestRejoinRefusedAfterCrash(t *testing.T) {
+	ctx := testContext(t, 5*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	old := r.primary
+	sb := emptyStandby(t, r)
+	r.initOK(ctx, sb.Data)
+	adoptStandby(t, ctx, sb)
+
+	createLoadTable(t, ctx, old)
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, old))
+	r.sidecar.Kill()
+	require.NoError(t, old.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT 9, 'never shipped' FROM generate_series(1, 500)"))
+	require.NoError(t, old.Kill())
+	out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN(), "--timeout", "90s").CombinedOutput()
+	require.NoError(t, err, "walship promote:\n%s", out)
+	require.Contains(t, string(out), "no end-of-WAL mark")
+	r.receiver.Stop(ctx)
+
+	next := r.sibling("rejoin")
+	next.primary = sb
+	next.startReceiver(ctx)
+	autoBefore, err := os.ReadFile(filepath.Join(old.Data, "postgresql.auto.conf"))
+	require.NoError(t, err)
+	rejoin := exec.CommandContext(ctx, walshipBin, "standby", "rejoin", "--spool", next.spool, "--pgdata", old.Data, "--wait", "2m")
+	var rejoinOut strings.Builder
+	rejoin.Stdout, rejoin.Stderr = &rejoinOut, &rejoinOut
+	require.NoError(t, rejoin.Start())
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the start mark", func() (bool, error) {
+		_, err := os.Stat(filepath.Join(next.spool, "walship.start"))
+		return err == nil, nil
+	}))
+	next.startSidecar(ctx, sb)
+	err = rejoin.Wait()
+	t.Logf("walship standby rejoin: %s", strings.TrimSpace(rejoinOut.String()))
+	require.Error(t, err)
+	require.Equal(t, 1, err.(*exec.ExitError).ExitCode())
+	require.Contains(t, rejoinOut.String(), "the old primary's WAL goes past the fork")
+	require.Contains(t, rejoinOut.String(), "walship standby init into the same directory")
+	require.Contains(t, rejoinOut.String(), "pg_rewind")
+	_, err = os.Stat(filepath.Join(old.Data, "standby.signal"))
+	require.ErrorIs(t, err, os.ErrNotExist, "nothing was written")
+	autoAfter, err := os.ReadFile(filepath.Join(old.Data, "postgresql.auto.conf"))
+	require.NoError(t, err)
+	require.Equal(t, string(autoBefore), string(autoAfter), "nothing was written")
+
+	// The remedy: a refresh of the old primary's directory from the new primary.
+	next.waitStreaming(ctx)
+	out2, sent := next.initOK(ctx, old.Data)
+	require.Contains(t, out2, "a refresh of the earlier copy")
+	t.Logf("the refresh sent %d bytes", sent)
+	// A refresh copies the new primary's configuration too: give it this host's port.
+	require.NoError(t, old.Adopt())
+	require.NoError(t, old.Configure(map[string]string{"archive_mode": "off", "wal_retrieve_retry_interval": "'100ms'"}))
+	require.NoError(t, old.Start(ctx))
+	require.NoError(t, sb.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) VALUES (-3, 'after the refresh')"))
+	require.NoError(t, sb.Exec(ctx, "SELECT pg_switch_wal()"))
+	flush := flushLSN(t, ctx, sb)
+	next.waitSpoolAt(ctx, flush)
+	waitReplayed(t, ctx, old, flush-1)
+	require.Equal(t, "0", mustQuery(t, ctx, old, "SELECT count(*) FROM "+lab.LoadTable+" WHERE client = 9"), "the commits the new primary never had are gone")
+	require.Equal(t, "1", mustQuery(t, ctx, old, "SELECT count(*) FROM "+lab.LoadTable+" WHERE client = -3"))
+}
