@@ -9,21 +9,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/transport"
 )
-
-// SwitchoverConfig configures Switchover: the standby, as PromoteConfig has it.
-type SwitchoverConfig struct {
-	Spool   string
-	DSN     string
-	PGData  string
-	Timeout time.Duration // bounds the whole switchover; zero means two minutes
-	Logger  zerolog.Logger
-}
 
 // SwitchoverReport says what a switchover did.
 type SwitchoverReport struct {
@@ -49,12 +39,13 @@ func (r SwitchoverReport) String() string {
 // primary's sidecar (started with --allow-switchover) over the link to stop the primary
 // with a fast shutdown, waits for the sidecar's end-of-WAL mark (the drain of the
 // primary's last WAL, its shutdown checkpoint included), and promotes the standby
-// (Promote). If the primary cannot be stopped, nothing changes; if it stopped but no
-// end-of-WAL mark comes, the standby is not promoted.
-func Switchover(ctx context.Context, cfg SwitchoverConfig) (SwitchoverReport, error) {
+// (Promote). cfg names the standby as for Promote; its Timeout bounds the whole
+// switchover (zero: two minutes). If the primary cannot be stopped, nothing changes; if
+// it stopped but no end-of-WAL mark comes, the standby is not promoted.
+func Switchover(ctx context.Context, cfg PromoteConfig) (SwitchoverReport, error) {
 	var rep SwitchoverReport
 	if cfg.Timeout == 0 {
-		cfg.Timeout = 2 * time.Minute
+		cfg.Timeout = 2 * time.Minute // the shutdown, the drain and the promotion
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
@@ -110,13 +101,13 @@ func Switchover(ctx context.Context, cfg SwitchoverConfig) (SwitchoverReport, er
 	}); err != nil {
 		return rep, fmt.Errorf("switchover: the primary was stopped, but the sidecar's end-of-WAL mark did not come (%w); the standby was not promoted: see the sidecar's log, start the primary again or run walship promote", err)
 	}
-	rep.Promote, err = Promote(ctx, PromoteConfig{Spool: cfg.Spool, DSN: cfg.DSN, PGData: cfg.PGData, Timeout: cfg.Timeout, Logger: cfg.Logger})
+	rep.Promote, err = Promote(ctx, cfg)
 	return rep, err
 }
 
 // checkStandby checks that the standby runs, is in recovery and belongs to the spool's
 // cluster.
-func checkStandby(ctx context.Context, cfg SwitchoverConfig, id spool.Identity) error {
+func checkStandby(ctx context.Context, cfg PromoteConfig, id spool.Identity) error {
 	dsn := cfg.DSN
 	if dsn == "" {
 		var err error

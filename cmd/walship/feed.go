@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"os/signal"
@@ -105,29 +106,13 @@ Fail over to the standby with everything the spool holds, the partial tail inclu
 
 Running it twice is harmless. If the standby cannot be promoted, it says why and
 leaves the spool as it was.`)
-	spool := fs.String("spool", "", "the standby's spool directory (required)")
-	dsn := fs.String("dsn", "", "connection string of the standby")
-	pgdata := fs.String("pgdata", "", "the standby's data directory (default: its data_directory setting)")
-	timeout := fs.Duration("timeout", time.Minute, "give up after this long")
-	logger := logFlags(fs)
-	if rc := parse(fs, args); rc >= 0 {
+	cfg, rc := standbyFlags(fs, args, time.Minute)
+	if rc >= 0 {
 		return rc
-	}
-	switch {
-	case *spool == "":
-		return usageError(fs, "--spool is required")
-	case *dsn == "" && *pgdata == "":
-		return usageError(fs, "give --dsn or --pgdata")
-	case *timeout <= 0:
-		return usageError(fs, "--timeout %s: want a positive duration", *timeout)
-	}
-	log, err := logger()
-	if err != nil {
-		return usageError(fs, "%v", err)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	rep, err := feeder.Promote(ctx, feeder.PromoteConfig{Spool: *spool, DSN: *dsn, PGData: *pgdata, Timeout: *timeout, Logger: log})
+	rep, err := feeder.Promote(ctx, cfg)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -194,32 +179,43 @@ The old primary's WAL then ends where the new timeline forks: it can follow the 
 primary as a standby without a new base backup. If the sidecar refuses or cannot stop
 the primary, nothing changes; if the primary stopped but no end-of-WAL mark came, the
 standby is not promoted and the command says so.`)
-	spoolDir := fs.String("spool", "", "the standby's spool directory (required)")
-	dsn := fs.String("dsn", "", "connection string of the standby")
-	pgdata := fs.String("pgdata", "", "the standby's data directory (default: its data_directory setting)")
-	timeout := fs.Duration("timeout", 2*time.Minute, "give up after this long")
-	logger := logFlags(fs)
-	if rc := parse(fs, args); rc >= 0 {
+	cfg, rc := standbyFlags(fs, args, 2*time.Minute)
+	if rc >= 0 {
 		return rc
-	}
-	switch {
-	case *spoolDir == "":
-		return usageError(fs, "--spool is required")
-	case *dsn == "" && *pgdata == "":
-		return usageError(fs, "give --dsn or --pgdata")
-	case *timeout <= 0:
-		return usageError(fs, "--timeout %s: want a positive duration", *timeout)
-	}
-	log, err := logger()
-	if err != nil {
-		return usageError(fs, "%v", err)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	rep, err := feeder.Switchover(ctx, feeder.SwitchoverConfig{Spool: *spoolDir, DSN: *dsn, PGData: *pgdata, Timeout: *timeout, Logger: log})
+	rep, err := feeder.Switchover(ctx, cfg)
 	if err != nil {
 		return fail("%v", err)
 	}
 	fmt.Println(rep)
 	return exitOK
+}
+
+// standbyFlags adds the flags that name a standby and its spool (promote, switchover),
+// parses args and checks them; rc is a non-negative exit status when the command
+// should stop now.
+func standbyFlags(fs *flag.FlagSet, args []string, timeout time.Duration) (cfg feeder.PromoteConfig, rc int) {
+	spoolDir := fs.String("spool", "", "the standby's spool directory (required)")
+	dsn := fs.String("dsn", "", "connection string of the standby")
+	pgdata := fs.String("pgdata", "", "the standby's data directory (default: its data_directory setting)")
+	limit := fs.Duration("timeout", timeout, "give up after this long")
+	logger := logFlags(fs)
+	if rc := parse(fs, args); rc >= 0 {
+		return cfg, rc
+	}
+	switch {
+	case *spoolDir == "":
+		return cfg, usageError(fs, "--spool is required")
+	case *dsn == "" && *pgdata == "":
+		return cfg, usageError(fs, "give --dsn or --pgdata")
+	case *limit <= 0:
+		return cfg, usageError(fs, "--timeout %s: want a positive duration", *limit)
+	}
+	log, err := logger()
+	if err != nil {
+		return cfg, usageError(fs, "%v", err)
+	}
+	return feeder.PromoteConfig{Spool: *spoolDir, DSN: *dsn, PGData: *pgdata, Timeout: *limit, Logger: log}, -1
 }

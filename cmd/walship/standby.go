@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/feeder/standby"
 )
@@ -57,38 +60,65 @@ without all of its WAL), it is refused and nothing changes: make the standby aga
 with walship standby init into the same directory (a refresh sends only the blocks
 that differ), or with pg_rewind. A spool that was promoted from is refused too: a
 rejoining standby needs a spool of its own.`)
-	spoolDir := fs.String("spool", "", "the spool of the receiver beside the old primary, which the new primary's sidecar ships to (required)")
-	pgdata := fs.String("pgdata", "", "the old primary's data directory (required)")
-	wait := fs.Duration("wait", 2*time.Minute, "how long to wait for the new timeline to arrive in the spool")
-	logger := logFlags(fs)
-	if rc := parse(fs, args); rc >= 0 {
+	d := newDirFlags(fs, "the spool of the receiver beside the old primary, which the new primary's sidecar ships to",
+		"the old primary's data directory", "wait", 2*time.Minute, "how long to wait for the new timeline to arrive in the spool")
+	log, bin, rc := d.parse(fs, args)
+	if rc >= 0 {
 		return rc
 	}
-	switch {
-	case *spoolDir == "":
-		return usageError(fs, "--spool is required")
-	case *pgdata == "":
-		return usageError(fs, "--pgdata is required")
-	case *wait <= 0:
-		return usageError(fs, "--wait %s: want a positive duration", *wait)
-	}
-	log, err := logger()
-	if err != nil {
-		return usageError(fs, "%v", err)
-	}
-	bin, err := walshipPath()
-	if err != nil {
-		return fail("%v", err)
-	}
+	pgdata := d.pgdata
 	ctx, stop := signalContext()
 	defer stop()
-	rep, err := standby.Rejoin(ctx, standby.RejoinOptions{PGData: *pgdata, Spool: *spoolDir, Walship: bin, Wait: *wait, Log: log})
+	rep, err := standby.Rejoin(ctx, standby.RejoinOptions{PGData: *pgdata, Spool: *d.spool, Walship: bin, Wait: *d.wait, Log: log})
 	if err != nil {
 		return fail("standby rejoin: %v", err)
 	}
 	fmt.Println(rep)
 	fmt.Printf("start the standby with: pg_ctl start -D %s\n", *pgdata)
 	return exitOK
+}
+
+// dirFlags are the flags standby init and rejoin share: --spool and --pgdata, both
+// required, a wait, and the log flags.
+type dirFlags struct {
+	spool, pgdata *string
+	wait          *time.Duration
+	waitName      string
+	logger        func() (zerolog.Logger, error)
+}
+
+func newDirFlags(fs *flag.FlagSet, spoolHelp, pgdataHelp, waitName string, wait time.Duration, waitHelp string) *dirFlags {
+	return &dirFlags{
+		spool:    fs.String("spool", "", spoolHelp+" (required)"),
+		pgdata:   fs.String("pgdata", "", pgdataHelp+" (required)"),
+		wait:     fs.Duration(waitName, wait, waitHelp),
+		waitName: waitName,
+		logger:   logFlags(fs),
+	}
+}
+
+// parse parses args and checks the flags; rc is a non-negative exit status when the
+// command should stop now. bin is this walship binary's path, for restore_command.
+func (d *dirFlags) parse(fs *flag.FlagSet, args []string) (log zerolog.Logger, bin string, rc int) {
+	if rc := parse(fs, args); rc >= 0 {
+		return log, "", rc
+	}
+	switch {
+	case *d.spool == "":
+		return log, "", usageError(fs, "--spool is required")
+	case *d.pgdata == "":
+		return log, "", usageError(fs, "--pgdata is required")
+	case *d.wait <= 0:
+		return log, "", usageError(fs, "--%s %s: want a positive duration", d.waitName, *d.wait)
+	}
+	log, err := d.logger()
+	if err != nil {
+		return log, "", usageError(fs, "%v", err)
+	}
+	if bin, err = walshipPath(); err != nil {
+		return log, "", fail("%v", err)
+	}
+	return log, bin, -1
 }
 
 // walshipPath is this walship binary's absolute path, for restore_command.
@@ -144,32 +174,16 @@ and the rest of the configuration are the primary's: change them before the star
 where the standby's host needs it. Then 'pg_ctl start -D DIR' starts a warm standby.
 
 Progress goes to standard error: a bar on a terminal, a line every 10 s otherwise.`)
-	spoolDir := fs.String("spool", "", "the spool of the receiver the primary's sidecar is connected to (required)")
-	pgdata := fs.String("pgdata", "", "the standby's data directory (required)")
-	fast := fs.Bool("fast", true, "ask the primary for an immediate checkpoint at the backup's start; false waits for a spread one")
-	waitWAL := fs.Duration("wait-wal", 5*time.Minute, "how long to wait, after the backup, for the spool to take its WAL")
+	fast := fs.Bool("fast", true, "ask the primary for an immediate checkpoint at the backup's start; --fast=false waits for a spread one")
 	maps := mapFlag{}
 	fs.Var(maps, "tablespace-mapping", "OLDDIR=NEWDIR: put the tablespace at OLDDIR on the primary in NEWDIR here (repeatable); others keep their location")
-	logger := logFlags(fs)
-	if rc := parse(fs, args); rc >= 0 {
+	d := newDirFlags(fs, "the spool of the receiver the primary's sidecar is connected to", "the standby's data directory",
+		"wait-wal", 5*time.Minute, "how long to wait, after the backup, for the spool to take its WAL")
+	log, bin, rc := d.parse(fs, args)
+	if rc >= 0 {
 		return rc
 	}
-	switch {
-	case *spoolDir == "":
-		return usageError(fs, "--spool is required")
-	case *pgdata == "":
-		return usageError(fs, "--pgdata is required")
-	case *waitWAL <= 0:
-		return usageError(fs, "--wait-wal %s: want a positive duration", *waitWAL)
-	}
-	log, err := logger()
-	if err != nil {
-		return usageError(fs, "%v", err)
-	}
-	bin, err := walshipPath()
-	if err != nil {
-		return fail("%v", err)
-	}
+	spoolDir, pgdata, waitWAL := d.spool, d.pgdata, d.wait
 	ctx, stop := signalContext()
 	defer stop()
 	p := newProgress(os.Stderr, isTerminal(os.Stderr))

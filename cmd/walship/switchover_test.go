@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -96,6 +97,25 @@ func inodes(t *testing.T, dir string) [2]uint64 {
 	return out
 }
 
+// rejoin runs walship standby rejoin of the old primary's data directory pgdata on the
+// rig's spool, its receiver running, and once it has set the spool's start mark, starts
+// the rig's sidecar beside the new primary, as a DBA would. It returns rejoin's output
+// and its error.
+func (r *rig) rejoin(ctx context.Context, pgdata string, newPrimary *lab.Cluster) (string, error) {
+	r.t.Helper()
+	cmd := exec.CommandContext(ctx, walshipBin, "standby", "rejoin", "--spool", r.spool, "--pgdata", pgdata, "--wait", "2m")
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	require.NoError(r.t, cmd.Start())
+	require.NoError(r.t, lab.Wait(ctx, 10*time.Millisecond, "the start mark", func() (bool, error) {
+		_, err := os.Stat(filepath.Join(r.spool, "walship.start"))
+		return err == nil, nil
+	}))
+	r.startSidecar(ctx, newPrimary)
+	err := cmd.Wait()
+	return out.String(), err
+}
+
 // TestSwitchoverAndBack swaps the roles three times with load between the swaps. After
 // each swap the old primary rejoins as a standby of the new one, fed by a receiver and
 // an empty spool beside it, without a base backup: its data directory is never
@@ -131,18 +151,10 @@ func TestSwitchoverAndBack(t *testing.T) {
 		next.primary = standby
 		next.sidecarArgs = []string{"--allow-switchover"}
 		next.startReceiver(ctx)
-		rejoin := exec.CommandContext(ctx, walshipBin, "standby", "rejoin", "--spool", next.spool, "--pgdata", primary.Data, "--wait", "2m")
-		var rejoinOut strings.Builder
-		rejoin.Stdout, rejoin.Stderr = &rejoinOut, &rejoinOut
-		require.NoError(t, rejoin.Start())
-		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the start mark", func() (bool, error) {
-			_, err := os.Stat(filepath.Join(next.spool, "walship.start"))
-			return err == nil, nil
-		}))
-		next.startSidecar(ctx, standby)
-		require.NoError(t, rejoin.Wait(), "swap %d: walship standby rejoin:\n%s", swap, rejoinOut.String())
-		t.Logf("swap %d: %s", swap, strings.TrimSpace(rejoinOut.String()))
-		require.Contains(t, rejoinOut.String(), "so it follows without a new base backup")
+		rejoinOut, err := next.rejoin(ctx, primary.Data, standby)
+		require.NoError(t, err, "swap %d: walship standby rejoin:\n%s", swap, rejoinOut)
+		t.Logf("swap %d: %s", swap, strings.TrimSpace(rejoinOut))
+		require.Contains(t, rejoinOut, "so it follows without a new base backup")
 		require.NoError(t, primary.Start(ctx))
 		next.waitStreaming(ctx)
 
@@ -192,22 +204,13 @@ func TestRejoinRefusedAfterCrash(t *testing.T) {
 	next.startReceiver(ctx)
 	autoBefore, err := os.ReadFile(filepath.Join(old.Data, "postgresql.auto.conf"))
 	require.NoError(t, err)
-	rejoin := exec.CommandContext(ctx, walshipBin, "standby", "rejoin", "--spool", next.spool, "--pgdata", old.Data, "--wait", "2m")
-	var rejoinOut strings.Builder
-	rejoin.Stdout, rejoin.Stderr = &rejoinOut, &rejoinOut
-	require.NoError(t, rejoin.Start())
-	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the start mark", func() (bool, error) {
-		_, err := os.Stat(filepath.Join(next.spool, "walship.start"))
-		return err == nil, nil
-	}))
-	next.startSidecar(ctx, sb)
-	err = rejoin.Wait()
-	t.Logf("walship standby rejoin: %s", strings.TrimSpace(rejoinOut.String()))
+	rejoinOut, err := next.rejoin(ctx, old.Data, sb)
+	t.Logf("walship standby rejoin: %s", strings.TrimSpace(rejoinOut))
 	require.Error(t, err)
 	require.Equal(t, 1, err.(*exec.ExitError).ExitCode())
-	require.Contains(t, rejoinOut.String(), "the old primary's WAL goes past the fork")
-	require.Contains(t, rejoinOut.String(), "walship standby init into the same directory")
-	require.Contains(t, rejoinOut.String(), "pg_rewind")
+	require.Contains(t, rejoinOut, "the old primary's WAL goes past the fork")
+	require.Contains(t, rejoinOut, "walship standby init into the same directory")
+	require.Contains(t, rejoinOut, "pg_rewind")
 	_, err = os.Stat(filepath.Join(old.Data, "standby.signal"))
 	require.ErrorIs(t, err, os.ErrNotExist, "nothing was written")
 	autoAfter, err := os.ReadFile(filepath.Join(old.Data, "postgresql.auto.conf"))
