@@ -171,7 +171,8 @@ of DIR (or, where it does not exist, of the directory it is made in).
 It writes the backup label (and tablespace map), standby.signal, and restore_command
 in postgresql.auto.conf, running this walship binary by its absolute path. The port
 and the rest of the configuration are the primary's: change them before the start
-where the standby's host needs it. Then 'pg_ctl start -D DIR' starts a warm standby.
+where the standby's host needs it. Then 'pg_ctl start -D DIR', run as the owner of
+DIR, starts a warm standby.
 
 Progress goes to standard error: a bar on a terminal, a line every 10 s otherwise.`)
 	fast := fs.Bool("fast", true, "ask the primary for an immediate checkpoint at the backup's start; --fast=false waits for a spread one")

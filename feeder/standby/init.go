@@ -93,6 +93,11 @@ func Init(ctx context.Context, o Options) (Result, error) {
 		return res, err
 	}
 	res.Refresh = old
+	unlock, err := lockBeside(dst)
+	if err != nil {
+		return res, err
+	}
+	defer unlock()
 	owner, err := ownerFor(dst)
 	if err != nil {
 		return res, err
@@ -835,7 +840,43 @@ func (r *root) swap() error {
 		}
 	}
 	r.made = false
-	return durable.SyncDir(filepath.Dir(r.final))
+	return syncUp(filepath.Dir(r.final))
+}
+
+// syncUp fsyncs dir and each directory above it, so that directories made on the way
+// (MkdirAll) are durable too.
+func syncUp(dir string) error {
+	for {
+		if err := durable.SyncDir(dir); err != nil {
+			return err
+		}
+		up := filepath.Dir(dir)
+		if up == dir {
+			return nil
+		}
+		dir = up
+	}
+}
+
+// lockBeside takes an exclusive lock on the directory that holds dir, or fails at once:
+// two commands building copies beside each other would remove each other's work.
+func lockBeside(dir string) (unlock func(), err error) {
+	parent := filepath.Dir(dir)
+	f, err := os.Open(parent)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s does not exist: make it first, owned by the server's user", parent)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("another walship standby init or rejoin is at work in %s: wait for it to end", parent)
+		}
+		return nil, fmt.Errorf("lock %s: %w", parent, err)
+	}
+	return func() { f.Close() }, nil
 }
 
 // cleanUp removes the new trees of a copy that did not take its place.

@@ -65,6 +65,11 @@ func Rejoin(ctx context.Context, o RejoinOptions) (RejoinReport, error) {
 	if err != nil {
 		return rep, err
 	}
+	unlock, err := lockBeside(dir)
+	if err != nil {
+		return rep, err
+	}
+	defer unlock()
 	if pid, ok := runningServer(dir); ok {
 		return rep, fmt.Errorf("a server is running in %s (postmaster.pid names PID %d): stop it first (pg_ctl stop -m fast)", dir, pid)
 	}
