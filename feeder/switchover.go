@@ -12,6 +12,7 @@ import (
 
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
 
@@ -40,12 +41,12 @@ func (r SwitchoverReport) String() string {
 // with a fast shutdown, waits for the sidecar's end-of-WAL mark (the drain of the
 // primary's last WAL, its shutdown checkpoint included), and promotes the standby
 // (Promote). cfg names the standby as for Promote; its Timeout bounds the whole
-// switchover (zero: two minutes). If the primary cannot be stopped, nothing changes; if
+// switchover (zero: five minutes). If the primary cannot be stopped, nothing changes; if
 // it stopped but no end-of-WAL mark comes, the standby is not promoted.
 func Switchover(ctx context.Context, cfg PromoteConfig) (SwitchoverReport, error) {
 	var rep SwitchoverReport
 	if cfg.Timeout == 0 {
-		cfg.Timeout = 2 * time.Minute // the shutdown, the drain and the promotion
+		cfg.Timeout = 5 * time.Minute // the shutdown checkpoint, the drain and the promotion
 	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
@@ -86,20 +87,32 @@ func Switchover(ctx context.Context, cfg PromoteConfig) (SwitchoverReport, error
 	}
 	rep.PID, rep.Flush = stopping.PID, stopping.Flush
 	cfg.Logger.Info().Int("pid", rep.PID).Str("flush", rep.Flush).Msg("the primary is shutting down; waiting for the sidecar's drain")
-	// The sidecar says when the postmaster has exited, unless its session ends first
-	// (its drain is done): the end-of-WAL mark below is what counts.
+	// The sidecar says when the postmaster has exited: the end-of-WAL mark below is
+	// what counts, but its word, or its error, says more if the mark does not come.
+	var sidecarErr error
 	if m, err := cc.Recv(); err == nil {
 		if st, ok := m.(*transport.SwitchoverStopped); ok {
 			rep.State = st.State
 		}
 	} else if !errors.Is(err, io.EOF) {
-		cfg.Logger.Debug().Err(err).Msg("the control stream ended before the sidecar said the postmaster had exited")
+		sidecarErr = err
+		cfg.Logger.Warn().Err(err).Msg("the sidecar did not say that the postmaster exited")
 	}
+	var mark spool.EndMark
 	if err := waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
-		_, ok, err := spool.ReadEnd(cfg.Spool)
+		var ok bool
+		var err error
+		mark, ok, err = spool.ReadEnd(cfg.Spool)
 		return ok, err
 	}); err != nil {
-		return rep, fmt.Errorf("switchover: the primary was stopped, but the sidecar's end-of-WAL mark did not come (%w); the standby was not promoted: see the sidecar's log, start the primary again or run walship promote", err)
+		if sidecarErr != nil {
+			err = fmt.Errorf("%w; the sidecar said: %w", err, sidecarErr)
+		}
+		return rep, fmt.Errorf("switchover: the primary was asked to shut down, but the sidecar's end-of-WAL mark did not come (%w), so the standby was not promoted. "+
+			"Do not run walship promote now: it would go on without the primary's last WAL. See the sidecar's log; start the primary again (the sidecar resumes its session) and retry", err)
+	}
+	if flush, err := wal.ParseLSN(rep.Flush); err == nil && mark.LSN < flush {
+		return rep, fmt.Errorf("switchover: the end-of-WAL mark says %s, before the flush position %s read before the shutdown; the standby was not promoted: see the sidecar's log", mark.Position, rep.Flush)
 	}
 	rep.Promote, err = Promote(ctx, cfg)
 	return rep, err

@@ -89,7 +89,7 @@ func (r *Receiver) passControl(ctx context.Context, uc *net.UnixConn) {
 		bc.Flush()
 		return
 	}
-	r.log.Info().Msg("passing a base backup through to the standby init that asked")
+	r.log.Info().Msg("passing a control stream (a base backup or a switchover) through to the sidecar")
 	// Either side's end, or the receiver's, ends both.
 	stop := context.AfterFunc(ctx, func() { uc.Close(); st.CancelRead(0); st.CancelWrite(0) })
 	defer stop()

@@ -306,6 +306,9 @@ func (r *Receiver) admit(c *transport.Conn, log zerolog.Logger) (*session, error
 		if ok {
 			pos.LSN = m.LSN
 		}
+	} else if err := spool.ClearStart(dir); err != nil {
+		s.close()
+		return nil, refuse(err)
 	}
 	if err := c.Send(&transport.Welcome{Version: transport.Version, Empty: s.rb.Empty(), TLI: pos.TLI, LSN: pos.LSN}); err != nil {
 		s.close()

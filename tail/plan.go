@@ -19,19 +19,18 @@ const maxChunk = 256 << 10
 // startAt decides where a session starts shipping, from the receiver's welcome: the
 // source is on timeline tli, its WAL may be shipped up to end, and hist is tli's
 // history (nil on timeline 1). empty is where a receiver with an empty spool starts,
-// unless its welcome names a position (its spool's start mark): then the segment
-// holding it, or the segment where tli branched off if that is later, for older
+// unless its welcome names a position (its spool's start mark) before end: then the
+// segment holding it, or the segment where tli branched off if that is later, for older
 // segments are on older timelines. lacking says that the spool misses WAL of its older
 // timeline before the segment where tli branched off; shipping can go on, but recovery
 // from that spool cannot cross it.
 func startAt(w *transport.Welcome, tli uint32, end wal.LSN, segSize uint64, hist []wal.HistoryEntry, empty wal.LSN) (from wal.LSN, lacking bool, err error) {
 	switch {
-	case w.Empty && w.LSN == 0:
+	case w.Empty && (w.LSN == 0 || w.LSN > end):
+		// A start past the end is not this source's past: the caller warns, and the
+		// spool starts as any other (walship standby rejoin then says what it lacks).
 		return empty, false, nil
 	case w.Empty:
-		if w.LSN > end {
-			return 0, false, fmt.Errorf("the receiver's empty spool is to start at %s, past this source's end %s", w.LSN, end)
-		}
 		seg, _ := wal.SegmentOf(tli, w.LSN, segSize)
 		from := seg.Start(segSize)
 		if len(hist) > 0 {

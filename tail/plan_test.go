@@ -31,7 +31,7 @@ func TestStartAt(t *testing.T) {
 		{name: "empty spool with a start mark starts at its segment", w: transport.Welcome{Empty: true, LSN: 6*mb + 40}, tli: 1, end: 9*mb + 77, want: 6 * mb},
 		{name: "empty spool's start before the branch starts at the branch segment", w: transport.Welcome{Empty: true, LSN: 2*mb + 40}, tli: 2, end: 9 * mb, hist: hist2, want: 5 * mb},
 		{name: "empty spool's start past the branch", w: transport.Welcome{Empty: true, LSN: 7*mb + 40}, tli: 2, end: 9 * mb, hist: hist2, want: 7 * mb},
-		{name: "empty spool's start past the source's end", w: transport.Welcome{Empty: true, LSN: 9*mb + 1}, tli: 1, end: 9 * mb, err: "past this source's end"},
+		{name: "empty spool's start past the source's end is not taken", w: transport.Welcome{Empty: true, LSN: 9*mb + 1}, tli: 1, end: 9*mb + 77, want: 9 * mb},
 		{name: "same timeline resumes at the spool's end", w: transport.Welcome{TLI: 1, LSN: 3*mb + 5}, tli: 1, end: 9 * mb, want: 3*mb + 5},
 		{name: "same timeline, spool at the end", w: transport.Welcome{TLI: 2, LSN: 9 * mb}, tli: 2, end: 9 * mb, hist: hist2, want: 9 * mb},
 		{name: "spool ahead of the source", w: transport.Welcome{TLI: 1, LSN: 9*mb + 1}, tli: 1, end: 9 * mb, err: "past this source's end"},

@@ -80,7 +80,10 @@ func (p *primary) switchover(ctx context.Context, bc *transport.ControlConn) err
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("the postmaster (PID %d) has not exited %s after the fast shutdown was asked for", pid, switchoverWait)
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("the postmaster (PID %d) has not exited %s after the fast shutdown was asked for", pid, switchoverWait)
+			}
+			return fmt.Errorf("the session with the receiver ended while the postmaster (PID %d) shut down: %w", pid, ctx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}

@@ -287,6 +287,10 @@ func (t *Tailer) open(ctx context.Context, hello *transport.Hello, end, empty wa
 	if err != nil {
 		return fail(fmt.Errorf("%w: %w", errFatal, err))
 	}
+	if welcome.Empty && welcome.LSN > end {
+		t.log.Warn().Stringer("start_mark", welcome.LSN).Stringer("end", end).
+			Msg("the receiver's empty spool asks to start past this source's end; it starts with the segment being written")
+	}
 	if lacking {
 		t.log.Warn().Stringer("spool_end", welcome.LSN).Stringer("branch", hist[len(hist)-1].Switch).Uint32("spool_timeline", welcome.TLI).
 			Msg("the spool lacks WAL of the old timeline before the segment where this timeline branched off")

@@ -178,8 +178,13 @@ receiver's user or root. The primary's sidecar must have been started with
 The old primary's WAL then ends where the new timeline forks: it can follow the new
 primary as a standby without a new base backup. If the sidecar refuses or cannot stop
 the primary, nothing changes; if the primary stopped but no end-of-WAL mark came, the
-standby is not promoted and the command says so.`)
-	cfg, rc := standbyFlags(fs, args, 2*time.Minute)
+standby is not promoted and the command says so (do not run walship promote then:
+start the primary again and retry).
+
+Before it, make sure nothing restarts the old primary on its own (a service manager's
+restart policy): a primary started again after the swap would take writes beside the
+new one. --timeout bounds the whole swap, the shutdown checkpoint included.`)
+	cfg, rc := standbyFlags(fs, args, 5*time.Minute)
 	if rc >= 0 {
 		return rc
 	}

@@ -78,6 +78,14 @@ func Rejoin(ctx context.Context, o RejoinOptions) (RejoinReport, error) {
 		return rep, fmt.Errorf("%s: %w", dir, err)
 	}
 	rep.State, rep.OldTLI = ctl.State.String(), ctl.TLI
+	switch {
+	case ctl.State != wal.DBShutdowned && ctl.State != wal.DBInProduction:
+		return rep, fmt.Errorf("%s is %s: rejoin takes an old primary, stopped or crashed; make this one a standby with walship standby init into the same directory (a refresh)", dir, ctl.State)
+	case ctl.MinRecoveryTLI != 0 && ctl.MinRecoveryTLI != ctl.TLI:
+		// Promoted, and stopped before its first checkpoint on the new timeline: its
+		// WAL runs on past the checkpoint on another timeline than the one read here.
+		return rep, fmt.Errorf("%s's WAL goes on from its last checkpoint on timeline %d to timeline %d: make it a standby with walship standby init into the same directory (a refresh)", dir, ctl.TLI, ctl.MinRecoveryTLI)
+	}
 	if _, ok, err := spool.ReadTrigger(o.Spool); err != nil || ok {
 		if err == nil {
 			err = fmt.Errorf("spool %s was promoted from (%s is there): a rejoining standby needs a spool of its own; empty it, or give another", o.Spool, spool.TriggerFile)
@@ -128,27 +136,35 @@ func Rejoin(ctx context.Context, o RejoinOptions) (RejoinReport, error) {
 	})
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
-			return rep, fmt.Errorf("the spool %s holds no WAL of a timeline newer than %d after %s: is a sidecar beside the new primary shipping to its receiver?", o.Spool, ctl.TLI, wait)
+			return rep, fmt.Errorf("the spool %s holds no WAL of a timeline newer than %d after %s: is a sidecar beside the new primary shipping to its receiver? See its log and the receiver's", o.Spool, ctl.TLI, wait)
 		}
 		return rep, err
 	}
-	for _, h := range hist {
-		if h.TLI == ctl.TLI {
-			rep.Fork = h.Switch
+	if len(hist) == 0 || hist[len(hist)-1].TLI != ctl.TLI {
+		for _, h := range hist {
+			if h.TLI == ctl.TLI {
+				return rep, fmt.Errorf("timeline %d of the spool branched from timeline %d more than one switch ago: rejoin follows one switch only; make %s a standby with walship standby init into the same directory (a refresh)", rep.NewTLI, ctl.TLI, dir)
+			}
 		}
-	}
-	if rep.Fork == 0 {
 		return rep, fmt.Errorf("timeline %d of the spool does not descend from timeline %d of %s: it is another history", rep.NewTLI, ctl.TLI, dir)
 	}
+	rep.Fork = hist[len(hist)-1].Switch
 	if rep.End, err = walEnd(dir, id.Stream(), ctl); err != nil {
 		return rep, err
 	}
+	// Recovery of the old primary would go at least this far.
+	rep.End = max(rep.End, ctl.MinRecovery)
 	if rep.End > rep.Fork {
 		return rep, fmt.Errorf("%w: %s has WAL to %s on timeline %d, past %s, where timeline %d forked from it (it was not stopped cleanly before the failover), so it cannot follow the new primary as it is: "+
-			"make it a standby again with walship standby init into the same directory (a refresh: only the blocks that differ are sent), or with pg_rewind where the server's binaries have it; nothing was changed",
+			"make it a standby again with walship standby init into the same directory (a refresh: only the blocks that differ are sent), or with pg_rewind where the server's binaries have it; nothing was changed in it",
 			ErrPastFork, dir, rep.End, ctl.TLI, rep.Fork, rep.NewTLI)
 	}
 	forkSeg, _ := wal.SegmentOf(rep.NewTLI, rep.Fork, id.SegSize)
+	if rep.End < forkSeg.Start(id.SegSize) {
+		// Its own pg_wal ends before the segment where the spool's WAL begins.
+		return rep, fmt.Errorf("%s has WAL only to %s on timeline %d, and the spool's timeline %d begins with segment %s, at %s: the WAL between is in neither; make it a standby with walship standby init into the same directory (a refresh); nothing was changed in it",
+			dir, rep.End, ctl.TLI, rep.NewTLI, forkSeg.Name(id.SegSize), forkSeg.Start(id.SegSize))
+	}
 	if rep.SpoolRun > forkSeg.Start(id.SegSize) {
 		return rep, fmt.Errorf("the spool holds timeline %d only from %s, after segment %s, which holds the fork at %s: stop its receiver, empty the spool, start the receiver again, run walship standby rejoin, and only then start the new primary's sidecar",
 			rep.NewTLI, rep.SpoolRun, forkSeg.Name(id.SegSize), rep.Fork)
@@ -160,7 +176,7 @@ func Rejoin(ctx context.Context, o RejoinOptions) (RejoinReport, error) {
 }
 
 // markStart gives a spool that holds no WAL a start mark at the old primary's last
-// checkpoint, unless it has one.
+// checkpoint, in place of any mark from before.
 func markStart(dir string, ctl wal.Control) error {
 	id, ok, err := spool.ReadIdentity(dir)
 	if err != nil {
@@ -175,7 +191,7 @@ func markStart(dir string, ctl wal.Control) error {
 			return nil
 		}
 	}
-	if _, ok, err := spool.ReadStart(dir); err != nil || ok {
+	if m, ok, err := spool.ReadStart(dir); err != nil || ok && m.LSN == ctl.CheckPoint {
 		return err
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {

@@ -92,13 +92,19 @@ func WriteEnd(dir string, pos wal.Position) error {
 }
 
 // ClearEnd removes the end-of-WAL mark, durably, when there is one.
-func ClearEnd(dir string) error {
-	err := os.Remove(filepath.Join(dir, EndFile))
+func ClearEnd(dir string) error { return removeMark(dir, EndFile, "end-of-WAL mark") }
+
+// ClearStart removes the start mark, durably, when there is one: once the spool holds
+// WAL, where it started is settled.
+func ClearStart(dir string) error { return removeMark(dir, StartFile, "start mark") }
+
+func removeMark(dir, name, what string) error {
+	err := os.Remove(filepath.Join(dir, name))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("remove the old end-of-WAL mark: %w", err)
+		return fmt.Errorf("remove the old %s: %w", what, err)
 	}
 	return durable.SyncDir(dir)
 }

@@ -7,16 +7,27 @@ import (
 	"path/filepath"
 )
 
-// Control is what walship reads of a data directory's control file, global/pg_control:
-// the fields at its head, laid out alike from PostgreSQL 9.3 on (pg_control.h,
-// ControlFileData: system_identifier, pg_control_version, catalog_version_no, state,
-// time, checkPoint, then checkPointCopy, whose redo and ThisTimeLineID come first).
+// Control is what walship reads of a data directory's control file, global/pg_control,
+// laid out alike from PostgreSQL 13 to 18 (pg_control.h, ControlFileData:
+// system_identifier, pg_control_version, catalog_version_no, state, time, checkPoint,
+// checkPointCopy (88 bytes, its redo and ThisTimeLineID first), unloggedLSN,
+// minRecoveryPoint, minRecoveryPointTLI).
 type Control struct {
 	SysID      uint64
+	Version    uint32 // pg_control_version
 	State      DBState
 	CheckPoint LSN    // the last checkpoint record's position
 	TLI        uint32 // the last checkpoint's timeline
+	// MinRecovery is how far recovery must replay before the data is consistent, on
+	// timeline MinRecoveryTLI; zero when no such point is set (after a checkpoint of a
+	// primary).
+	MinRecovery    LSN
+	MinRecoveryTLI uint32
 }
+
+// controlVersions are the pg_control_version values of the layout ReadControl knows:
+// PostgreSQL 13 to 16 (1300), 17 (1700) and 18 (1800).
+var controlVersions = map[uint32]bool{1300: true, 1700: true, 1800: true}
 
 // DBState is the cluster state the control file records (pg_control.h).
 type DBState uint32
@@ -59,9 +70,14 @@ func ReadControl(pgdata string) (Control, error) {
 	if err != nil {
 		return Control{}, err
 	}
-	if len(b) < 52 {
+	if len(b) < 148 {
 		return Control{}, fmt.Errorf("%s holds %d bytes: the file is cut short, or this is not a data directory", path, len(b))
 	}
 	le := binary.LittleEndian
-	return Control{SysID: le.Uint64(b), State: DBState(le.Uint32(b[16:])), CheckPoint: LSN(le.Uint64(b[32:])), TLI: le.Uint32(b[48:])}, nil
+	c := Control{SysID: le.Uint64(b), Version: le.Uint32(b[8:]), State: DBState(le.Uint32(b[16:])), CheckPoint: LSN(le.Uint64(b[32:])),
+		TLI: le.Uint32(b[48:]), MinRecovery: LSN(le.Uint64(b[136:])), MinRecoveryTLI: le.Uint32(b[144:])}
+	if !controlVersions[c.Version] {
+		return Control{}, fmt.Errorf("%s: pg_control_version %d is not one of PostgreSQL 13 to 18's", path, c.Version)
+	}
+	return c, nil
 }
