@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -149,14 +151,26 @@ func (c *Cluster) appendConf(conf map[string]string) error {
 	return err
 }
 
-// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago. It is taken
+// below the kernel's range of ephemeral ports (32768 and up by default), so that the
+// outgoing connections of the processes under test, which get ports from that range,
+// cannot take it between the asking and the use.
 func FreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	return freePort(func(addr string) (io.Closer, error) { return net.Listen("tcp", addr) })
+}
+
+// freePort tries random ports in [10000, 32000) until listen takes one.
+func freePort(listen func(addr string) (io.Closer, error)) (int, error) {
+	var err error
+	for range 200 {
+		port := 10000 + rand.IntN(22000)
+		var l io.Closer
+		if l, err = listen("127.0.0.1:" + strconv.Itoa(port)); err == nil {
+			l.Close()
+			return port, nil
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, fmt.Errorf("no free port found: %w", err)
 }
 
 // Own hands path (recursively) to the server's user, when the server runs as another.
@@ -351,6 +365,10 @@ func (c *Cluster) Configure(conf map[string]string) error { return c.appendConf(
 // ErrTimeout is returned by Wait when the context ends before the condition holds.
 var ErrTimeout = errors.New("condition not reached")
 
+// ErrNever, wrapped in a condition's error, ends Wait at once: the condition cannot
+// hold any more (the process it waits for has exited).
+var ErrNever = errors.New("cannot happen any more")
+
 // Wait checks cond every interval until it holds, fails, or ctx ends.
 func Wait(ctx context.Context, interval time.Duration, what string, cond func() (bool, error)) error {
 	var last error
@@ -358,6 +376,9 @@ func Wait(ctx context.Context, interval time.Duration, what string, cond func() 
 		ok, err := cond()
 		if err == nil && ok {
 			return nil
+		}
+		if errors.Is(err, ErrNever) {
+			return fmt.Errorf("wait for %s: %w", what, err)
 		}
 		if err != nil {
 			last = err
@@ -373,12 +394,7 @@ func Wait(ctx context.Context, interval time.Duration, what string, cond func() 
 	}
 }
 
-// FreeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
+// FreeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago, as FreePort does.
 func FreeUDPPort() (int, error) {
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer c.Close()
-	return c.LocalAddr().(*net.UDPAddr).Port, nil
+	return freePort(func(addr string) (io.Closer, error) { return net.ListenPacket("udp", addr) })
 }

@@ -149,7 +149,7 @@ func (p *Proc) Log() string {
 func (p *Proc) WaitMetrics(ctx context.Context, addr, what string, cond func(map[string]uint64) bool) error {
 	return Wait(ctx, 10*time.Millisecond, p.Name+" "+what, func() (bool, error) {
 		if !p.Running() {
-			return false, fmt.Errorf("%s exited: %v\n%s", p.Name, p.Err(), p.Log())
+			return false, fmt.Errorf("%w: %s exited: %v\n%s", ErrNever, p.Name, p.Err(), p.Log())
 		}
 		m, err := Metrics(addr)
 		if err != nil {
@@ -163,7 +163,7 @@ func (p *Proc) WaitMetrics(ctx context.Context, addr, what string, cond func(map
 func (p *Proc) WaitLog(ctx context.Context, s string) error {
 	return Wait(ctx, 20*time.Millisecond, fmt.Sprintf("%s to log %q", p.Name, s), func() (bool, error) {
 		if !p.Running() && !strings.Contains(p.Log(), s) {
-			return false, fmt.Errorf("%s exited: %v\n%s", p.Name, p.Err(), p.Log())
+			return false, fmt.Errorf("%w: %s exited: %v\n%s", ErrNever, p.Name, p.Err(), p.Log())
 		}
 		return strings.Contains(p.Log(), s), nil
 	})
