@@ -63,6 +63,8 @@ type Options struct {
 	SegSizeMB int
 	// Settings are added to postgresql.conf, after the lab's own.
 	Settings map[string]string
+	// Major picks the PostgreSQL major (BinDirFor); zero means BinDir's.
+	Major int
 }
 
 // Cluster is one PostgreSQL data directory under the lab's control.
@@ -79,6 +81,9 @@ type Cluster struct {
 // NewCluster initdb's a cluster into a fresh temporary directory. It does not start it.
 func NewCluster(ctx context.Context, opt Options) (*Cluster, error) {
 	bin, err := BinDir()
+	if opt.Major != 0 {
+		bin, err = BinDirFor(ctx, opt.Major)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -75,6 +75,12 @@ type rig struct {
 
 func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
 	t.Helper()
+	return newRigMajor(t, ctx, segMB, 0)
+}
+
+// newRigMajor is newRig on PostgreSQL major (lab.BinDirFor); 0 means the lab's default.
+func newRigMajor(t *testing.T, ctx context.Context, segMB, major int) *rig {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "walship-rig-")
 	require.NoError(t, err)
 	require.NoError(t, os.Chmod(dir, 0o755))
@@ -106,7 +112,7 @@ func newRig(t *testing.T, ctx context.Context, segMB int) *rig {
 		os.RemoveAll(dir)
 	})
 	require.NoError(t, os.Mkdir(r.archive, 0o755))
-	r.primary, err = lab.NewCluster(ctx, lab.Options{SegSizeMB: segMB, Settings: map[string]string{
+	r.primary, err = lab.NewCluster(ctx, lab.Options{SegSizeMB: segMB, Major: major, Settings: map[string]string{
 		"archive_mode":    "on",
 		"archive_command": fmt.Sprintf("'test ! -f %[1]s/%%f && cp %%p %[1]s/%%f'", r.archive),
 	}})

@@ -75,6 +75,8 @@ type crash struct {
 	hostLost bool
 	// afterKill runs between the kill and walship promote.
 	afterKill func()
+	// tli is the timeline the promotion chooses; zero means 2.
+	tli int
 }
 
 // crashAndPromote runs the load, kills the primary, runs walship promote with target
@@ -100,7 +102,7 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster,
 	out, err := exec.CommandContext(ctx, walshipBin, append([]string{"promote", "--spool", r.spool, "--timeout", "90s"}, target...)...).CombinedOutput()
 	require.NoError(t, err, "walship promote:\n%s", out)
 	t.Logf("walship promote: %s", strings.TrimSpace(string(out)))
-	require.Contains(t, string(out), "promoted: timeline 2")
+	require.Contains(t, string(out), fmt.Sprintf("promoted: timeline %d,", max(how.tli, 2)))
 	if how.hostLost {
 		require.Contains(t, string(out), "no end-of-WAL mark")
 	} else {
