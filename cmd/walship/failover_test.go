@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/feeder/standby"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
@@ -28,37 +29,34 @@ import (
 // machine that runs two servers, the sidecar, the receiver and the load at once.
 const lossBound = 250 * time.Millisecond
 
-// standby makes a standby of the rig's primary from a base backup without WAL, fed
-// only by walship restore from the rig's spool.
+// standby makes a standby of the rig's primary with walship standby init, fed only by
+// walship restore from the rig's spool; in archive mode (recovery.signal) restore
+// waits for each segment, the pg_standby way.
 func (r *rig) standby(ctx context.Context, archiveMode bool) *lab.Cluster {
 	t := r.t
 	t.Helper()
-	sb, err := r.primary.BaseBackup(ctx, "none")
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("--- standby log:\n%s", lastBytes(sb.Log(), 6000))
-		}
-		sb.Close()
-	})
-	restore := fmt.Sprintf("%s restore --spool %s %%f %%p %%r", walshipBin, r.spool)
-	signal := "standby.signal"
-	if archiveMode {
-		restore = fmt.Sprintf("%s restore --wait --spool %s %%f %%p %%r", walshipBin, r.spool)
-		signal = "recovery.signal"
-	}
+	sb := emptyStandby(t, r)
+	r.initOK(ctx, sb.Data)
+	require.NoError(t, sb.Adopt())
 	conf := map[string]string{
-		"restore_command":             "'" + restore + "'",
 		"archive_mode":                "off",
 		"wal_retrieve_retry_interval": "'100ms'",
 	}
 	if archiveMode {
+		// standby init wrote restore_command in postgresql.auto.conf, which wins over
+		// postgresql.conf: the waiting one goes there too.
+		auto := filepath.Join(sb.Data, "postgresql.auto.conf")
+		b, err := os.ReadFile(auto)
+		require.NoError(t, err)
+		restore := fmt.Sprintf("%s restore --wait --spool %s %%f %%p %%r", walshipBin, r.spool)
+		require.NoError(t, sb.WriteFile("postgresql.auto.conf", []byte(standby.AutoConf(string(b), "archive recovery, the pg_standby way", restore))))
+		require.NoError(t, os.Remove(filepath.Join(sb.Data, "standby.signal")))
+		require.NoError(t, sb.WriteFile("recovery.signal", nil))
 		// The WAL prefetcher reads ahead of replay; while a waiting restore_command
 		// blocks, it would hold back the replay of the records it already read.
 		conf["recovery_prefetch"] = "off"
 	}
 	require.NoError(t, sb.Configure(conf))
-	require.NoError(t, sb.WriteFile(signal, nil))
 	// The backup ends in the segment being written; publish it, so that the standby
 	// can reach consistency from whole segments.
 	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))

@@ -16,6 +16,7 @@ import (
 // TestReadControl reads a real cluster's control file, running and stopped, and
 // compares it with what pg_controldata says.
 func TestReadControl(t *testing.T) {
+	needPrograms(t, "pg_controldata", "pg_basebackup")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	c, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})

@@ -41,6 +41,7 @@ var lsnRE = regexp.MustCompile(`lsn: ([0-9A-F]+/[0-9A-F]+), prev ([0-9A-F]+/[0-9
 // the segments from the one holding start to the one holding the flush position.
 func capture(t *testing.T) *pgWAL {
 	t.Helper()
+	needPrograms(t, "pg_waldump")
 	captureOnce.Do(func() { captured = captureWAL(t) })
 	if captured == nil {
 		t.Fatal("capturing WAL failed in an earlier test")
@@ -266,4 +267,14 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(captured.dir)
 	}
 	os.Exit(code)
+}
+
+// needPrograms skips the test when the lab's PostgreSQL build lacks one of names.
+func needPrograms(t *testing.T, names ...string) {
+	t.Helper()
+	bin, err := lab.BinDir()
+	require.NoError(t, err)
+	if missing := lab.Missing(bin, names...); len(missing) > 0 {
+		t.Skipf("the PostgreSQL build in %s has no %v (a build of the server alone), which this test compares with", bin, missing)
+	}
 }

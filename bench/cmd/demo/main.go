@@ -95,14 +95,14 @@ func run(bin string, dur time.Duration, keep bool) error {
 		return err
 	}
 
-	step("standby A: base backup, restore_command = 'walship restore --spool ... %f %p %r'")
-	a, err := d.primary.Standby(ctx, fmt.Sprintf("%s restore --spool %s %%f %%p %%r", bin, d.ws.Spool))
+	step("standby A: walship standby init --spool ... --pgdata ... (a base backup over the link), restore_command = 'walship restore --spool ... %f %p %r'")
+	a, err := d.ws.StandbyInit(ctx, d.primary, fmt.Sprintf("%s restore --spool %s %%f %%p %%r", bin, d.ws.Spool))
 	if err != nil {
 		return err
 	}
 	defer a.Close()
-	step("standby B: base backup, restore_command = 'cp <archive>/%f %p' (plain archive shipping)")
-	b, err := d.primary.Standby(ctx, fmt.Sprintf("cp %s/%%f %%p", d.archive))
+	step("standby B: the same kind of copy, restore_command = 'cp <archive>/%f %p' (plain archive shipping)")
+	b, err := d.ws.StandbyInit(ctx, d.primary, fmt.Sprintf("cp %s/%%f %%p", d.archive))
 	if err != nil {
 		return err
 	}
