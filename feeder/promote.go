@@ -100,10 +100,14 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 	var sysid uint64
 	var inRecovery bool
 	var dataDir string
+	var versionNum int
 	err = conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery(),
-		current_setting('data_directory')`).Scan(&sysid, &inRecovery, &dataDir)
+		current_setting('data_directory'), current_setting('server_version_num')::int`).Scan(&sysid, &inRecovery, &dataDir, &versionNum)
 	if err != nil {
 		return Report{}, fmt.Errorf("promote: read the standby's state: %w", err)
+	}
+	if err := sameMajor(versionNum, id); err != nil {
+		return Report{}, fmt.Errorf("promote: %w", err)
 	}
 	if cfg.PGData == "" {
 		cfg.PGData = dataDir

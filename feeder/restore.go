@@ -2,7 +2,6 @@ package feeder
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -251,18 +251,41 @@ func checkCluster(pgdata string, id spool.Identity) error {
 	if !explicit {
 		pgdata = "."
 	}
-	b, err := os.ReadFile(filepath.Join(pgdata, "global", "pg_control"))
+	ctl, err := wal.ReadControl(pgdata)
 	if err != nil {
 		if !explicit && errors.Is(err, fs.ErrNotExist) {
 			return nil
 		}
-		return fmt.Errorf("read the standby's system identifier: %w", err)
+		return fmt.Errorf("read the standby's control file: %w", err)
 	}
-	if len(b) < 8 {
-		return fmt.Errorf("read the standby's system identifier: %s is %d bytes", filepath.Join(pgdata, "global", "pg_control"), len(b))
+	if ctl.SysID != id.SysID {
+		return fmt.Errorf("%w: the spool holds system identifier %d, this standby is %d", spool.ErrWrongCluster, id.SysID, ctl.SysID)
 	}
-	if sys := binary.LittleEndian.Uint64(b); sys != id.SysID {
-		return fmt.Errorf("%w: the spool holds system identifier %d, this standby is %d", spool.ErrWrongCluster, id.SysID, sys)
+	return checkMajor(pgdata, id)
+}
+
+// checkMajor checks that the data directory pgdata is of a PostgreSQL major walship
+// supports, and of the spool's.
+func checkMajor(pgdata string, id spool.Identity) error {
+	b, err := os.ReadFile(filepath.Join(pgdata, "PG_VERSION"))
+	if err != nil {
+		return fmt.Errorf("read the standby's PG_VERSION: %w", err)
+	}
+	major, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("the standby's PG_VERSION holds %q", strings.TrimSpace(string(b)))
+	}
+	return sameMajor(major*10000, id)
+}
+
+// sameMajor checks a server's version (server_version_num) against walship's majors
+// and the spool's.
+func sameMajor(versionNum int, id spool.Identity) error {
+	if _, err := wal.MagicFor(versionNum); err != nil {
+		return fmt.Errorf("the standby is %w", err)
+	}
+	if id.ServerVersion != 0 && versionNum/10000 != int(id.ServerVersion)/10000 {
+		return fmt.Errorf("%w: the standby is PostgreSQL %d, the spool holds the WAL of PostgreSQL %d", spool.ErrWrongCluster, versionNum/10000, id.ServerVersion/10000)
 	}
 	return nil
 }

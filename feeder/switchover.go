@@ -135,8 +135,13 @@ func checkStandby(ctx context.Context, cfg PromoteConfig, id spool.Identity) err
 	defer conn.Close(context.Background())
 	var sysid uint64
 	var inRecovery bool
-	if err := conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery()`).Scan(&sysid, &inRecovery); err != nil {
+	var versionNum int
+	if err := conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()), pg_is_in_recovery(),
+		current_setting('server_version_num')::int`).Scan(&sysid, &inRecovery, &versionNum); err != nil {
 		return fmt.Errorf("switchover: read the standby's state: %w", err)
+	}
+	if err := sameMajor(versionNum, id); err != nil {
+		return fmt.Errorf("switchover: %w", err)
 	}
 	switch {
 	case sysid != id.SysID:

@@ -33,23 +33,34 @@ const lossBound = 250 * time.Millisecond
 // walship restore from the rig's spool; in archive mode (recovery.signal) restore
 // waits for each segment, the pg_standby way.
 func (r *rig) standby(ctx context.Context, archiveMode bool) *lab.Cluster {
+	r.t.Helper()
+	return r.standbyVia(ctx, archiveMode, r)
+}
+
+// standbyVia is standby with the copy made through the rig via, whose sidecar ships
+// from the primary (a relay's sidecar takes no base backup); the standby is still fed
+// from r's spool.
+func (r *rig) standbyVia(ctx context.Context, archiveMode bool, via *rig) *lab.Cluster {
 	t := r.t
 	t.Helper()
 	sb := emptyStandby(t, r)
-	r.initOK(ctx, sb.Data)
+	via.initOK(ctx, sb.Data)
 	require.NoError(t, sb.Adopt())
 	conf := map[string]string{
 		"archive_mode":                "off",
 		"wal_retrieve_retry_interval": "'100ms'",
 	}
+	// standby init wrote restore_command in postgresql.auto.conf, which wins over
+	// postgresql.conf: this rig's goes there.
+	auto := filepath.Join(sb.Data, "postgresql.auto.conf")
+	b, err := os.ReadFile(auto)
+	require.NoError(t, err)
+	restore := fmt.Sprintf("%s restore --spool %s %%f %%p %%r", walshipBin, r.spool)
 	if archiveMode {
-		// standby init wrote restore_command in postgresql.auto.conf, which wins over
-		// postgresql.conf: the waiting one goes there too.
-		auto := filepath.Join(sb.Data, "postgresql.auto.conf")
-		b, err := os.ReadFile(auto)
-		require.NoError(t, err)
-		restore := fmt.Sprintf("%s restore --wait --spool %s %%f %%p %%r", walshipBin, r.spool)
-		require.NoError(t, sb.WriteFile("postgresql.auto.conf", []byte(standby.AutoConf(string(b), "archive recovery, the pg_standby way", restore))))
+		restore = fmt.Sprintf("%s restore --wait --spool %s %%f %%p %%r", walshipBin, r.spool)
+	}
+	require.NoError(t, sb.WriteFile("postgresql.auto.conf", []byte(standby.AutoConf(string(b), "the test's restore_command", restore))))
+	if archiveMode {
 		require.NoError(t, os.Remove(filepath.Join(sb.Data, "standby.signal")))
 		require.NoError(t, sb.WriteFile("recovery.signal", nil))
 		// The WAL prefetcher reads ahead of replay; while a waiting restore_command

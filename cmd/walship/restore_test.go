@@ -127,6 +127,23 @@ func TestRestoreCommand(t *testing.T) {
 			absent(t)
 		}
 	})
+	t.Run("a standby of another major", func(t *testing.T) {
+		ctl, err := os.ReadFile(filepath.Join(r.primary.Data, "global", "pg_control"))
+		require.NoError(t, err)
+		for _, c := range []struct{ version, want string }{
+			{"16", "the standby is PostgreSQL 16, the spool holds the WAL of PostgreSQL 15"},
+			{"12", "unsupported major version (walship knows 13 to 18)"},
+		} {
+			dir := t.TempDir()
+			require.NoError(t, os.Mkdir(filepath.Join(dir, "global"), 0o755))
+			require.NoError(t, os.WriteFile(filepath.Join(dir, "global", "pg_control"), ctl, 0o644))
+			require.NoError(t, os.WriteFile(filepath.Join(dir, "PG_VERSION"), []byte(c.version+"\n"), 0o644))
+			res := restoreCmd(t, ctx, "--spool", r.spool, "--pgdata", dir, first, target)
+			require.Equal(t, 3, res.code, res.stderr)
+			require.Contains(t, res.stderr, c.want)
+			absent(t)
+		}
+	})
 	t.Run("usage errors", func(t *testing.T) {
 		require.Equal(t, 2, restoreCmd(t, ctx, first, target).code, "no --spool")
 		require.Equal(t, 2, restoreCmd(t, ctx, "--spool", r.spool, first).code, "no %p")

@@ -275,7 +275,7 @@ func TestRelayChain(t *testing.T) {
 	m := dr.checkIdentical(ctx)
 	require.Equal(t, n, m, "the relayed spool has the same segments")
 
-	sb := dr.standby(ctx, false)
+	sb := dr.standbyVia(ctx, false, a) // the copy through a: a relay's sidecar takes no base backup
 	// The relay is up: the dr node's spool holds what a's holds.
 	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the relay to pass on what a holds", func() (bool, error) {
 		ma, err := lab.Metrics(a.recvMetrics)
