@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -129,9 +130,27 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 		if rep.Drained, rep.DrainEnd, err = awaitDrain(ctx, cfg.Spool, log); err != nil {
 			return Report{}, err
 		}
-		if trig, err = freeze(ctx, cfg.Spool, id, log, func(ctx context.Context) error {
+		if trig, err = freeze(ctx, cfg.Spool, id, log, func(ctx context.Context, trig spool.Trigger) error {
 			if !rep.StandbyMode {
 				return nil // in archive recovery the waiting restore_command sees the trigger itself
+			}
+			// PostgreSQL ends recovery as soon as it sees the promotion after a failed
+			// restore_command, or on waking from the wait between two: it may never ask
+			// for the frozen segment again. So the server is told to promote only once
+			// it has replayed the frozen tail, which its next restore hands it.
+			end, err := frozenEnd(cfg.Spool, id, trig)
+			if err != nil {
+				return err
+			}
+			log.Info().Stringer("end", end).Msg("waiting for the standby to replay the frozen tail")
+			if err := waitFor(ctx, 20*time.Millisecond, func() (bool, error) {
+				var replayed wal.LSN
+				if err := conn.QueryRow(ctx, "SELECT coalesce(pg_last_wal_replay_lsn(), '0/0')").Scan(&replayed); err != nil {
+					return false, err
+				}
+				return replayed >= end, nil
+			}); err != nil {
+				return fmt.Errorf("the standby has not replayed the spool's WAL to %s: %w", end, err)
 			}
 			if _, err := conn.Exec(ctx, "SELECT pg_promote(false)"); err != nil {
 				return fmt.Errorf("pg_promote(): %w", err)
@@ -203,7 +222,7 @@ func awaitDrain(ctx context.Context, dir string, log zerolog.Logger) (drained bo
 // freeze stops the receivers, writes the trigger and runs start, the request to the
 // server to promote. If any step fails, the spool is unfrozen again: a promotion that
 // did not start leaves the standby as it was.
-func freeze(ctx context.Context, dir string, id spool.Identity, log zerolog.Logger, start func(context.Context) error) (trig spool.Trigger, err error) {
+func freeze(ctx context.Context, dir string, id spool.Identity, log zerolog.Logger, start func(context.Context, spool.Trigger) error) (trig spool.Trigger, err error) {
 	if err := spool.Freeze(dir); err != nil {
 		return spool.Trigger{}, err
 	}
@@ -238,7 +257,7 @@ func freeze(ctx context.Context, dir string, id spool.Identity, log zerolog.Logg
 		return spool.Trigger{}, fmt.Errorf("promote: %w", err)
 	}
 	log.Info().Str("segment", trig.Segment).Uint64("bytes", trig.Bytes).Msg("spool frozen; trigger set")
-	if err := start(ctx); err != nil {
+	if err := start(ctx, trig); err != nil {
 		return spool.Trigger{}, fmt.Errorf("promote: %w", err)
 	}
 	return trig, nil
@@ -362,4 +381,32 @@ func waitFor(ctx context.Context, every time.Duration, cond func() (bool, error)
 		case <-time.After(every):
 		}
 	}
+}
+
+// frozenEnd is where recovery of the frozen spool ends: after the last whole record of
+// the frozen partial (what restore hands recovery), or at the start of the frozen
+// segment when the promotion froze none of it.
+func frozenEnd(dir string, id spool.Identity, trig spool.Trigger) (wal.LSN, error) {
+	seg, err := wal.ParseSegmentName(trig.Segment, id.SegSize)
+	if err != nil {
+		return 0, fmt.Errorf("promotion trigger: %w", err)
+	}
+	start := seg.Start(id.SegSize)
+	if trig.Bytes == 0 {
+		return start, nil
+	}
+	f, err := os.Open(filepath.Join(dir, trig.Segment+spool.PartialSuffix))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	b := make([]byte, trig.Bytes)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return 0, fmt.Errorf("frozen partial %s: %w", trig.Segment, err)
+	}
+	end, _, _, err := wal.ValidEnd(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
+	if err != nil {
+		return 0, fmt.Errorf("frozen partial %s: %w", trig.Segment, err)
+	}
+	return end, nil
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -130,8 +131,15 @@ func TestRestoreCommand(t *testing.T) {
 	t.Run("a standby of another major", func(t *testing.T) {
 		ctl, err := os.ReadFile(filepath.Join(r.primary.Data, "global", "pg_control"))
 		require.NoError(t, err)
+		id, _, err := spool.ReadIdentity(r.spool)
+		require.NoError(t, err)
+		major := int(id.ServerVersion) / 10000
+		other := major + 1
+		if other > 18 {
+			other = major - 1
+		}
 		for _, c := range []struct{ version, want string }{
-			{"16", "the standby is PostgreSQL 16, the spool holds the WAL of PostgreSQL 15"},
+			{strconv.Itoa(other), fmt.Sprintf("the standby is PostgreSQL %d, the spool holds the WAL of PostgreSQL %d", other, major)},
 			{"12", "unsupported major version (walship knows 13 to 18)"},
 		} {
 			dir := t.TempDir()
