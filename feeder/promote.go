@@ -143,6 +143,11 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 				return err
 			}
 			log.Info().Stringer("end", end).Msg("waiting for the standby to replay the frozen tail")
+			// A reload wakes the startup process from its wait between two restores
+			// (wal_retrieve_retry_interval, 5 s by default), so that it asks at once.
+			if _, err := conn.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+				log.Debug().Err(err).Msg("pg_reload_conf() failed; the standby asks again at its next retry")
+			}
 			if err := waitFor(ctx, 20*time.Millisecond, func() (bool, error) {
 				var replayed wal.LSN
 				if err := conn.QueryRow(ctx, "SELECT coalesce(pg_last_wal_replay_lsn(), '0/0')").Scan(&replayed); err != nil {
