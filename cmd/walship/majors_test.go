@@ -63,18 +63,7 @@ func TestMajors(t *testing.T) {
 			old := r.primary
 			r.sidecar.Stop(ctx)
 			r.receiver.Stop(ctx)
-			next := r.sibling("back")
-			next.primary = sb
-			next.startReceiver(ctx)
-			rejoinOut, err := next.rejoin(ctx, old.Data, sb)
-			require.NoError(t, err, "walship standby rejoin:\n%s", rejoinOut)
-			require.Contains(t, rejoinOut, "so it follows without a new base backup")
-			require.NoError(t, old.Start(ctx))
-			next.waitStreaming(ctx)
-			require.NoError(t, sb.Exec(ctx, "SELECT pg_switch_wal()"))
-			flush := flushLSN(t, ctx, sb)
-			next.waitSpoolAt(ctx, flush)
-			waitReplayed(t, ctx, old, flush-1)
+			next := r.follow(ctx, "back", old, sb)
 
 			// A kill -9 of the new primary, and the old one promoted again.
 			crashAndPromote(t, ctx, next, old, []string{"--dsn", old.DSN()}, crash{tli: 3})

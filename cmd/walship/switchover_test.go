@@ -116,6 +116,30 @@ func (r *rig) rejoin(ctx context.Context, pgdata string, newPrimary *lab.Cluster
 	return out.String(), err
 }
 
+// follow makes the old primary, stopped by a switchover, a standby of the new one: a
+// sibling rig named name beside it (a receiver with an empty spool, then the new
+// primary's sidecar, allowed to switch over), walship standby rejoin, the start, and a
+// replay up to the new primary's flush position. It returns the sibling.
+func (r *rig) follow(ctx context.Context, name string, old, newPrimary *lab.Cluster) *rig {
+	t := r.t
+	t.Helper()
+	next := r.sibling(name)
+	next.primary = newPrimary
+	next.sidecarArgs = []string{"--allow-switchover"}
+	next.startReceiver(ctx)
+	out, err := next.rejoin(ctx, old.Data, newPrimary)
+	require.NoError(t, err, "walship standby rejoin:\n%s", out)
+	t.Logf("%s: %s", name, strings.TrimSpace(out))
+	require.Contains(t, out, "so it follows without a new base backup")
+	require.NoError(t, old.Start(ctx))
+	next.waitStreaming(ctx)
+	require.NoError(t, newPrimary.Exec(ctx, "SELECT pg_switch_wal()"))
+	flush := flushLSN(t, ctx, newPrimary)
+	next.waitSpoolAt(ctx, flush)
+	waitReplayed(t, ctx, old, flush-1)
+	return next
+}
+
 // TestSwitchoverAndBack swaps the roles three times with load between the swaps. After
 // each swap the old primary rejoins as a standby of the new one, fed by a receiver and
 // an empty spool beside it, without a base backup: its data directory is never
@@ -147,21 +171,7 @@ func TestSwitchoverAndBack(t *testing.T) {
 		// mark, then the new primary's sidecar.
 		cur.sidecar.Stop(ctx)
 		cur.receiver.Stop(ctx)
-		next := cur.sibling("swap" + strconv.Itoa(swap))
-		next.primary = standby
-		next.sidecarArgs = []string{"--allow-switchover"}
-		next.startReceiver(ctx)
-		rejoinOut, err := next.rejoin(ctx, primary.Data, standby)
-		require.NoError(t, err, "swap %d: walship standby rejoin:\n%s", swap, rejoinOut)
-		t.Logf("swap %d: %s", swap, strings.TrimSpace(rejoinOut))
-		require.Contains(t, rejoinOut, "so it follows without a new base backup")
-		require.NoError(t, primary.Start(ctx))
-		next.waitStreaming(ctx)
-
-		require.NoError(t, standby.Exec(ctx, "SELECT pg_switch_wal()"))
-		flush := flushLSN(t, ctx, standby)
-		next.waitSpoolAt(ctx, flush)
-		waitReplayed(t, ctx, primary, flush-1)
+		next := cur.follow(ctx, "swap"+strconv.Itoa(swap), primary, standby)
 		primary, standby, cur = standby, primary, next
 	}
 	tli := mustQuery(t, ctx, primary, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
