@@ -10,7 +10,7 @@ TESTFLAGS ?= -count=1 -timeout 20m
 .PHONY: build test demo bench compare crash-trials lint fuzz clean
 
 build:
-	$(GO) build -o $(BIN) ./cmd/walship
+	$(GO) build -buildvcs=auto -o $(BIN) ./cmd/walship
 
 test: lint
 	$(GO) test $(TESTFLAGS) ./...

@@ -446,3 +446,11 @@ func TestIdleKeepsSession(t *testing.T) {
 	require.Equal(t, uint64(1), m["walship_receiver_sessions_total"], "the idle sidecar lost its session:\n%s", lastBytes(r.sidecar.Log(), 3000))
 	require.NotContains(t, r.sidecar.Log(), "cannot watch pg_wal", "the sidecar must wait on inotify here")
 }
+
+// TestVersion: walship --version names the version, the commit and the Go version.
+func TestVersion(t *testing.T) {
+	for _, arg := range []string{"--version", "version"} {
+		out := runOK(t, arg)
+		require.Regexp(t, `^walship \S+ \(commit [^)]+\), go1\.\d+(\.\d+)? linux/\w+\n$`, out)
+	}
+}

@@ -58,6 +58,10 @@ func run(args []string) int {
 		}
 		return exitOK
 	}
+	if args[0] == "--version" || args[0] == "-version" || args[0] == "version" {
+		printVersion(os.Stdout)
+		return exitOK
+	}
 	cmd, ok := commands[args[0]]
 	if !ok {
 		fmt.Fprintf(os.Stderr, "walship: unknown command %q\n\n", args[0])
@@ -82,7 +86,7 @@ Commands:`)
 	for _, n := range names {
 		fmt.Fprintf(w, "  %-10s %s\n", n, commands[n].summary)
 	}
-	fmt.Fprintln(w, "\nRun 'walship COMMAND --help' for a command's flags.")
+	fmt.Fprintln(w, "\nRun 'walship COMMAND --help' for a command's flags, 'walship --version' for the version.")
 }
 
 // newFlags makes a flag set whose --help prints the command's synopsis and text.
