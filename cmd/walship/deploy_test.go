@@ -22,7 +22,7 @@ func TestServiceUnits(t *testing.T) {
 	deploy := filepath.Join("..", "..", "deploy")
 	for _, c := range []struct {
 		unit, command, env string
-		writes            bool
+		writes             bool
 	}{
 		{"walship-receive.service", "receive", "receive.env", true},
 		{"walship-tail.service", "tail", "tail.env", false},
