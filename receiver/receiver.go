@@ -228,7 +228,14 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 	if err == nil {
 		defer s.close()
 		r.conn.Store(c)
-		defer r.conn.CompareAndSwap(c, nil)
+		if err := spool.WriteSession(r.cfg.Spool, c.RemoteAddr().String()); err != nil {
+			log.Warn().Err(err).Msg("cannot record the session for walship status")
+		}
+		defer func() {
+			if r.conn.CompareAndSwap(c, nil) {
+				spool.ClearSession(r.cfg.Spool)
+			}
+		}()
 		err = s.run(ctx)
 	}
 	var rf *refusal

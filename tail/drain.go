@@ -65,22 +65,31 @@ func (p *primary) drain(ctx context.Context, s *stream) error {
 		return filepath.Join(p.walDir(), wal.Segment{TLI: tli, No: no}.Name(segSize)), int64(segSize), true
 	}}
 	defer src.Close()
+	end := from
+	stop := &wal.EndError{Reason: "the page at the last flush position does not check (nothing was written past it)"}
 	start, err := wal.RecordAtOrBefore(st, tli, src, from, 0)
-	if err != nil {
+	var noPage *wal.EndError
+	switch {
+	case errors.As(err, &noPage) && from%wal.LSN(st.BlockSize) == 0:
+		// The last flush position is a page's start (a segment's, after a switch) and
+		// that page holds no valid WAL: nothing was written past it, for WAL pages are
+		// written in order.
+		p.log.Info().Stringer("last_flush", from).Err(err).Msg("drain: no WAL past the last flush position")
+	case err != nil:
 		return fmt.Errorf("drain: find a record to start from at %s: %w", from, err)
-	}
-	r := wal.NewReader(st, tli, src, start, 0)
-	var stop *wal.EndError
-	for {
-		_, err := r.Next()
-		if errors.As(err, &stop) {
-			break
+	default:
+		r := wal.NewReader(st, tli, src, start, 0)
+		for {
+			_, err := r.Next()
+			if errors.As(err, &stop) {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("drain: read %s: %w", p.walDir(), err)
+			}
 		}
-		if err != nil {
-			return fmt.Errorf("drain: read %s: %w", p.walDir(), err)
-		}
+		end = max(r.Pos(), from)
 	}
-	end := max(r.Pos(), from)
 	if err := s.send(end); err != nil {
 		return fmt.Errorf("drain: %w", err)
 	}

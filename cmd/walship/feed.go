@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -223,4 +224,46 @@ func standbyFlags(fs *flag.FlagSet, args []string, timeout time.Duration) (cfg f
 		return cfg, usageError(fs, "%v", err)
 	}
 	return feeder.PromoteConfig{Spool: *spoolDir, DSN: *dsn, PGData: *pgdata, Timeout: *limit, Logger: log}, -1
+}
+
+func runStatus(args []string) int {
+	fs := newFlags("status", "--spool DIR [--dsn PRIMARY_DSN] [--json]", `
+Show a spool's state, on the standby's host: the cluster (system identifier, major),
+the timeline and durable position, the partial segment and its bytes, the oldest and
+newest published segments, the free space of its file system, whether its receiver
+runs and a sidecar is connected (and since when), and its marks: end-of-WAL (the
+primary's server gone and drained), frozen, promoted. With --dsn, the primary's flush
+position and how many bytes the spool is behind it.
+
+A table by default; --json prints one object whose field names stay stable:
+spool, system_identifier, postgresql_major, wal_segment_size, timeline, durable_lsn,
+partial_segment, partial_bytes, oldest_segment, newest_segment, segments, free_bytes,
+receiver_running, sidecar_connected, sidecar_peer, sidecar_since, frozen, promoted,
+end_of_wal, primary_flush_lsn, lag_bytes. It reads the spool only, as any user that
+can read it.`)
+	spoolDir := fs.String("spool", "", "the spool directory (required)")
+	dsn := fs.String("dsn", "", "connection string of the primary, for the lag")
+	asJSON := fs.Bool("json", false, "print JSON")
+	if rc := parse(fs, args); rc >= 0 {
+		return rc
+	}
+	if *spoolDir == "" {
+		return usageError(fs, "--spool is required")
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	st, err := feeder.ReadStatus(ctx, *spoolDir, *dsn)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if *asJSON {
+		b, err := json.MarshalIndent(st, "", "  ")
+		if err != nil {
+			return fail("%v", err)
+		}
+		fmt.Println(string(b))
+		return exitOK
+	}
+	fmt.Print(st)
+	return exitOK
 }

@@ -44,6 +44,7 @@ var commands = map[string]command{
 	"verify":     {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
 	"standby":    {"standby init | rejoin: make a standby over the link, or an old primary one", runStandby},
 	"switchover": {"swap primary and standby losing nothing: stop the primary, drain, promote", runSwitchover},
+	"status":     {"a spool's state: cluster, position, segments, receiver, sidecar, marks, lag", runStatus},
 }
 
 func main() {

@@ -12,6 +12,7 @@
 //   - .walship.spare, a pre-sized file kept ready for the next partial;
 //   - timeline history files, published whole;
 //   - walship.end, the end-of-WAL mark of a drained primary (WriteEnd, ClearEnd);
+//   - walship.session, the sidecar session the running receiver serves (WriteSession);
 //   - walship.start, where the WAL of a spool that holds none is to start (WriteStart);
 //   - walship.freeze and walship.promote, the freeze marker and the promotion trigger
 //     (Freeze, WriteTrigger, Unfreeze);

@@ -31,6 +31,9 @@ const (
 	// walship standby rejoin writes it, for an old primary needs the new timeline from
 	// where its own WAL ends, which may be segments before the one being written.
 	StartFile = "walship.start"
+	// SessionFile records the sidecar session the running receiver serves, for
+	// walship status.
+	SessionFile = "walship.session"
 	// ControlSocket is the receiver's Unix socket through which walship standby init
 	// asks the connected sidecar for a base backup. Only the receiver's user (and root)
 	// may connect.

@@ -38,3 +38,21 @@ func LockReceiver(dir string) (*os.File, error) {
 func LockWriter(dir string) (*os.File, error) {
 	return lock(dir, writerLockFile, "a receiver session or a promotion is writing it")
 }
+
+// ReceiverRunning says whether a receiver process holds the spool: its lock file is
+// locked. It only reads, so any user who can read the spool can ask.
+func ReceiverRunning(dir string) (bool, error) {
+	f, err := os.Open(filepath.Join(dir, receiverLockFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
+	if errors.Is(err, syscall.EWOULDBLOCK) {
+		return true, nil
+	}
+	return false, err
+}

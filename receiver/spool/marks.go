@@ -128,6 +128,27 @@ func WriteStart(dir string, lsn wal.LSN) error {
 	return writeJSON(dir, StartFile, StartMark{LSN: lsn, At: now()})
 }
 
+// Session is the content of SessionFile: the sidecar session a receiver is serving.
+type Session struct {
+	Peer  string `json:"peer"`
+	Since string `json:"since"`
+}
+
+// WriteSession records the session the receiver serves now.
+func WriteSession(dir, peer string) error {
+	return writeJSON(dir, SessionFile, Session{Peer: peer, Since: now()})
+}
+
+// ReadSession reads the session record; ok is false when there is none. It says
+// something only while a receiver runs (ReceiverRunning): one that died leaves it.
+func ReadSession(dir string) (s Session, ok bool, err error) {
+	ok, err = readJSON(dir, SessionFile, "session record", &s)
+	return s, ok, err
+}
+
+// ClearSession removes the session record when the session ends.
+func ClearSession(dir string) error { return removeMark(dir, SessionFile, "session record") }
+
 // PublishOnce publishes a small whole file (a timeline history file) under name,
 // unless the same content is there already; other content there is ErrConflict and
 // stays.
