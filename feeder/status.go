@@ -2,7 +2,9 @@ package feeder
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -15,40 +17,53 @@ import (
 )
 
 // Status is what walship status reports of a spool. Its JSON field names are stable:
-// scripts may rely on them. Positions are LSNs in PostgreSQL's text form.
+// scripts may rely on them. Positions are LSNs in PostgreSQL's text form, times
+// RFC 3339 in UTC.
 type Status struct {
-	Spool            string  `json:"spool"`
-	SystemID         uint64  `json:"system_identifier,omitempty"`
-	Major            int     `json:"postgresql_major,omitempty"`
-	SegmentBytes     uint64  `json:"wal_segment_size,omitempty"`
-	Timeline         uint32  `json:"timeline,omitempty"`
-	Durable          string  `json:"durable_lsn,omitempty"`
-	PartialSegment   string  `json:"partial_segment,omitempty"`
-	PartialBytes     uint64  `json:"partial_bytes"`
-	OldestSegment    string  `json:"oldest_segment,omitempty"`
-	NewestSegment    string  `json:"newest_segment,omitempty"`
-	Segments         int     `json:"segments"`
-	FreeBytes        uint64  `json:"free_bytes"`
-	ReceiverRunning  bool    `json:"receiver_running"`
-	SidecarConnected bool    `json:"sidecar_connected"`
-	SidecarPeer      string  `json:"sidecar_peer,omitempty"`
-	SidecarSince     string  `json:"sidecar_since,omitempty"`
-	Frozen           bool    `json:"frozen"`
-	Promoted         bool    `json:"promoted"`
-	EndOfWAL         string  `json:"end_of_wal,omitempty"` // the drain's end-of-WAL mark
-	PrimaryFlush     string  `json:"primary_flush_lsn,omitempty"`
-	LagBytes         *uint64 `json:"lag_bytes,omitempty"`
+	Spool            string   `json:"spool"`
+	SystemID         uint64   `json:"system_identifier,omitempty"`
+	Major            int      `json:"postgresql_major,omitempty"`
+	SegmentBytes     uint64   `json:"wal_segment_size,omitempty"`
+	Timeline         uint32   `json:"timeline,omitempty"`
+	Durable          string   `json:"durable_lsn,omitempty"`
+	LastWAL          string   `json:"last_wal_at,omitempty"` // when the spool last took WAL
+	PartialSegment   string   `json:"partial_segment,omitempty"`
+	PartialBytes     uint64   `json:"partial_bytes"`
+	OldestSegment    string   `json:"oldest_segment,omitempty"`
+	NewestSegment    string   `json:"newest_segment,omitempty"`
+	Segments         int      `json:"segments"`
+	FreeBytes        uint64   `json:"free_bytes"`
+	TotalBytes       uint64   `json:"total_bytes"` // the size of the spool's file system
+	ReceiverRunning  bool     `json:"receiver_running"`
+	SidecarConnected bool     `json:"sidecar_connected"`
+	SidecarPeer      string   `json:"sidecar_peer,omitempty"`
+	SidecarSince     string   `json:"sidecar_since,omitempty"`    // connected since
+	NoSidecarSince   string   `json:"no_sidecar_since,omitempty"` // the running receiver has had no sidecar since
+	Frozen           bool     `json:"frozen"`
+	Promoted         bool     `json:"promoted"`
+	EndOfWAL         string   `json:"end_of_wal,omitempty"` // the drain's end-of-WAL mark
+	PrimaryFlush     string   `json:"primary_flush_lsn,omitempty"`
+	LagBytes         *uint64  `json:"lag_bytes,omitempty"`
+	LagSeconds       *float64 `json:"lag_seconds,omitempty"`
+	Slot             string   `json:"slot,omitempty"`
+	SlotRetained     *uint64  `json:"slot_retained_bytes,omitempty"`
 }
 
-// ReadStatus reads the spool dir; with dsn, the primary's flush position too, and how
-// far the spool is behind it.
-func ReadStatus(ctx context.Context, dir, dsn string) (Status, error) {
+// ReadStatus reads the spool dir; with dsn, the primary's flush position too, how far
+// the spool is behind it, and what the replication slot named slot (if it exists)
+// holds back on the primary.
+//
+// The lag in seconds is 0 when the spool holds all the primary has flushed, and else
+// the time since the spool last took WAL: how long it has stood behind. It is not the
+// age of the oldest missing commit, which the spool cannot know; while WAL flows it is
+// the time since the last acknowledged write, a few milliseconds.
+func ReadStatus(ctx context.Context, dir, dsn, slot string) (Status, error) {
 	st := Status{Spool: dir}
 	var fs syscall.Statfs_t
 	if err := syscall.Statfs(dir, &fs); err != nil {
 		return st, fmt.Errorf("status of spool %s: %w", dir, err)
 	}
-	st.FreeBytes = fs.Bavail * uint64(fs.Bsize)
+	st.FreeBytes, st.TotalBytes = fs.Bavail*uint64(fs.Bsize), fs.Blocks*uint64(fs.Bsize)
 	var err error
 	if st.ReceiverRunning, err = spool.ReceiverRunning(dir); err != nil {
 		return st, err
@@ -58,7 +73,12 @@ func ReadStatus(ctx context.Context, dir, dsn string) (Status, error) {
 		if err != nil {
 			return st, err
 		}
-		st.SidecarConnected, st.SidecarPeer, st.SidecarSince = ok, s.Peer, s.Since
+		switch {
+		case ok && s.Connected:
+			st.SidecarConnected, st.SidecarPeer, st.SidecarSince = true, s.Peer, s.Since
+		case ok:
+			st.NoSidecarSince = s.Since
+		}
 	}
 	if st.Frozen, err = spool.Frozen(dir); err != nil {
 		return st, err
@@ -71,28 +91,9 @@ func ReadStatus(ctx context.Context, dir, dsn string) (Status, error) {
 	} else if ok {
 		st.EndOfWAL = m.Position.String()
 	}
-	id, ok, err := spool.ReadIdentity(dir)
-	if err != nil || !ok {
+	pos, known, lastWAL, err := readSpool(dir, &st)
+	if err != nil || dsn == "" {
 		return st, err
-	}
-	st.SystemID, st.Major, st.SegmentBytes = id.SysID, int(id.ServerVersion)/10000, id.SegSize
-	c, err := spool.Scan(dir, id.SegSize)
-	if err != nil {
-		return st, err
-	}
-	st.Segments = len(c.Segments)
-	if n := len(c.Segments); n > 0 {
-		st.OldestSegment, st.NewestSegment = c.Segments[0].Name(id.SegSize), c.Segments[n-1].Name(id.SegSize)
-	}
-	pos, ok := c.Position(id.SegSize)
-	if ok {
-		st.Timeline, st.Durable = pos.TLI, pos.LSN.String()
-		if p, ok := c.Partials[pos.TLI]; ok {
-			st.PartialSegment, st.PartialBytes = p.Seg.Name(id.SegSize), p.Size
-		}
-	}
-	if dsn == "" {
-		return st, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -106,14 +107,69 @@ func ReadStatus(ctx context.Context, dir, dsn string) (Status, error) {
 		return st, fmt.Errorf("status: read the primary's flush position: %w", err)
 	}
 	st.PrimaryFlush = flush.String()
-	if ok {
-		lag := uint64(0)
+	if known {
+		lag, secs := uint64(0), 0.0
 		if flush > pos.LSN {
 			lag = uint64(flush - pos.LSN)
+			secs = max(time.Since(lastWAL).Seconds(), 0)
 		}
-		st.LagBytes = &lag
+		st.LagBytes, st.LagSeconds = &lag, &secs
+	}
+	if slot == "" {
+		return st, nil
+	}
+	var retained *int64
+	err = conn.QueryRow(ctx, "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1", slot).Scan(&retained)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		// No such slot (the sidecar runs with --no-slot, or has not started yet).
+	case err != nil:
+		return st, fmt.Errorf("status: read replication slot %s: %w", slot, err)
+	default:
+		st.Slot = slot
+		n := uint64(0)
+		if retained != nil && *retained > 0 {
+			n = uint64(*retained)
+		}
+		st.SlotRetained = &n
 	}
 	return st, nil
+}
+
+// readSpool fills in what the spool's files say of its WAL, and returns its durable
+// position (known is false while it holds none) and when it last took WAL.
+func readSpool(dir string, st *Status) (pos wal.Position, known bool, lastWAL time.Time, err error) {
+	id, ok, err := spool.ReadIdentity(dir)
+	if err != nil || !ok {
+		return pos, false, lastWAL, err
+	}
+	st.SystemID, st.Major, st.SegmentBytes = id.SysID, int(id.ServerVersion)/10000, id.SegSize
+	c, err := spool.Scan(dir, id.SegSize)
+	if err != nil {
+		return pos, false, lastWAL, err
+	}
+	newer := func(path string) {
+		if fi, err := os.Stat(path); err == nil && fi.ModTime().After(lastWAL) {
+			lastWAL = fi.ModTime()
+		}
+	}
+	st.Segments = len(c.Segments)
+	if n := len(c.Segments); n > 0 {
+		st.OldestSegment, st.NewestSegment = c.Segments[0].Name(id.SegSize), c.Segments[n-1].Name(id.SegSize)
+		newer(spool.SegmentPath(dir, c.Segments[n-1], id.SegSize))
+	}
+	pos, known = c.Position(id.SegSize)
+	if known {
+		st.Timeline, st.Durable = pos.TLI, pos.LSN.String()
+		if p, ok := c.Partials[pos.TLI]; ok {
+			st.PartialSegment, st.PartialBytes = p.Seg.Name(id.SegSize), p.Size
+			newer(spool.PartialPath(dir, p.Seg, id.SegSize))
+		}
+	}
+	if !lastWAL.IsZero() {
+		st.LastWAL = lastWAL.UTC().Format(time.RFC3339Nano)
+	}
+	return pos, known, lastWAL, nil
 }
 
 func (s Status) String() string {
@@ -129,6 +185,9 @@ func (s Status) String() string {
 	if s.Durable != "" {
 		row("durable", fmt.Sprintf("%s on timeline %d", s.Durable, s.Timeline))
 	}
+	if s.LastWAL != "" {
+		row("last WAL", s.LastWAL)
+	}
 	if s.PartialSegment != "" {
 		row("partial", fmt.Sprintf("%s, %d bytes", s.PartialSegment, s.PartialBytes))
 	}
@@ -142,8 +201,11 @@ func (s Status) String() string {
 	}
 	row("receiver", receiver)
 	sidecar := "not connected"
-	if s.SidecarConnected {
+	switch {
+	case s.SidecarConnected:
 		sidecar = fmt.Sprintf("connected from %s since %s", s.SidecarPeer, s.SidecarSince)
+	case s.NoSidecarSince != "":
+		sidecar = "not connected since " + s.NoSidecarSince
 	}
 	row("sidecar", sidecar)
 	var marks []string
@@ -164,7 +226,13 @@ func (s Status) String() string {
 		if s.LagBytes != nil {
 			lag = fmt.Sprintf("%d bytes behind", *s.LagBytes)
 		}
+		if s.LagSeconds != nil && *s.LagSeconds > 0 {
+			lag += fmt.Sprintf(", for %.1f s", *s.LagSeconds)
+		}
 		row("primary", fmt.Sprintf("flushed to %s; the spool is %s", s.PrimaryFlush, lag))
+	}
+	if s.SlotRetained != nil {
+		row("slot", fmt.Sprintf("%s holds back %d bytes of WAL on the primary", s.Slot, *s.SlotRetained))
 	}
 	w.Flush()
 	return b.String()

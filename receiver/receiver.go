@@ -29,6 +29,10 @@ type Config struct {
 	TLS *tls.Config
 	// Logger receives progress and errors. The zero value logs nothing.
 	Logger zerolog.Logger
+	// ObserveFsync, if set, is given the duration of each fsync of received WAL, the
+	// ones Fsyncs counts (for a histogram). It is called on the session's goroutine
+	// between frames: it must be quick and never block. Nil: fsyncs are not timed.
+	ObserveFsync func(time.Duration)
 }
 
 func (c Config) validate() error {
@@ -61,6 +65,37 @@ type Receiver struct {
 	fsyncs  atomic.Uint64                  // of received WAL, by every session
 	admits  atomic.Uint64                  // sessions admitted
 	conn    atomic.Pointer[transport.Conn] // the admitted session's, for backups; nil without one
+
+	// For the metrics, each read by the method of the same name.
+	received atomic.Uint64
+	frames   atomic.Uint64
+	refusals [numRefusalReasons]atomic.Uint64
+
+	// For alerts: the session's peer (empty without one) and since when it has
+	// served it or none, and the last refusal (see State).
+	stateMu     sync.Mutex
+	peer        string
+	since       time.Time
+	lastRefusal string
+}
+
+// State says which sidecar the receiver serves now (peer is empty if none), since
+// when it has served it or none, and the last refusal it sent (empty before any).
+func (r *Receiver) State() (peer string, since time.Time, lastRefusal string) {
+	r.stateMu.Lock()
+	defer r.stateMu.Unlock()
+	return r.peer, r.since, r.lastRefusal
+}
+
+// setPeer records the session the receiver serves from now on ("": none), for State
+// and for walship status.
+func (r *Receiver) setPeer(peer string, log zerolog.Logger) {
+	r.stateMu.Lock()
+	r.peer, r.since = peer, time.Now()
+	r.stateMu.Unlock()
+	if err := spool.WriteSession(r.cfg.Spool, peer); err != nil {
+		log.Warn().Err(err).Msg("cannot record the sidecar session for walship status")
+	}
 }
 
 // Sessions is how many sidecar sessions the receiver has admitted since it started.
@@ -68,6 +103,18 @@ func (r *Receiver) Sessions() uint64 { return r.admits.Load() }
 
 // Fsyncs is how many times the receiver has fsynced received WAL since it started.
 func (r *Receiver) Fsyncs() uint64 { return r.fsyncs.Load() }
+
+// Received is how many bytes of WAL the receiver has written into its spool since it
+// started; a resend of bytes the spool already held is not counted.
+func (r *Receiver) Received() uint64 { return r.received.Load() }
+
+// Frames is how many frames the receiver has read in sidecar sessions since it
+// started, after their hellos: data, history files and end-of-WAL marks.
+func (r *Receiver) Frames() uint64 { return r.frames.Load() }
+
+// Refusals is how many sessions the receiver has refused for reason why since it
+// started.
+func (r *Receiver) Refusals(why RefusalReason) uint64 { return r.refusals[why].Load() }
 
 // Durable is where the spool's durable WAL ends: everything before it is fsynced (and
 // acknowledged, once a sidecar has sent it). ok is false while the spool holds no WAL.
@@ -158,6 +205,7 @@ func (r *Receiver) Addr() net.Addr { return r.ln.Addr() }
 func (r *Receiver) Run(ctx context.Context) error {
 	defer r.lock.Close()
 	defer r.ln.Close()
+	r.setPeer("", r.log)
 	r.log.Info().Str("listen", r.ln.Addr().String()).Str("spool", r.cfg.Spool).Msg("receiver ready")
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -228,21 +276,99 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 	if err == nil {
 		defer s.close()
 		r.conn.Store(c)
-		if err := spool.WriteSession(r.cfg.Spool, c.RemoteAddr().String()); err != nil {
-			log.Warn().Err(err).Msg("cannot record the session for walship status")
-		}
+		r.setPeer(c.RemoteAddr().String(), log)
 		defer func() {
 			if r.conn.CompareAndSwap(c, nil) {
-				spool.ClearSession(r.cfg.Spool)
+				r.setPeer("", log)
 			}
 		}()
 		err = s.run(ctx)
 	}
 	var rf *refusal
 	if errors.As(err, &rf) {
+		r.refusals[reasonOf(err)].Add(1) // before the refusal goes: its reader may look at once
+		r.stateMu.Lock()
+		r.lastRefusal = err.Error()
+		r.stateMu.Unlock()
 		c.Refuse(err.Error(), rf.fatal())
 	}
 	return err
+}
+
+// RefusalReason sorts the refusals of sessions (and of the frames that end them), for
+// the metrics.
+type RefusalReason int
+
+// Reasons of refusals, from the error that ended the session.
+const (
+	// RefusedCluster: the spool belongs to another cluster (spool.ErrWrongCluster).
+	RefusedCluster RefusalReason = iota
+	// RefusedVersion: the sidecar speaks another protocol version (transport.ErrVersion).
+	RefusedVersion
+	// RefusedChecksum: a frame's payload does not match its hash (transport.ErrChecksum).
+	RefusedChecksum
+	// RefusedPage: a page of WAL failed its header checks (wal.ErrPage).
+	RefusedPage
+	// RefusedOrder: WAL out of order: a gap (ErrGap), a timeline the spool cannot take
+	// (ErrTimeline), bytes that differ from those held (spool.ErrConflict), an end-of-WAL
+	// mark that is not where the WAL ends.
+	RefusedOrder
+	// RefusedFrozen: the spool is frozen for a promotion (spool.ErrFrozen).
+	RefusedFrozen
+	// RefusedOther: anything else: a malformed frame or hello, a spool locked by
+	// another writer, an I/O error.
+	RefusedOther
+
+	numRefusalReasons = iota
+)
+
+// RefusalReasons lists every RefusalReason.
+func RefusalReasons() []RefusalReason {
+	rs := make([]RefusalReason, numRefusalReasons)
+	for i := range rs {
+		rs[i] = RefusalReason(i)
+	}
+	return rs
+}
+
+// String is the reason's label value: cluster, version, checksum, page, order, frozen
+// or other.
+func (why RefusalReason) String() string {
+	switch why {
+	case RefusedCluster:
+		return "cluster"
+	case RefusedVersion:
+		return "version"
+	case RefusedChecksum:
+		return "checksum"
+	case RefusedPage:
+		return "page"
+	case RefusedOrder:
+		return "order"
+	case RefusedFrozen:
+		return "frozen"
+	}
+	return "other"
+}
+
+// reasonOf sorts the error that ended a refused session.
+func reasonOf(err error) RefusalReason {
+	var misplaced *misplacedEndError
+	switch {
+	case errors.Is(err, spool.ErrWrongCluster):
+		return RefusedCluster
+	case errors.Is(err, transport.ErrVersion):
+		return RefusedVersion
+	case errors.Is(err, transport.ErrChecksum):
+		return RefusedChecksum
+	case errors.Is(err, wal.ErrPage):
+		return RefusedPage
+	case errors.Is(err, ErrGap), errors.Is(err, ErrTimeline), errors.Is(err, spool.ErrConflict), errors.As(err, &misplaced):
+		return RefusedOrder
+	case errors.Is(err, spool.ErrFrozen):
+		return RefusedFrozen
+	}
+	return RefusedOther
 }
 
 // refusal is an error that ends a session and is told to the sidecar.
@@ -401,13 +527,14 @@ func (s *session) run(ctx context.Context) error {
 			return refuse(err)
 		}
 		if ok {
+			s.r.frames.Add(1)
 			if err := s.frame(f); err != nil {
 				return err
 			}
 			continue
 		}
 		if pos := s.rb.Durable(); s.w.Dirty() || pos != ack.Position() {
-			if err := s.w.Sync(); err != nil {
+			if err := s.fsynced(s.w.Sync); err != nil {
 				return refuse(err)
 			}
 			s.r.setDurable(pos)
@@ -480,7 +607,29 @@ func (s *session) checkFrozen() error {
 	if err == nil {
 		err = spool.ErrFrozen
 	}
-	return refuse(errors.Join(err, s.w.Sync()))
+	return refuse(errors.Join(err, s.fsynced(s.w.Sync)))
+}
+
+// fsynced runs op, a call of the spool's writer that may fsync received WAL, and gives
+// Config.ObserveFsync its duration if it did. The writer counts each of its fsyncs in
+// r.fsyncs (spool.Writer.Syncs) and a session is the spool's only writer, so the
+// fsyncs timed are exactly those that Fsyncs counts, as long as every call that may
+// fsync goes through here.
+func (s *session) fsynced(op func() error) error {
+	observe := s.r.cfg.ObserveFsync
+	if observe == nil {
+		return op()
+	}
+	before := s.r.fsyncs.Load()
+	start := time.Now()
+	err := op()
+	if n := s.r.fsyncs.Load() - before; n > 0 {
+		d := time.Since(start) / time.Duration(n)
+		for range n {
+			observe(d)
+		}
+	}
+	return err
 }
 
 // apply does the I/O for one frame.
@@ -494,10 +643,11 @@ func (s *session) apply(f transport.Frame) error {
 		if err != nil {
 			return err
 		}
-		if err := do(s.w, st); err != nil {
+		if err := s.do(st); err != nil {
 			return err
 		}
 		s.rb.Commit(st)
+		s.r.received.Add(uint64(len(st.Write)))
 		if st.Complete {
 			s.log.Debug().Stringer("segment", st.Seg).Msg("segment published")
 		}
@@ -523,7 +673,16 @@ func (s *session) apply(f transport.Frame) error {
 
 // do carries out a Rebuild step with the spool's writer, in the order Rebuild's
 // documentation gives.
-func do(w *spool.Writer, st Step) error {
+func (s *session) do(st Step) error {
+	w := s.w
+	// Use fsyncs the file it leaves for another, which only an Open step asks for
+	// (Offer: every other step is for the segment being written). That fsync is done
+	// here first, so that it is timed on its own, without the next file's creation.
+	if st.Open {
+		if err := s.fsynced(w.Sync); err != nil {
+			return err
+		}
+	}
 	if err := w.Use(st.Seg, st.Open); err != nil {
 		return err
 	}
@@ -538,7 +697,7 @@ func do(w *spool.Writer, st Step) error {
 		}
 	}
 	if st.Complete {
-		return w.Publish()
+		return s.fsynced(w.Publish)
 	}
 	return nil
 }
@@ -547,16 +706,23 @@ func do(w *spool.Writer, st Step) error {
 // mark must sit exactly where the received WAL ends: anything else means frames were
 // lost or the sidecar is confused, and recording it would mislead the promotion.
 func (s *session) end(e *transport.End) error {
-	if err := s.w.Sync(); err != nil {
+	if err := s.fsynced(s.w.Sync); err != nil {
 		return err
 	}
 	pos := s.rb.Durable()
 	if pos.TLI != e.TLI || pos.LSN != e.LSN {
-		return fmt.Errorf("end-of-WAL mark at %s on timeline %d, but the spool holds WAL up to %s", e.LSN, e.TLI, pos)
+		return &misplacedEndError{mark: wal.Position{TLI: e.TLI, LSN: e.LSN}, held: pos}
 	}
 	if err := spool.WriteEnd(s.dir, pos); err != nil {
 		return err
 	}
 	s.log.Info().Stringer("end", pos).Msg("the sidecar drained the primary's WAL; end-of-WAL mark recorded")
 	return nil
+}
+
+// misplacedEndError is an end-of-WAL mark that is not where the received WAL ends.
+type misplacedEndError struct{ mark, held wal.Position }
+
+func (e *misplacedEndError) Error() string {
+	return fmt.Sprintf("end-of-WAL mark at %s on timeline %d, but the spool holds WAL up to %s", e.mark.LSN, e.mark.TLI, e.held)
 }

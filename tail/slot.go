@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -47,7 +48,13 @@ type SlotKeeper struct {
 	log     zerolog.Logger
 	tailers []*Tailer
 	acked   chan struct{} // a receiver acknowledged more
+	held    atomic.Uint64 // bytes the slot held back at its last read, for Retained
 }
+
+// Retained is how many bytes of WAL the slot held back when the keeper last read it:
+// the primary's flush position less the slot's restart_lsn, what --slot-warn is
+// compared with. It is 0 until the first read.
+func (k *SlotKeeper) Retained() uint64 { return k.held.Load() }
 
 // NewSlotKeeper returns a keeper for the receivers of tailers.
 func NewSlotKeeper(cfg SlotConfig, tailers []*Tailer) (*SlotKeeper, error) {
@@ -115,7 +122,12 @@ func (k *SlotKeeper) session(ctx context.Context) error {
 			}
 			pos = target
 		}
-		if held := uint64(current - pos); current > pos && held > k.cfg.Warn && time.Since(lastWarn) > time.Minute {
+		held := uint64(0)
+		if current > pos {
+			held = uint64(current - pos)
+		}
+		k.held.Store(held)
+		if held > k.cfg.Warn && time.Since(lastWarn) > time.Minute {
 			ev := k.log.Warn().Str("slot", k.cfg.Name).Uint64("held_bytes", held).Stringer("restart_lsn", pos).Stringer("current", current)
 			if known {
 				ev = ev.Str("slowest_receiver", slowest)

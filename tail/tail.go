@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -101,6 +102,21 @@ type Tailer struct {
 	acked   atomic.Uint64   // LSN the receiver last acked as durable
 	known   atomic.Bool     // acked holds the receiver's word (a welcome or an ack)
 	poke    chan<- struct{} // told of each ack without waiting, if set (ackedTo)
+
+	// For the metrics, each read by the method of the same name.
+	end        atomic.Uint64 // the source's end as last read
+	sentBytes  atomic.Uint64
+	frames     atomic.Uint64
+	reconnects atomic.Uint64
+	drains     atomic.Uint64
+	lag        lagTracker
+
+	// For alerts: whether a session streams, since when it does or does not, and
+	// the error that ended the last one (see State).
+	stateMu   sync.Mutex
+	streaming bool
+	since     time.Time
+	lastErr   error
 }
 
 // ackedTo makes each ack of the receiver poke ch, without waiting; ch has room for one.
@@ -116,7 +132,7 @@ func New(cfg Config, from Source) (*Tailer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Tailer{cfg: cfg, src: src, log: cfg.Logger}, nil
+	return &Tailer{cfg: cfg, src: src, log: cfg.Logger, since: time.Now()}, nil
 }
 
 // Shipped is the position after the last byte sent.
@@ -132,6 +148,72 @@ func (t *Tailer) Durable() (wal.LSN, bool) { return wal.LSN(t.acked.Load()), t.k
 // Receiver is the receiver's address.
 func (t *Tailer) Receiver() string { return t.cfg.To }
 
+// End is the source's end as last read: a primary's flush position, a spool's durable
+// position for a relay; 0 before the first read.
+func (t *Tailer) End() wal.LSN { return wal.LSN(t.end.Load()) }
+
+// Behind is how many bytes the receiver lacks of the source's end as last read: End
+// less Acked, or 0 if the receiver holds more (a drain ships past the last flush
+// position read). ok is false until the receiver has said where its spool ends.
+func (t *Tailer) Behind() (n uint64, ok bool) {
+	acked, ok := t.Durable()
+	return uint64(max(t.End(), acked) - acked), ok
+}
+
+// Lag is the flush lag: how long the receiver took to acknowledge as durable the
+// positions read from the source, as PostgreSQL's pg_stat_replication.flush_lag (see
+// lagTracker). It is 0 once the receiver has acknowledged every position read, and
+// while some are waiting, at least the age of the oldest.
+func (t *Tailer) Lag() time.Duration { return t.lag.lag(time.Now()) }
+
+// SentBytes is how many bytes of WAL were sent in data frames since the Tailer was
+// made, resends after a reconnect included.
+func (t *Tailer) SentBytes() uint64 { return t.sentBytes.Load() }
+
+// Frames is how many frames were sent on the WAL stream of the sessions: data, history
+// files and end-of-WAL marks.
+func (t *Tailer) Frames() uint64 { return t.frames.Load() }
+
+// Reconnects is how many times a session ended with an error and was started again
+// (lost connections to the server or the receiver, a refused frame, a drain), a first
+// session that could not start included.
+func (t *Tailer) Reconnects() uint64 { return t.reconnects.Load() }
+
+// Drains is how many times the server was lost and its WAL drained to the receiver,
+// the end-of-WAL mark recorded (ErrDrained).
+func (t *Tailer) Drains() uint64 { return t.drains.Load() }
+
+// State says whether a session with the receiver streams now, since when it has or
+// has not, and what ended the last session (nil before any ended).
+func (t *Tailer) State() (streaming bool, since time.Time, lastErr error) {
+	t.stateMu.Lock()
+	defer t.stateMu.Unlock()
+	return t.streaming, t.since, t.lastErr
+}
+
+func (t *Tailer) setState(streaming bool, err error) {
+	t.stateMu.Lock()
+	defer t.stateMu.Unlock()
+	if streaming != t.streaming {
+		t.streaming, t.since = streaming, time.Now()
+	}
+	if err != nil {
+		t.lastErr = err
+	}
+}
+
+// readEnd records the source's end as just read.
+func (t *Tailer) readEnd(end wal.LSN) {
+	t.end.Store(uint64(end))
+	t.lag.read(end, time.Now())
+}
+
+// ack records the receiver's word that everything before lsn is durable.
+func (t *Tailer) ack(lsn wal.LSN) {
+	t.acked.Store(uint64(lsn))
+	t.lag.ack(lsn, time.Now())
+}
+
 // Run ships WAL until ctx is done or a fatal error: a receiver bound to another cluster,
 // another protocol version, a spool ahead of the source. Lost connections to the
 // server or the receiver are retried with a growing pause.
@@ -140,6 +222,7 @@ func (t *Tailer) Run(ctx context.Context) error {
 	for {
 		start := time.Now()
 		err := t.session(ctx)
+		t.setState(false, err)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -149,6 +232,7 @@ func (t *Tailer) Run(ctx context.Context) error {
 		if time.Since(start) > 10*time.Second {
 			backoff = 100 * time.Millisecond
 		}
+		t.reconnects.Add(1)
 		t.log.Warn().Err(err).Dur("retry_in", backoff).Msg("session lost")
 		select {
 		case <-ctx.Done():
@@ -164,7 +248,7 @@ var errFatal = errors.New("fatal")
 
 // stream is a session in progress, as the source's hooks see it.
 type stream struct {
-	conn *transport.Conn
+	conn sender // the session's connection, counting what is sent (counting)
 	sh   *shipper
 	from wal.LSN        // everything before it has been sent
 	acks <-chan error   // the receiver's session ended
@@ -198,6 +282,7 @@ func (t *Tailer) session(ctx context.Context) error {
 		return err
 	}
 	defer t.src.end()
+	t.readEnd(end)
 	c, from, err := t.open(ctx, hello, end, empty)
 	if err != nil {
 		return err
@@ -208,8 +293,9 @@ func (t *Tailer) session(ctx context.Context) error {
 	// The receiver holds everything before from: its spool's end, or for an empty spool
 	// the point where it starts.
 	t.shipped.Store(uint64(from))
-	t.acked.Store(uint64(from))
+	t.ack(from)
 	t.known.Store(true)
+	t.setState(true, nil)
 
 	backups := make(chan struct{})
 	go func() {
@@ -224,9 +310,10 @@ func (t *Tailer) session(ctx context.Context) error {
 		acks <- t.readAcks(c, ends)
 		t.src.interrupt()
 	}()
-	sh := &shipper{files: t.src.files(), stream: hello.Stream(), tli: hello.TLI, conn: c}
+	out := counting{c, t}
+	sh := &shipper{files: t.src.files(), stream: hello.Stream(), tli: hello.TLI, conn: out}
 	defer sh.close()
-	s := &stream{conn: c, sh: sh, from: from, acks: acks, ends: ends, tli: hello.TLI, t: t}
+	s := &stream{conn: out, sh: sh, from: from, acks: acks, ends: ends, tli: hello.TLI, t: t}
 	moved := time.Now()
 	for {
 		if end > s.from {
@@ -251,7 +338,26 @@ func (t *Tailer) session(ctx context.Context) error {
 			}
 			return t.src.lost(ctx, s, err)
 		}
+		t.readEnd(end)
 	}
+}
+
+// counting is a session's connection as the shipper and the source's hooks send on it:
+// it counts the frames sent and the WAL bytes in them, for the metrics.
+type counting struct {
+	sender
+	t *Tailer
+}
+
+func (c counting) Send(f transport.Frame) error {
+	if err := c.sender.Send(f); err != nil {
+		return err
+	}
+	c.t.frames.Add(1)
+	if d, ok := f.(*transport.Data); ok {
+		c.t.sentBytes.Add(uint64(len(d.Payload)))
+	}
+	return nil
 }
 
 // open starts a session with the receiver: the handshake, where shipping starts (see
@@ -296,7 +402,7 @@ func (t *Tailer) open(ctx context.Context, hello *transport.Hello, end, empty wa
 			Msg("the spool lacks WAL of the old timeline before the segment where this timeline branched off")
 	}
 	if histFile != nil {
-		if err := c.Send(transport.NewFile(wal.HistoryName(hello.TLI), histFile)); err != nil {
+		if err := (counting{c, t}).Send(transport.NewFile(wal.HistoryName(hello.TLI), histFile)); err != nil {
 			return fail(err)
 		}
 	}
@@ -312,7 +418,7 @@ func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
 		}
 		switch f := f.(type) {
 		case *transport.Ack:
-			t.acked.Store(uint64(f.LSN))
+			t.ack(f.LSN)
 			if t.poke != nil {
 				select {
 				case t.poke <- struct{}{}:

@@ -1,19 +1,25 @@
 package lab
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
 	"github.com/walship/walship/feeder/standby"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -68,21 +74,28 @@ func (w *Walship) StartSidecar(ctx context.Context, primary *Cluster, args ...st
 	return p.WaitLog(ctx, "streaming")
 }
 
-// Durable is where the running receiver's spool is durable, from its metrics (0 while
-// it holds no WAL).
+// Durable is where the receiver's spool is durable (0 while it holds no WAL), read
+// from the spool itself: the end block of its partial, which the receiver writes with
+// each fsync. Reading it costs the receiver nothing, where asking its metrics every
+// millisecond, as the lag runs do, would add their cost to the receiver's CPU.
 func (w *Walship) Durable() (wal.LSN, error) {
-	m, err := Metrics(w.MetricsAddr)
+	id, ok, err := spool.ReadIdentity(w.Spool)
+	if err != nil || !ok {
+		return 0, err
+	}
+	c, err := spool.Scan(w.Spool, id.SegSize)
 	if err != nil {
 		return 0, err
 	}
-	return wal.LSN(m["walship_receiver_durable_lsn"]), nil
+	pos, _ := c.Position(id.SegSize)
+	return pos.LSN, nil
 }
 
 // Fsyncs is how many times the running receiver has fsynced received WAL since it
 // started, from its metrics (walship_receiver_fsyncs_total). A receiver that does not
 // count them is ErrNoMetric.
 func (w *Walship) Fsyncs() (uint64, error) {
-	m, err := Metrics(w.MetricsAddr)
+	m, err := metrics(w.MetricsAddr, "walship_receiver_fsyncs_total")
 	if err != nil {
 		return 0, err
 	}
@@ -98,9 +111,42 @@ func (w *Walship) Fsyncs() (uint64, error) {
 var ErrNoMetric = errors.New("no such metric")
 
 // Metrics reads the samples of a walship process's /metrics at addr, by name with its
-// labels, as the text shows them.
-func Metrics(addr string) (map[string]uint64, error) {
-	resp, err := metricsClient.Get("http://" + addr + "/metrics")
+// labels as the text shows them: name, or name{label="value",...} with the labels in
+// the order of their names (walship_sidecar_acked_lsn{receiver="127.0.0.1:5433"}). A
+// histogram or a summary gives name_count and name_sum; its buckets and quantiles are
+// left out. Values are truncated to whole numbers, and a value that no uint64 holds
+// (negative, NaN) is left out: see MetricValues for the values as they are.
+func Metrics(addr string) (map[string]uint64, error) { return metrics(addr) }
+
+// metrics is Metrics of the families named (none: all).
+func metrics(addr string, names ...string) (map[string]uint64, error) {
+	vs, err := metricValues(addr, names...)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]uint64, len(vs))
+	for k, v := range vs {
+		if v >= 0 && v < 1<<64 {
+			out[k] = uint64(v)
+		}
+	}
+	return out, nil
+}
+
+// MetricValues is Metrics with each value as the process gave it.
+func MetricValues(addr string) (map[string]float64, error) { return metricValues(addr) }
+
+// metricValues is MetricValues of the families named (none: all). The benchmarks read
+// a receiver's durable position every millisecond: asking for that family alone, and
+// uncompressed, spares the receiver most of the work of a scrape.
+func metricValues(addr string, names ...string) (map[string]float64, error) {
+	u := url.URL{Scheme: "http", Host: addr, Path: "/metrics", RawQuery: url.Values{"name[]": names}.Encode()}
+	req, err := http.NewRequest(http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Accept-Encoding", "identity")
+	resp, err := metricsClient.Do(req)
 	if err != nil {
 		return nil, err
 	}
@@ -108,21 +154,45 @@ func Metrics(addr string) (map[string]uint64, error) {
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("GET %s/metrics: %s", addr, resp.Status)
 	}
-	out := map[string]uint64{}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		name, value, ok := strings.Cut(line, " ")
-		v, err := strconv.ParseUint(value, 10, 64)
-		if !ok || err != nil {
-			return nil, fmt.Errorf("GET %s/metrics: bad line %q", addr, line)
-		}
-		out[name] = v
+	p := expfmt.NewTextParser(model.LegacyValidation)
+	families, err := p.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s/metrics: %w", addr, err)
 	}
-	return out, sc.Err()
+	out := map[string]float64{}
+	for name, f := range families {
+		for _, m := range f.GetMetric() {
+			key := metricKey(m.GetLabel())
+			switch f.GetType() {
+			case dto.MetricType_COUNTER:
+				out[name+key] = m.GetCounter().GetValue()
+			case dto.MetricType_GAUGE:
+				out[name+key] = m.GetGauge().GetValue()
+			case dto.MetricType_UNTYPED:
+				out[name+key] = m.GetUntyped().GetValue()
+			case dto.MetricType_HISTOGRAM:
+				out[name+"_count"+key] = float64(m.GetHistogram().GetSampleCount())
+				out[name+"_sum"+key] = m.GetHistogram().GetSampleSum()
+			case dto.MetricType_SUMMARY:
+				out[name+"_count"+key] = float64(m.GetSummary().GetSampleCount())
+				out[name+"_sum"+key] = m.GetSummary().GetSampleSum()
+			}
+		}
+	}
+	return out, nil
+}
+
+// metricKey is the {label="value",...} part of a sample's key, "" without labels.
+func metricKey(labels []*dto.LabelPair) string {
+	if len(labels) == 0 {
+		return ""
+	}
+	labels = slices.SortedFunc(slices.Values(labels), func(a, b *dto.LabelPair) int { return strings.Compare(a.GetName(), b.GetName()) })
+	pairs := make([]string, len(labels))
+	for i, l := range labels {
+		pairs[i] = l.GetName() + "=" + strconv.Quote(l.GetValue())
+	}
+	return "{" + strings.Join(pairs, ",") + "}"
 }
 
 var metricsClient = &http.Client{Timeout: 5 * time.Second}

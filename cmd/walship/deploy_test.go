@@ -12,29 +12,29 @@ import (
 )
 
 // TestServiceUnits checks the systemd units in deploy/ with systemd's own verifier
-// (where systemd-analyze is installed), their hardening, and that every flag their
-// ExecStart gives is one the command takes.
+// (where systemd-analyze is installed), their hardening, and that the example config
+// file they read gives each command valid settings.
 func TestServiceUnits(t *testing.T) {
 	analyze, err := exec.LookPath("systemd-analyze")
 	if err != nil {
 		t.Skip("systemd-analyze is not installed here: the units in deploy/ are not verified")
 	}
 	deploy := filepath.Join("..", "..", "deploy")
+	conf := filepath.Join(deploy, "walship.conf")
 	for _, c := range []struct {
-		unit, command, env string
-		writes             bool
+		unit, command string
+		writes        bool
 	}{
-		{"walship-receive.service", "receive", "receive.env", true},
-		{"walship-tail.service", "tail", "tail.env", false},
+		{"walship-receive.service", "receive", true},
+		{"walship-tail.service", "tail", false},
 	} {
 		b, err := os.ReadFile(filepath.Join(deploy, c.unit))
 		require.NoError(t, err)
 		unit := string(b)
-		for _, want := range []string{"Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
-			"User=postgres", "EnvironmentFile=/etc/walship/" + c.env} {
+		for _, want := range []string{"Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "User=postgres",
+			"ExecStart=/usr/local/bin/walship " + c.command + " --config /etc/walship/walship.conf\n"} {
 			require.Contains(t, unit, "\n"+want, "%s: %s", c.unit, want)
 		}
-		require.Contains(t, unit, " --tls-dir /etc/walship/tls ", "%s: the certificates", c.unit)
 		rw := regexp.MustCompile(`(?m)^ReadWritePaths=(.*)$`).FindAllStringSubmatch(unit, -1)
 		if c.writes {
 			require.Len(t, rw, 1, "%s: one writable path", c.unit)
@@ -42,24 +42,24 @@ func TestServiceUnits(t *testing.T) {
 		} else {
 			require.Empty(t, rw, "%s writes nothing", c.unit)
 		}
-		_, err = os.Stat(filepath.Join(deploy, c.env))
-		require.NoError(t, err, "the example settings of %s", c.unit)
 
-		// Every flag of ExecStart is one the command knows.
-		exe := regexp.MustCompile(`(?m)^ExecStart=/usr/local/bin/walship (\S+) (.*)$`).FindStringSubmatch(unit)
-		require.NotNil(t, exe, "%s: ExecStart runs /usr/local/bin/walship", c.unit)
-		require.Equal(t, c.command, exe[1])
-		help := runOK(t, c.command, "--help")
-		for _, f := range regexp.MustCompile(`--([a-z-]+)`).FindAllStringSubmatch(exe[2], -1) {
-			require.Contains(t, help, "  -"+f[1]+" ", "%s: walship %s has no --%s", c.unit, c.command, f[1])
+		// The example settings are the command's: its section and the common ones
+		// parse, and give what the command requires.
+		fs := commandFlags()[c.command]
+		require.NotNil(t, fs)
+		require.NoError(t, fs.Set("config", conf))
+		require.NoError(t, applySettings(fs, c.command), "%s in %s", c.command, conf)
+		for _, required := range map[string][]string{"tail": {"dsn", "to", "tls-dir"}, "receive": {"listen", "spool", "tls-dir"}}[c.command] {
+			require.NotEmpty(t, fs.Lookup(required).Value.String(), "%s: [%s] sets --%s", conf, c.command, required)
 		}
+		require.Equal(t, "json", fs.Lookup("log-format").Value.String(), "for the journal")
 
 		// systemd's verifier, on a copy that runs this binary and reads the example
 		// settings (it checks that both exist); it prints what it finds wrong.
 		dir := t.TempDir()
-		abs, err := filepath.Abs(filepath.Join(deploy, c.env))
+		abs, err := filepath.Abs(conf)
 		require.NoError(t, err)
-		copied := strings.NewReplacer("/usr/local/bin/walship", walshipBin, "EnvironmentFile=/etc/walship/"+c.env, "EnvironmentFile="+abs).Replace(unit)
+		copied := strings.NewReplacer("/usr/local/bin/walship", walshipBin, "/etc/walship/walship.conf", abs).Replace(unit)
 		path := filepath.Join(dir, c.unit)
 		require.NoError(t, os.WriteFile(path, []byte(copied), 0o644))
 		out, err := exec.Command(analyze, "verify", path).CombinedOutput()

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
@@ -358,30 +359,61 @@ func TestStreamUnderLoad(t *testing.T) {
 
 	// The spool has settled at the flush position; the metrics must say so too (the
 	// sidecar's once the last ack is in).
-	pos, _ := spoolPosition(t, r.spool)
+	pos, c := spoolPosition(t, r.spool)
+	id, _, err := spool.ReadIdentity(r.spool)
+	require.NoError(t, err)
 	label := fmt.Sprintf("{receiver=%q}", r.addr)
-	var side map[string]uint64
-	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar's metrics to show the last ack", func() (bool, error) {
-		side, err = lab.Metrics(r.sideMetrics)
-		return err == nil && side["walship_sidecar_acked_lsn"+label] >= uint64(pos.LSN), err
+	var side map[string]float64
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "the sidecar's metrics to show the last ack, and no lag", func() (bool, error) {
+		side, err = lab.MetricValues(r.sideMetrics)
+		return err == nil && side["walship_sidecar_acked_lsn"+label] >= float64(pos.LSN) &&
+			side["walship_sidecar_lag_bytes"+label] == 0 && side["walship_sidecar_lag_seconds"+label] == 0, err
 	}))
 	recv, err := lab.Metrics(r.recvMetrics)
 	require.NoError(t, err)
 	fsyncs := recv["walship_receiver_fsyncs_total"]
 	require.Positive(t, fsyncs, "the receiver counts its fsyncs")
 	t.Logf("%d fsyncs for %d segments", fsyncs, n)
-	require.Equal(t, map[string]uint64{
+	for name, want := range map[string]uint64{
 		"walship_receiver_position_known": 1,
 		"walship_receiver_durable_lsn":    uint64(pos.LSN),
 		"walship_receiver_timeline":       uint64(pos.TLI),
-		"walship_receiver_fsyncs_total":   fsyncs,
 		"walship_receiver_sessions_total": 1,
-	}, recv)
-	require.Equal(t, map[string]uint64{
-		"walship_sidecar_shipped_lsn" + label:   uint64(pos.LSN),
-		"walship_sidecar_acked_lsn" + label:     uint64(pos.LSN),
-		"walship_sidecar_unacked_bytes" + label: 0,
-	}, side)
+		// Every fsync counted is timed.
+		"walship_receiver_fsync_duration_seconds_count": fsyncs,
+		// One session into an empty spool, which starts at a segment's start: every byte
+		// from there was written once.
+		"walship_receiver_received_bytes_total": uint64(pos.LSN - c.Segments[0].Start(id.SegSize)),
+	} {
+		require.Contains(t, recv, name)
+		require.Equal(t, want, recv[name], "receiver's %s: got %d, want %d", name, recv[name], want)
+	}
+	require.Positive(t, recv["walship_receiver_frames_total"], "the receiver counts its frames")
+	for _, why := range receiver.RefusalReasons() {
+		name := fmt.Sprintf("walship_receiver_refusals_total{reason=%q}", why)
+		require.Zero(t, recv[name], "receiver's %s", name)
+	}
+	require.Contains(t, recv, "process_cpu_seconds_total", "the process collector is registered")
+	require.Contains(t, recv, "go_goroutines", "the Go collector is registered")
+
+	for name, want := range map[string]float64{
+		"walship_sidecar_shipped_lsn" + label:      float64(pos.LSN),
+		"walship_sidecar_acked_lsn" + label:        float64(pos.LSN),
+		"walship_sidecar_unacked_bytes" + label:    0,
+		"walship_sidecar_primary_flush_lsn":        float64(pos.LSN),
+		"walship_sidecar_lag_bytes" + label:        0,
+		"walship_sidecar_lag_seconds" + label:      0,
+		"walship_sidecar_reconnects_total" + label: 0,
+		"walship_sidecar_drains_total" + label:     0,
+		// What one session sent, the receiver read and wrote: no byte was sent twice.
+		"walship_sidecar_shipped_bytes_total" + label: float64(recv["walship_receiver_received_bytes_total"]),
+		"walship_sidecar_frames_total" + label:        float64(recv["walship_receiver_frames_total"]),
+	} {
+		require.Contains(t, side, name)
+		require.Equal(t, want, side[name], "sidecar's %s: got %v, want %v", name, side[name], want)
+	}
+	require.Contains(t, side, "walship_sidecar_slot_retained_bytes", "the sidecar keeps a slot")
+	require.Contains(t, side, "process_cpu_seconds_total", "the process collector is registered")
 }
 
 // TestFlagErrors: a malformed --metrics is a usage error, a busy one an error, and

@@ -262,7 +262,17 @@ func TestRefusals(t *testing.T) {
 		}
 		require.Error(t, p.Err(), "the sidecar must exit with an error")
 		require.Contains(t, p.Log(), "spool belongs to another cluster")
-		require.Contains(t, r.receiver.Log(), "spool belongs to another cluster")
+		// The receiver logs the refusal once it is sent: perhaps after the sidecar exits.
+		require.NoError(t, r.receiver.WaitLog(ctx, "spool belongs to another cluster"))
 	})
 	require.Equal(t, before, snapshot(t, r.spool), "a refused cluster must not change the spool")
+
+	// The receiver counted each refusal under its reason.
+	m, err := lab.Metrics(r.recvMetrics)
+	require.NoError(t, err)
+	for why, want := range map[string]uint64{"cluster": 1, "version": 1, "checksum": 1, "page": 0, "order": 1, "frozen": 0, "other": 0} {
+		name := fmt.Sprintf("walship_receiver_refusals_total{reason=%q}", why)
+		require.Contains(t, m, name)
+		require.Equal(t, want, m[name], "%s: got %d, want %d", name, m[name], want)
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/walship/walship/feeder"
+	"github.com/walship/walship/tail"
 )
 
 // restore_command exit statuses: PostgreSQL reads 1 as "not available", anything
@@ -84,7 +85,7 @@ waits it would hold back the replay of records the standby already has.`)
 		time.Sleep(time.Second)
 		return exitRestoreError
 	}
-	fmt.Fprintf(os.Stderr, "walship restore: %v\n", err)
+	fmt.Fprintf(stderr, "walship restore: %v\n", err)
 	return exitRestoreError
 }
 
@@ -155,7 +156,7 @@ every file is ok, 1 when any is not or a file cannot be read, 2 a usage error.`)
 		return fail("%v", err)
 	}
 	if bad > 0 {
-		fmt.Fprintf(os.Stderr, "walship verify: %d of %d files failed\n", bad, len(vs))
+		fmt.Fprintf(stderr, "walship verify: %d of %d files failed\n", bad, len(vs))
 		return exitError
 	}
 	return exitOK
@@ -206,7 +207,7 @@ func standbyFlags(fs *flag.FlagSet, args []string, timeout time.Duration) (cfg f
 	spoolDir := fs.String("spool", "", "the standby's spool directory (required)")
 	dsn := fs.String("dsn", "", "connection string of the standby")
 	pgdata := fs.String("pgdata", "", "the standby's data directory (default: its data_directory setting)")
-	limit := fs.Duration("timeout", timeout, "give up after this long")
+	limit := fs.Duration("timeout", timeout, "give up after this long (0: off)")
 	logger := logFlags(fs)
 	if rc := parse(fs, args); rc >= 0 {
 		return cfg, rc
@@ -229,20 +230,27 @@ func standbyFlags(fs *flag.FlagSet, args []string, timeout time.Duration) (cfg f
 func runStatus(args []string) int {
 	fs := newFlags("status", "--spool DIR [--dsn PRIMARY_DSN] [--json]", `
 Show a spool's state, on the standby's host: the cluster (system identifier, major),
-the timeline and durable position, the partial segment and its bytes, the oldest and
-newest published segments, the free space of its file system, whether its receiver
-runs and a sidecar is connected (and since when), and its marks: end-of-WAL (the
-primary's server gone and drained), frozen, promoted. With --dsn, the primary's flush
-position and how many bytes the spool is behind it.
+the timeline and durable position, when it last took WAL, the partial segment and its
+bytes, the oldest and newest published segments, the free space of its file system,
+whether its receiver runs and a sidecar is connected (since when, or since when none
+is), and its marks: end-of-WAL (the primary's server gone and drained), frozen,
+promoted. With --dsn, the primary's flush position, how far the spool is behind it in
+bytes and in seconds, and what the replication slot --slot holds back on the primary.
+
+The lag in seconds is 0 when the spool holds all the primary has flushed, and else the
+time since the spool last took WAL: how long it has stood behind. While WAL flows, that
+is the time since the last write, a few milliseconds.
 
 A table by default; --json prints one object whose field names stay stable:
 spool, system_identifier, postgresql_major, wal_segment_size, timeline, durable_lsn,
-partial_segment, partial_bytes, oldest_segment, newest_segment, segments, free_bytes,
-receiver_running, sidecar_connected, sidecar_peer, sidecar_since, frozen, promoted,
-end_of_wal, primary_flush_lsn, lag_bytes. It reads the spool only, as any user that
-can read it.`)
+last_wal_at, partial_segment, partial_bytes, oldest_segment, newest_segment, segments,
+free_bytes, total_bytes, receiver_running, sidecar_connected, sidecar_peer,
+sidecar_since, no_sidecar_since, frozen, promoted, end_of_wal, primary_flush_lsn,
+lag_bytes, lag_seconds, slot, slot_retained_bytes. Fields that do not apply are left
+out. It reads the spool only, as any user that can read it.`)
 	spoolDir := fs.String("spool", "", "the spool directory (required)")
-	dsn := fs.String("dsn", "", "connection string of the primary, for the lag")
+	dsn := fs.String("dsn", "", "connection string of the primary, for the lag and the slot")
+	slot := fs.String("slot", tail.DefaultSlot, "with --dsn: the sidecar's replication slot, to show what it holds back")
 	asJSON := fs.Bool("json", false, "print JSON")
 	if rc := parse(fs, args); rc >= 0 {
 		return rc
@@ -252,7 +260,7 @@ can read it.`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	st, err := feeder.ReadStatus(ctx, *spoolDir, *dsn)
+	st, err := feeder.ReadStatus(ctx, *spoolDir, *dsn, *slot)
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -266,4 +274,97 @@ can read it.`)
 	}
 	fmt.Print(st)
 	return exitOK
+}
+
+func runCheck(args []string) int {
+	fs := newFlags("check", "--spool DIR [--dsn PRIMARY_DSN] [thresholds]", `
+Check a spool for a monitoring system, as a Nagios or Icinga plugin: one line, the
+verdict and why, then performance data after a '|'; the exit status is the verdict:
+0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+CRITICAL: no receiver runs on the spool; it is frozen or promoted from (a failover
+happened); the primary's server is gone (the sidecar drained it). WARNING: the spool
+holds no WAL yet. And each threshold below, at its warning and its critical value
+(0 turns one off): how long the receiver has had no sidecar, the free space of the
+spool's file system, and with --dsn (a connection to the primary) how far the spool
+is behind in bytes and in time (see walship status) and how much WAL the sidecar's
+replication slot holds back on the primary. UNKNOWN: the spool or the primary cannot
+be read.
+
+Sizes take a unit (kB, MB, GB, TB, powers of 1024); free space may also be a
+percentage of the file system (10%).`)
+	spoolDir := fs.String("spool", "", "the spool directory (required)")
+	dsn := fs.String("dsn", "", "connection string of the primary, for the lag and the slot")
+	slot := fs.String("slot", tail.DefaultSlot, "with --dsn: the sidecar's replication slot")
+	var th feeder.Thresholds
+	th.LagBytes = feeder.Limit[int64]{Warn: 16 << 20, Crit: 128 << 20}
+	th.Lag = feeder.Limit[time.Duration]{Warn: 10 * time.Second, Crit: time.Minute}
+	th.NoSidecar = feeder.Limit[time.Duration]{Warn: 30 * time.Second, Crit: 5 * time.Minute}
+	th.SlotBytes = feeder.Limit[int64]{Warn: tail.DefaultSlotWarn, Crit: 8 << 30}
+	th.Free.Warn, th.Free.Crit = feeder.Space{Percent: 20}, feeder.Space{Percent: 10}
+	bytesVar(fs, &th.LagBytes.Warn, "lag-bytes-warn", "with --dsn: WARNING when the spool is this far behind the primary")
+	bytesVar(fs, &th.LagBytes.Crit, "lag-bytes-crit", "with --dsn: CRITICAL when it is this far behind")
+	fs.DurationVar(&th.Lag.Warn, "lag-warn", th.Lag.Warn, "with --dsn: WARNING when the spool has been behind the primary this long (0: off)")
+	fs.DurationVar(&th.Lag.Crit, "lag-crit", th.Lag.Crit, "with --dsn: CRITICAL when it has been behind this long (0: off)")
+	fs.DurationVar(&th.NoSidecar.Warn, "no-sidecar-warn", th.NoSidecar.Warn, "WARNING when the receiver has had no sidecar this long (0: off)")
+	fs.DurationVar(&th.NoSidecar.Crit, "no-sidecar-crit", th.NoSidecar.Crit, "CRITICAL when it has had none this long (0: off)")
+	bytesVar(fs, &th.SlotBytes.Warn, "slot-warn", "with --dsn: WARNING when the slot holds back this much WAL on the primary")
+	bytesVar(fs, &th.SlotBytes.Crit, "slot-crit", "with --dsn: CRITICAL when it holds back this much")
+	spaceVar(fs, &th.Free.Warn, "free-warn", "WARNING when the spool's file system has less free space")
+	spaceVar(fs, &th.Free.Crit, "free-crit", "CRITICAL when it has less")
+	if rc := parse(fs, args); rc >= 0 {
+		if rc == exitUsage {
+			return int(feeder.Unknown) // a plugin's usage error is UNKNOWN
+		}
+		return rc
+	}
+	if *spoolDir == "" {
+		usageError(fs, "--spool is required")
+		return int(feeder.Unknown)
+	}
+	ctx, stop := signalContext()
+	defer stop()
+	st, err := feeder.ReadStatus(ctx, *spoolDir, *dsn, *slot)
+	if err != nil {
+		fmt.Println(redact(feeder.CheckResult{Level: feeder.Unknown, Message: err.Error()}.Line()))
+		return int(feeder.Unknown)
+	}
+	v := feeder.Check(st, th, time.Now())
+	fmt.Println(redact(v.Line()))
+	return int(v.Level)
+}
+
+// bytesVar adds a size flag (a number of bytes, or with a unit: 16MB) whose default
+// is *p.
+func bytesVar(fs *flag.FlagSet, p *int64, name, usage string) {
+	fs.Func(name, fmt.Sprintf("%s (default %s; 0: off)", usage, sizeText(*p)), func(v string) error {
+		n, err := feeder.ParseBytes(v)
+		if err != nil {
+			return err
+		}
+		*p = n
+		return nil
+	})
+}
+
+// spaceVar adds a free-space flag: a size, or a percentage of the file system.
+func spaceVar(fs *flag.FlagSet, p *feeder.Space, name, usage string) {
+	fs.Func(name, fmt.Sprintf("%s (default %s; 0: off)", usage, p), func(v string) error {
+		s, err := feeder.ParseSpace(v)
+		if err != nil {
+			return err
+		}
+		*p = s
+		return nil
+	})
+}
+
+func sizeText(n int64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%dGB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%dMB", n>>20)
+	}
+	return fmt.Sprint(n)
 }

@@ -35,16 +35,22 @@ type command struct {
 	run     func(args []string) int
 }
 
-var commands = map[string]command{
-	"tail":       {"stream the primary's WAL to a receiver (the sidecar on the primary's host)", runTail},
-	"receive":    {"receive WAL into a spool directory (on the standby's host)", runReceive},
-	"certs":      {"make a CA and certificates for a sidecar and a receiver", runCerts},
-	"restore":    {"the standby's restore_command: hand spool segments to recovery", runRestore},
-	"promote":    {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
-	"verify":     {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
-	"standby":    {"standby init | rejoin: make a standby over the link, or an old primary one", runStandby},
-	"switchover": {"swap primary and standby losing nothing: stop the primary, drain, promote", runSwitchover},
-	"status":     {"a spool's state: cluster, position, segments, receiver, sidecar, marks, lag", runStatus},
+// commands is set by init, for the config file's check (commandFlags) runs them.
+var commands map[string]command
+
+func init() {
+	commands = map[string]command{
+		"tail":       {"stream the primary's WAL to a receiver (the sidecar on the primary's host)", runTail},
+		"receive":    {"receive WAL into a spool directory (on the standby's host)", runReceive},
+		"certs":      {"make a CA and certificates for a sidecar and a receiver", runCerts},
+		"restore":    {"the standby's restore_command: hand spool segments to recovery", runRestore},
+		"promote":    {"fail over: freeze the spool, feed the partial tail, promote the standby", runPromote},
+		"verify":     {"check the WAL in a spool or in files: page headers, record chain, CRCs", runVerify},
+		"standby":    {"standby init | rejoin: make a standby over the link, or an old primary one", runStandby},
+		"switchover": {"swap primary and standby losing nothing: stop the primary, drain, promote", runSwitchover},
+		"status":     {"a spool's state: cluster, position, segments, receiver, sidecar, marks, lag", runStatus},
+		"check":      {"check a spool for Nagios or Icinga: OK, WARNING, CRITICAL or UNKNOWN, with performance data", runCheck},
+	}
 }
 
 func main() {
@@ -98,6 +104,7 @@ func newFlags(name, synopsis, text string) *flag.FlagSet {
 		fmt.Fprintf(out, "Usage: walship %s %s\n\n%s\n\nFlags:\n", name, synopsis, strings.TrimSpace(text))
 		fs.PrintDefaults()
 	}
+	fs.String("config", "", configHelp)
 	return fs
 }
 
@@ -115,6 +122,10 @@ func parse(fs *flag.FlagSet, args []string) int {
 
 // parseWithArgs is parse for commands that take arguments after their flags.
 func parseWithArgs(fs *flag.FlagSet, args []string) int {
+	if listing != nil {
+		listing[strings.TrimPrefix(fs.Name(), "walship ")] = fs
+		return exitOK
+	}
 	fs.SetOutput(io.Discard) // errors are reported below, in one line
 	err := fs.Parse(args)
 	switch {
@@ -125,11 +136,17 @@ func parseWithArgs(fs *flag.FlagSet, args []string) int {
 	case err != nil:
 		return usageError(fs, "%v", err)
 	}
+	if err := applySettings(fs, strings.TrimPrefix(fs.Name(), "walship ")); err != nil {
+		return usageError(fs, "%v", err)
+	}
+	if f := fs.Lookup("dsn"); f != nil && f.Value.String() != "" {
+		keepSecret(f.Value.String())
+	}
 	return -1
 }
 
 func usageError(fs *flag.FlagSet, format string, a ...any) int {
-	fmt.Fprintf(os.Stderr, "%s: %s\nRun '%s --help' for usage.\n", fs.Name(), fmt.Sprintf(format, a...), fs.Name())
+	fmt.Fprintf(stderr, "%s: %s\nRun '%s --help' for usage.\n", fs.Name(), fmt.Sprintf(format, a...), fs.Name())
 	return exitUsage
 }
 
@@ -145,9 +162,9 @@ func logFlags(fs *flag.FlagSet) func() (zerolog.Logger, error) {
 		var w io.Writer
 		switch *format {
 		case "json":
-			w = os.Stderr
+			w = stderr
 		case "text":
-			w = zerolog.ConsoleWriter{Out: os.Stderr, TimeFormat: time.RFC3339Nano, NoColor: !isTerminal(os.Stderr)}
+			w = zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.RFC3339Nano, NoColor: !isTerminal(os.Stderr)}
 		default:
 			return zerolog.Nop(), fmt.Errorf("--log-format %q: want text or json", *format)
 		}
@@ -179,7 +196,7 @@ func signalContext() (context.Context, context.CancelFunc) {
 }
 
 func fail(format string, a ...any) int {
-	fmt.Fprintf(os.Stderr, "walship: "+format+"\n", a...)
+	fmt.Fprintf(stderr, "walship: "+format+"\n", a...)
 	return exitError
 }
 

@@ -33,7 +33,7 @@ func runStandby(args []string) int {
 			return exitOK
 		}
 	}
-	fmt.Fprintln(os.Stderr, "walship standby: want 'walship standby init' or 'walship standby rejoin'\n\n"+standbyUsage)
+	fmt.Fprintln(stderr, "walship standby: want 'walship standby init' or 'walship standby rejoin'\n\n"+standbyUsage)
 	return exitUsage
 }
 
@@ -187,7 +187,7 @@ Progress goes to standard error: a bar on a terminal, a line every 10 s otherwis
 	spoolDir, pgdata, waitWAL := d.spool, d.pgdata, d.wait
 	ctx, stop := signalContext()
 	defer stop()
-	p := newProgress(os.Stderr, isTerminal(os.Stderr))
+	p := newProgress(stderr, isTerminal(os.Stderr))
 	res, err := standby.Init(ctx, standby.Options{Spool: *spoolDir, PGData: *pgdata, Walship: bin, Tablespaces: maps,
 		Fast: *fast, WaitWAL: *waitWAL, Progress: p.update, Log: log})
 	p.finish()

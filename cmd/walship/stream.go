@@ -67,7 +67,17 @@ benchmarks. Once it stands still, the sidecar waits:
     so), it polls as below.
   --wake poll: after a second, it reads the position every --idle-poll (10ms: 100
     queries a second, about 5% of a core for the sidecar and 1.4% for its backend on
-    a small host), which then bounds the first commit after the quiet spell.`)
+    a small host), which then bounds the first commit after the quiet spell.
+
+Alerts: with --alert-command, the sidecar runs the command once on each change of a
+condition's state, never waiting for it: a receiver without a session for longer than
+--alert-after (critical, with the error that ended the last; ok once it streams again),
+a drain of a lost server (critical), the slot holding back more than --slot-warn
+(warning). The command runs as /bin/sh -c COMMAND with the level (ok, warning,
+critical) as $1 and a one-line message as $2, also in WALSHIP_ALERT_LEVEL,
+WALSHIP_ALERT_MESSAGE and WALSHIP_ALERT_CONDITION; its failures are logged. Every
+change is logged as well.`)
+	alertCommand, alertAfter := alertFlags(fs)
 	dsn := fs.String("dsn", "", "connection string of the primary, e.g. 'host=/var/run/postgresql user=postgres' (required)")
 	var to addrList
 	fs.Var(&to, "to", "a receiver's address, HOST:PORT (required; repeat it for several standbys)")
@@ -122,25 +132,34 @@ benchmarks. Once it stands still, the sidecar waits:
 		return fail("%v", err)
 	}
 	defer stop()
-	serveMetrics(ctx, metricsLn, log, sidecarMetrics(tailers))
-	kctx, stopKeeper := context.WithCancel(ctx)
-	var keeperDone chan struct{}
+	var keeper *tail.SlotKeeper
 	if !*noSlot {
-		k, err := tail.NewSlotKeeper(tail.SlotConfig{DSN: *dsn, Name: *slot, Warn: *slotWarn, Logger: log}, tailers)
-		if err != nil {
-			stopKeeper()
+		if keeper, err = tail.NewSlotKeeper(tail.SlotConfig{DSN: *dsn, Name: *slot, Warn: *slotWarn, Logger: log}, tailers); err != nil {
 			return fail("%v", err)
 		}
+	}
+	serveMetrics(ctx, metricsLn, log, sidecarMetrics(tailers, keeper))
+	warn := *slotWarn
+	if warn == 0 {
+		warn = tail.DefaultSlotWarn
+	}
+	alerts, stopAlerts := startAlerts(ctx, *alertCommand, log, func(ctx context.Context, a *alerter) {
+		watchSidecar(ctx, a, tailers, keeper, warn, *alertAfter)
+	})
+	defer stopAlerts()
+	kctx, stopKeeper := context.WithCancel(ctx)
+	var keeperDone chan struct{}
+	if keeper != nil {
 		keeperDone = make(chan struct{})
 		go func() {
 			defer close(keeperDone)
-			k.Run(kctx)
+			keeper.Run(kctx)
 		}()
 	}
 	// Each receiver runs on its own; one that stops for good (another cluster's spool)
 	// leaves the others running, and its position keeps holding the slot.
 	rc := exitOK
-	if !runTailers(ctx, tailers, "receiver", log)() {
+	if !runTailers(ctx, tailers, "receiver", log, alerts)() {
 		rc = exitError
 	}
 	stopKeeper()
@@ -167,7 +186,17 @@ Relay: with --relay-to, the receiver also ships its spool onwards to another rec
 (a disaster-recovery node), as a sidecar ships a primary's WAL: only what it holds
 durably, history files first, published segments and the partial tail, resuming where
 that spool ends, and it passes the sidecar's end-of-WAL mark on. It authenticates as a
-sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
+sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.
+
+Alerts: with --alert-command, the receiver runs the command once on each change of a
+condition's state, never waiting for it: no sidecar connected for longer than
+--alert-after (critical; ok once one is), a refused session (critical, with the
+reason), the spool's file system full (critical below two segments' free space), a
+promotion from the spool (warning while frozen, critical once promoted). The command
+runs as /bin/sh -c COMMAND with the level (ok, warning, critical) as $1 and a one-line
+message as $2, also in WALSHIP_ALERT_LEVEL, WALSHIP_ALERT_MESSAGE and
+WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well.`)
+	alertCommand, alertAfter := alertFlags(fs)
 	listen := fs.String("listen", "", "UDP address to listen on, HOST:PORT (required)")
 	spool := fs.String("spool", "", "spool directory; created if missing (required)")
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, receiver.crt and receiver.key, as made by 'walship certs' (required)")
@@ -203,7 +232,8 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 	if err != nil {
 		return fail("%v", err)
 	}
-	r, err := receiver.New(receiver.Config{Listen: *listen, Spool: *spool, TLS: tlsConf, Logger: log})
+	fsyncs, observeFsync := newFsyncHistogram()
+	r, err := receiver.New(receiver.Config{Listen: *listen, Spool: *spool, TLS: tlsConf, Logger: log, ObserveFsync: observeFsync})
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -216,12 +246,17 @@ sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.`)
 		return fail("%v", err)
 	}
 	defer stop()
-	serveMetrics(ctx, metricsLn, log, receiverMetrics(r))
+	serveMetrics(ctx, metricsLn, log, receiverMetrics(r, fsyncs))
 	ctx, cancel := context.WithCancel(ctx)
-	defer runTailers(ctx, relays, "relay_to", log)()
+	alerts, stopAlerts := startAlerts(ctx, *alertCommand, log, func(ctx context.Context, a *alerter) {
+		watchReceiver(ctx, a, r, *spool, *alertAfter)
+	})
+	defer stopAlerts()
+	defer runTailers(ctx, relays, "relay_to", log, alerts)()
 	defer cancel() // before the wait: the relays end with the receiver
 	if err := r.Run(ctx); err != nil {
 		log.Error().Err(err).Msg("receiver stopped")
+		alerts.Alert("receiver", alertCritical, "the receiver stopped: "+err.Error())
 		return exitError
 	}
 	return exitOK
@@ -283,15 +318,17 @@ func newTailers(addrs []string, tlsDir, role string, log zerolog.Logger, src tai
 	return tailers, nil
 }
 
-// runTailers runs each Tailer until ctx ends or it stops for good, and returns a wait
-// for them all, which says whether every one ended without an error.
-func runTailers(ctx context.Context, tailers []*tail.Tailer, role string, log zerolog.Logger) (wait func() bool) {
+// runTailers runs each Tailer until ctx ends or it stops for good (a critical alert,
+// if alerts is not nil), and returns a wait for them all, which says whether every
+// one ended without an error.
+func runTailers(ctx context.Context, tailers []*tail.Tailer, role string, log zerolog.Logger, alerts *alerter) (wait func() bool) {
 	errs := make(chan error, len(tailers))
 	for _, t := range tailers {
 		go func() {
 			err := t.Run(ctx)
 			if err != nil {
 				log.Error().Err(err).Str(role, t.Receiver()).Msg("shipping to this receiver stopped")
+				alerts.Alert("receiver "+t.Receiver(), alertCritical, "shipping to receiver "+t.Receiver()+" stopped for good: "+err.Error())
 			}
 			errs <- err
 		}()

@@ -12,7 +12,8 @@
 //   - .walship.spare, a pre-sized file kept ready for the next partial;
 //   - timeline history files, published whole;
 //   - walship.end, the end-of-WAL mark of a drained primary (WriteEnd, ClearEnd);
-//   - walship.session, the sidecar session the running receiver serves (WriteSession);
+//   - walship.session, the running receiver's sidecar session, or since when it has had
+//     none (WriteSession);
 //   - walship.start, where the WAL of a spool that holds none is to start (WriteStart);
 //   - walship.freeze and walship.promote, the freeze marker and the promotion trigger
 //     (Freeze, WriteTrigger, Unfreeze);

@@ -128,15 +128,18 @@ func WriteStart(dir string, lsn wal.LSN) error {
 	return writeJSON(dir, StartFile, StartMark{LSN: lsn, At: now()})
 }
 
-// Session is the content of SessionFile: the sidecar session a receiver is serving.
+// Session is the content of SessionFile: whether a receiver is serving a sidecar's
+// session now, and since when it is, or since when it has had none.
 type Session struct {
-	Peer  string `json:"peer"`
-	Since string `json:"since"`
+	Connected bool   `json:"connected"`
+	Peer      string `json:"peer,omitempty"`
+	Since     string `json:"since"`
 }
 
-// WriteSession records the session the receiver serves now.
+// WriteSession records the session the receiver serves from now on; an empty peer
+// records that it serves none from now on (it started, or a session ended).
 func WriteSession(dir, peer string) error {
-	return writeJSON(dir, SessionFile, Session{Peer: peer, Since: now()})
+	return writeJSON(dir, SessionFile, Session{Connected: peer != "", Peer: peer, Since: now()})
 }
 
 // ReadSession reads the session record; ok is false when there is none. It says
@@ -145,9 +148,6 @@ func ReadSession(dir string) (s Session, ok bool, err error) {
 	ok, err = readJSON(dir, SessionFile, "session record", &s)
 	return s, ok, err
 }
-
-// ClearSession removes the session record when the session ends.
-func ClearSession(dir string) error { return removeMark(dir, SessionFile, "session record") }
 
 // PublishOnce publishes a small whole file (a timeline history file) under name,
 // unless the same content is there already; other content there is ErrConflict and
