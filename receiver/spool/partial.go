@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 
@@ -97,6 +98,12 @@ func readPartialState(f *os.File, segSize uint64) (partialState, error) {
 	}
 	block := make([]byte, 2*slotSize)
 	if _, err := f.ReadAt(block, int64(segSize)); err != nil {
+		if errors.Is(err, io.EOF) {
+			// The file shrank since its stat: a publish cut its end block off, and the
+			// segment is about to appear under its own name. To a reader the partial
+			// is gone, as it would be a moment later (Scan then looks again).
+			err = fmt.Errorf("%w: published meanwhile", fs.ErrNotExist)
+		}
 		return partialState{}, fmt.Errorf("read the end block of %s: %w", f.Name(), err)
 	}
 	a, aok := decodeSlot(block[:slotLen])
