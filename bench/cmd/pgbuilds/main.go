@@ -1,7 +1,7 @@
 // Command pgbuilds fetches the PostgreSQL builds the lab tests with (PG_MAJORS, or 13 to
-// 18) into the lab's cache, where they are not there yet, and prints where each major's
-// binaries are. .ci/run runs it before the tests, so that their time is not the
-// download's.
+// 18) and builds the S3-compatible server the archive tests store into (versitygw) in
+// the lab's cache, where they are not there yet, and prints where each is. .ci/run runs
+// it before the tests, so that their time is not the download's.
 package main
 
 import (
@@ -26,4 +26,10 @@ func main() {
 		}
 		fmt.Printf("PostgreSQL %d: %s\n", m, d)
 	}
+	bin, err := lab.VersityGWBin(context.Background())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pgbuilds:", err)
+		os.Exit(1)
+	}
+	fmt.Printf("versitygw %s: %s\n", lab.VersityGWVersion, bin)
 }
