@@ -15,6 +15,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/walship/walship/receiver/archive"
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
@@ -23,8 +24,10 @@ import (
 var (
 	// ErrNotAvailable means the file is not in the spool (yet): restore_command's exit 1.
 	ErrNotAvailable = errors.New("not available")
-	// ErrCorrupt means a file in the spool must not be handed to recovery.
-	ErrCorrupt = errors.New("corrupt file in the spool")
+	// ErrCorrupt means a file of the spool or the archive must not be handed to recovery.
+	ErrCorrupt = errors.New("corrupt file")
+	// errNotInSpool is a file the spool lacks, which the archive may hold.
+	errNotInSpool = fmt.Errorf("%w: not in the spool", ErrNotAvailable)
 )
 
 // DefaultWaitInterval is how often a waiting restore looks at the spool.
@@ -53,6 +56,9 @@ type RestoreConfig struct {
 	// cluster's. Empty: the working directory, which is the data directory when
 	// PostgreSQL runs restore_command; the check is skipped if it holds no pg_control.
 	PGData string
+	// Archive, if set, is asked once for a segment or history file the spool lacks;
+	// what it gives is checked as spool segments are.
+	Archive *archive.Archive
 	// Logger receives what was done. The zero value logs nothing.
 	Logger zerolog.Logger
 }
@@ -110,10 +116,21 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 	}
 	if segErr != nil {
 		// History, backup and partial files: restored if present, at once either way.
-		return restoreAsIs(cfg, name, isPartial && haveID, segSize)
+		err := restoreAsIs(cfg, name, isPartial && haveID, segSize)
+		if errors.Is(err, errNotInSpool) && cfg.Archive != nil && histErr == nil {
+			return restoreFromArchive(ctx, cfg, id, haveID, nil)
+		}
+		return err
 	}
 	for waited := false; ; waited = true {
 		err := restoreSegment(cfg, id, seg, haveID)
+		if !waited && cfg.Archive != nil && (errors.Is(err, errNotInSpool) || !haveID && errors.Is(err, ErrNotAvailable)) {
+			// Once: a segment that is not produced yet is not in the archive either,
+			// and a waiting restore must not ask the archive every WaitInterval.
+			if err = restoreFromArchive(ctx, cfg, id, haveID, &seg); !errors.Is(err, ErrNotAvailable) {
+				return err
+			}
+		}
 		if !errors.Is(err, ErrNotAvailable) || !cfg.Wait {
 			return err
 		}
@@ -156,7 +173,7 @@ func restoreSegment(cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveI
 	path := filepath.Join(cfg.Spool, cfg.File)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("restore %s: not in the spool yet: %w", cfg.File, ErrNotAvailable)
+		return fmt.Errorf("restore %s: %w yet", cfg.File, errNotInSpool)
 	}
 	if err != nil {
 		return fmt.Errorf("restore %s: %w", cfg.File, err)
@@ -232,7 +249,7 @@ func restoreAsIs(cfg RestoreConfig, name string, partial bool, segSize uint64) e
 		b, err = os.ReadFile(path)
 	}
 	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("restore %s: %w", name, ErrNotAvailable)
+		return fmt.Errorf("restore %s: %w", name, errNotInSpool)
 	}
 	if err != nil {
 		return fmt.Errorf("restore %s: %w", name, err)
@@ -241,6 +258,53 @@ func restoreAsIs(cfg RestoreConfig, name string, partial bool, segSize uint64) e
 		return fmt.Errorf("restore %s: %w", name, err)
 	}
 	cfg.Logger.Info().Str("file", name).Msg("restored")
+	return nil
+}
+
+// restoreFromArchive fetches cfg.File from the archive: a segment (seg not nil) is
+// checked as a spool segment is (size, page headers, record chain and CRCs), a history
+// file handed as it is. The archive must be the spool's cluster (or, for an empty
+// spool, the standby's).
+func restoreFromArchive(ctx context.Context, cfg RestoreConfig, id spool.Identity, haveID bool, seg *wal.Segment) error {
+	aid, ok, err := cfg.Archive.Identity(ctx)
+	switch {
+	case err != nil:
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
+	case !ok:
+		return fmt.Errorf("restore %s: the archive %s holds nothing yet: %w", cfg.File, cfg.Archive, ErrNotAvailable)
+	case haveID && (aid.SysID != id.SysID || aid.SegSize != id.SegSize):
+		return fmt.Errorf("restore %s: %w: system identifier %d; the spool's is %d", cfg.File, archive.ErrWrongCluster, aid.SysID, id.SysID)
+	case !haveID:
+		if err := checkCluster(cfg.PGData, aid); err != nil {
+			return err
+		}
+	}
+	b, err := cfg.Archive.Get(ctx, cfg.File)
+	if errors.Is(err, archive.ErrNotFound) {
+		return fmt.Errorf("restore %s: neither in the spool nor in the archive: %w", cfg.File, ErrNotAvailable)
+	}
+	if err != nil {
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
+	}
+	if seg != nil {
+		s := *seg
+		if !haveID {
+			// The name was parsed with a guessed segment size.
+			if s, err = wal.ParseSegmentName(cfg.File, aid.SegSize); err != nil {
+				return fmt.Errorf("restore %s: %w", cfg.File, err)
+			}
+		}
+		if uint64(len(b)) != aid.SegSize {
+			return fmt.Errorf("restore %s from the archive: %w: it holds %d bytes, want %d", cfg.File, ErrCorrupt, len(b), aid.SegSize)
+		}
+		if err := checkRecords(aid, s, b); err != nil {
+			return fmt.Errorf("restore %s from the archive: %w: %w", cfg.File, ErrCorrupt, err)
+		}
+	}
+	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
+	}
+	cfg.Logger.Info().Str("file", cfg.File).Stringer("archive", cfg.Archive).Msg("restored from the archive")
 	return nil
 }
 

@@ -42,11 +42,17 @@ and the server retries every wal_retrieve_retry_interval. Archive recovery
 (recovery.signal only, the pg_standby way): add --wait, so that a missing segment waits
 until it is published or the promotion trigger appears, and set recovery_prefetch = off
 (PostgreSQL 15 and later): the prefetcher reads ahead of replay, and while the restore
-waits it would hold back the replay of records the standby already has.`)
+waits it would hold back the replay of records the standby already has.
+
+With --archive-url, a segment or history file the spool lacks is fetched from the
+archive (see walship receive --archive-url) the first time it is asked for, and checked
+as a spool segment is (size, page headers, record chain and CRCs; the archive's
+SHA-256): a standby made from an older base backup catches up from it.`)
 	spool := fs.String("spool", "", "the receiver's spool directory (required)")
 	wait := fs.Bool("wait", false, "wait for a missing segment (archive recovery) instead of answering 1 at once")
 	clean := fs.Bool("cleanup", false, "remove published spool segments older than %r, as pg_archivecleanup does")
 	pgdata := fs.String("pgdata", "", "the standby's data directory, for the cluster check (default: the working directory, as PostgreSQL runs restore_command)")
+	openArchive := archiveFlags(fs, "fetch a segment or history file the spool lacks (once per call) from")
 	logger := logFlags(fs)
 	if rc := parseWithArgs(fs, args); rc >= 0 {
 		return rc
@@ -65,6 +71,9 @@ waits it would hold back the replay of records the standby already has.`)
 		return usageError(fs, "%v", err)
 	}
 	cfg := feeder.RestoreConfig{Spool: *spool, File: fs.Arg(0), Target: fs.Arg(1), RestartFile: fs.Arg(2), Wait: *wait, Cleanup: *clean, PGData: *pgdata, Logger: log}
+	if cfg.Archive, err = openArchive(context.Background()); err != nil {
+		return usageError(fs, "%v", err)
+	}
 
 	// SIGTERM comes when the server shuts down: stop waiting and die by the same
 	// signal, which PostgreSQL takes as a shutdown rather than as "not available"

@@ -151,8 +151,8 @@ func newFsyncHistogram() (prometheus.Histogram, func(time.Duration)) {
 
 // receiverMetrics is the registry of a receiver's metrics; fsyncs is the histogram its
 // Config.ObserveFsync feeds (newFsyncHistogram).
-func receiverMetrics(r *receiver.Receiver, fsyncs prometheus.Histogram) *prometheus.Registry {
-	return newRegistry(receiverCollector{r}, fsyncs)
+func receiverMetrics(r *receiver.Receiver, fsyncs prometheus.Histogram, more ...prometheus.Collector) *prometheus.Registry {
+	return newRegistry(append([]prometheus.Collector{receiverCollector{r}, fsyncs}, more...)...)
 }
 
 var (

@@ -8,9 +8,11 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/archive"
 	"github.com/walship/walship/tail"
 	"github.com/walship/walship/transport"
 )
@@ -188,6 +190,15 @@ durably, history files first, published segments and the partial tail, resuming 
 that spool ends, and it passes the sidecar's end-of-WAL mark on. It authenticates as a
 sidecar, so --tls-dir must also hold sidecar.crt and sidecar.key.
 
+Archive: with --archive-url s3://BUCKET/PREFIX, the receiver also uploads each history
+file and each published segment, once durable, in order, to S3-compatible storage,
+under their PostgreSQL names, each with a SHA-256 the server checks; after a promotion
+from the spool, the partial segment it used, as <segment>.partial. It lists what the
+archive holds when it starts and never sends that again; an object there with other
+bytes is refused, logged and left alone; other failures are retried with a growing
+pause, while WAL keeps being received. The prefix belongs to the first cluster that
+uploads into it. walship restore --archive-url fetches from it.
+
 Alerts: with --alert-command, the receiver runs the command once on each change of a
 condition's state, never waiting for it: no sidecar connected for longer than
 --alert-after (critical; ok once one is), a refused session (critical, with the
@@ -197,6 +208,7 @@ runs as /bin/sh -c COMMAND with the level (ok, warning, critical) as $1 and a on
 message as $2, also in WALSHIP_ALERT_LEVEL, WALSHIP_ALERT_MESSAGE and
 WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well.`)
 	alertCommand, alertAfter := alertFlags(fs)
+	openArchive := archiveFlags(fs, "upload every published segment and history file, once durable, to")
 	listen := fs.String("listen", "", "UDP address to listen on, HOST:PORT (required)")
 	spool := fs.String("spool", "", "spool directory; created if missing (required)")
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, receiver.crt and receiver.key, as made by 'walship certs' (required)")
@@ -246,12 +258,33 @@ WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well
 		return fail("%v", err)
 	}
 	defer stop()
-	serveMetrics(ctx, metricsLn, log, receiverMetrics(r, fsyncs))
+	arch, err := openArchive(ctx)
+	if err != nil {
+		return fail("%v", err)
+	}
+	var uploader *archive.Uploader
+	var more []prometheus.Collector
+	if arch != nil {
+		uploader = &archive.Uploader{Spool: *spool, Archive: arch, Logger: log}
+		more = uploadMetrics(uploader)
+	}
+	serveMetrics(ctx, metricsLn, log, receiverMetrics(r, fsyncs, more...))
 	ctx, cancel := context.WithCancel(ctx)
 	alerts, stopAlerts := startAlerts(ctx, *alertCommand, log, func(ctx context.Context, a *alerter) {
 		watchReceiver(ctx, a, r, *spool, *alertAfter)
 	})
 	defer stopAlerts()
+	if uploader != nil {
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			if err := uploader.Run(ctx); err != nil {
+				log.Error().Err(err).Msg("archive: uploads stopped")
+				alerts.Alert("archive", alertCritical, "uploads to the archive stopped: "+err.Error())
+			}
+		}()
+		defer func() { <-done }()
+	}
 	defer runTailers(ctx, relays, "relay_to", log, alerts)()
 	defer cancel() // before the wait: the relays end with the receiver
 	if err := r.Run(ctx); err != nil {

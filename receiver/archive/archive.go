@@ -75,6 +75,14 @@ func Open(ctx context.Context, cfg Config) (*Archive, error) {
 	if err != nil {
 		return nil, err
 	}
+	client, err := newClient(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &Archive{client: client, bucket: bucket, prefix: prefix, url: cfg.URL}, nil
+}
+
+func newClient(ctx context.Context, cfg Config) (*s3.Client, error) {
 	var opts []func(*config.LoadOptions) error
 	if cfg.Region != "" {
 		opts = append(opts, config.WithRegion(cfg.Region))
@@ -95,7 +103,7 @@ func Open(ctx context.Context, cfg Config) (*Archive, error) {
 		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenSupported
 		o.ResponseChecksumValidation = aws.ResponseChecksumValidationWhenSupported
 	})
-	return &Archive{client: client, bucket: bucket, prefix: prefix, url: cfg.URL}, nil
+	return client, nil
 }
 
 // parseURL splits s3://BUCKET/PREFIX; the prefix, if any, ends with a slash.

@@ -1,0 +1,221 @@
+package archive
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/tail/dirwatch"
+	"github.com/walship/walship/tail/wal"
+)
+
+// Uploader copies a spool's durable files into an archive: history files first, then
+// published segments in order, and once the spool is promoted from, the partial
+// segment the promotion used, zero-padded to a segment under PostgreSQL's
+// <segment>.partial name. What the archive holds already is not sent again (it is
+// listed once at the start); a file the archive holds with other bytes is refused,
+// logged once and left alone; other failures are retried with a growing pause.
+type Uploader struct {
+	Spool   string
+	Archive *Archive
+	Logger  zerolog.Logger
+
+	uploaded atomic.Uint64 // files uploaded
+	bytes    atomic.Uint64 // their bytes
+	failures atomic.Uint64 // failed attempts, conflicts included
+	lastErr  atomic.Pointer[string]
+}
+
+// rescan bounds the wait for the spool to change: a scan then happens anyway.
+const rescan = time.Minute
+
+const maxBackoff = 30 * time.Second
+
+// Uploaded is how many files were uploaded since the start, and their bytes.
+func (u *Uploader) Uploaded() (files, bytes uint64) { return u.uploaded.Load(), u.bytes.Load() }
+
+// Failures is how many uploads failed since the start, and the last error.
+func (u *Uploader) Failures() (n uint64, last string) {
+	if p := u.lastErr.Load(); p != nil {
+		last = *p
+	}
+	return u.failures.Load(), last
+}
+
+// Run uploads until ctx ends, or the archive belongs to another cluster.
+func (u *Uploader) Run(ctx context.Context) error {
+	w, err := dirwatch.New(u.Spool, dirwatch.Added)
+	if err != nil {
+		u.Logger.Warn().Err(err).Msg("archive: cannot watch the spool; it is scanned every minute")
+	}
+	if w != nil {
+		defer w.Close()
+		stop := context.AfterFunc(ctx, w.Interrupt)
+		defer stop()
+	}
+	var have map[string]bool // what the archive holds, once listed
+	refused := map[string]bool{}
+	backoff := time.Duration(0)
+	for ctx.Err() == nil {
+		if w != nil {
+			w.Drain()
+		}
+		var err error
+		if have == nil {
+			have, err = u.start(ctx)
+		}
+		if err == nil {
+			err = u.round(ctx, have, refused)
+		}
+		switch {
+		case errors.Is(err, ErrWrongCluster):
+			u.fail(err)
+			return err
+		case err != nil && ctx.Err() == nil:
+			u.fail(err)
+			backoff = min(max(2*backoff, 100*time.Millisecond), maxBackoff)
+			u.Logger.Warn().Err(err).Dur("retry_in", backoff).Msg("archive: upload failed")
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			continue
+		}
+		backoff = 0
+		if w == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(rescan):
+			}
+			continue
+		}
+		if _, err := w.Wait(rescan); err != nil && ctx.Err() == nil {
+			return fmt.Errorf("archive: watch the spool: %w", err)
+		}
+	}
+	return nil
+}
+
+func (u *Uploader) fail(err error) {
+	u.failures.Add(1)
+	s := err.Error()
+	u.lastErr.Store(&s)
+}
+
+// start binds the archive to the spool's cluster and lists what it holds; a spool
+// that holds nothing yet is no error: there is nothing to send.
+func (u *Uploader) start(ctx context.Context) (map[string]bool, error) {
+	id, ok, err := spool.ReadIdentity(u.Spool)
+	if err != nil || !ok {
+		return nil, err
+	}
+	if err := u.Archive.Bind(ctx, id); err != nil {
+		return nil, err
+	}
+	objs, err := u.Archive.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	have := map[string]bool{}
+	for _, o := range objs {
+		have[o.Name] = true
+	}
+	u.Logger.Info().Stringer("archive", u.Archive).Int("objects", len(objs)).Msg("archive: uploading the spool's segments")
+	return have, nil
+}
+
+// round uploads what the spool holds and the archive lacks.
+func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) error {
+	if have == nil {
+		return nil
+	}
+	id, _, err := spool.ReadIdentity(u.Spool)
+	if err != nil {
+		return err
+	}
+	c, err := spool.Scan(u.Spool, id.SegSize)
+	if err != nil {
+		return err
+	}
+	var names []string
+	for _, tli := range c.Histories {
+		names = append(names, wal.HistoryName(tli))
+	}
+	segs := append([]wal.Segment(nil), c.Segments...)
+	sort.Slice(segs, func(i, j int) bool {
+		return segs[i].TLI < segs[j].TLI || segs[i].TLI == segs[j].TLI && segs[i].No < segs[j].No
+	})
+	for _, s := range segs {
+		names = append(names, s.Name(id.SegSize))
+	}
+	for _, name := range names {
+		if have[name] || refused[name] {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(u.Spool, name))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // removed by restore --cleanup meanwhile
+		}
+		if err != nil {
+			return err
+		}
+		if err := u.put(ctx, name, b, have, refused); err != nil {
+			return err
+		}
+	}
+	return u.promotedPartial(ctx, id, have, refused)
+}
+
+// put uploads one file; a conflict is logged once and the file left alone.
+func (u *Uploader) put(ctx context.Context, name string, b []byte, have, refused map[string]bool) error {
+	err := u.Archive.Put(ctx, name, b)
+	if errors.Is(err, ErrConflict) {
+		refused[name] = true
+		u.fail(err)
+		u.Logger.Error().Err(err).Str("file", name).Msg("archive: refused to overwrite an object that holds other bytes; it is left as it is")
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	have[name] = true
+	u.uploaded.Add(1)
+	u.bytes.Add(uint64(len(b)))
+	u.Logger.Debug().Str("file", name).Int("bytes", len(b)).Msg("archive: uploaded")
+	return nil
+}
+
+// promotedPartial uploads the partial segment a promotion from the spool used, as
+// walship restore hands it to recovery: its frozen bytes, zero-padded.
+func (u *Uploader) promotedPartial(ctx context.Context, id spool.Identity, have, refused map[string]bool) error {
+	trig, ok, err := spool.ReadTrigger(u.Spool)
+	if err != nil || !ok || trig.Bytes == 0 {
+		return err
+	}
+	name := trig.Segment + spool.PartialSuffix
+	if have[name] || refused[name] {
+		return nil
+	}
+	f, err := os.Open(filepath.Join(u.Spool, name))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	b := make([]byte, id.SegSize)
+	if _, err := io.ReadFull(f, b[:trig.Bytes]); err != nil {
+		return fmt.Errorf("archive: frozen partial %s: %w", name, err)
+	}
+	if got := spool.HashTail(b[:trig.Bytes]); got != trig.Hash {
+		return fmt.Errorf("archive: frozen partial %s changed since the promotion froze it", name)
+	}
+	return u.put(ctx, name, b, have, refused)
+}
