@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 	"time"
@@ -152,4 +153,51 @@ func TestArchiveUpload(t *testing.T) {
 	_, err = exec.CommandContext(ctx, walshipBin, "restore", "--spool", lacking, "--archive-url", url, "--archive-path-style", "--pgdata", r.primary.Data, later, out).CombinedOutput()
 	require.Error(t, err)
 	require.Equal(t, 1, err.(*exec.ExitError).ExitCode())
+
+	// verify: the damaged object and the one that is not WAL, each on a line of its
+	// own; then a gap.
+	archiveCmd := func(args ...string) (string, int) {
+		out, err := exec.CommandContext(ctx, walshipBin, append(append([]string{"archive"}, args...), "--archive-url", url, "--archive-path-style")...).CombinedOutput()
+		if err != nil {
+			var ee *exec.ExitError
+			require.ErrorAs(t, err, &ee, "%s", out)
+			return string(out), ee.ExitCode()
+		}
+		return string(out), 0
+	}
+	report, rc := archiveCmd("verify")
+	require.Equal(t, 1, rc, report)
+	require.Regexp(t, "(?m)^"+name+": .*checksum", strings.ToLower(report))
+	require.Regexp(t, "(?m)^"+next+": ", report)
+	require.Contains(t, report, "2 problems")
+	require.NoError(t, os.WriteFile(path, first[name], 0o644)) // repaired: its bytes again
+	segs := archivedSegments(t, s3, "db1")
+	var names []string
+	for n := range segs {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	require.GreaterOrEqual(t, len(names), 5)
+	require.NoError(t, os.Remove(s3.ObjectPath("db1/"+names[2])))
+	report, rc = archiveCmd("verify")
+	require.Equal(t, 1, rc, report)
+	require.Contains(t, report, "gap on timeline 1: 1 segments missing after "+names[1]+", before "+names[3])
+
+	// expire: a dry run removes nothing; --before removes the older segments only.
+	report, rc = archiveCmd("expire", "--before", names[3], "--dry-run")
+	require.Equal(t, 0, rc, report)
+	require.Contains(t, report, "would remove "+names[0]+"\nwould remove "+names[1]+"\n")
+	require.Len(t, archivedSegments(t, s3, "db1"), len(names)-1)
+	report, rc = archiveCmd("expire", "--before", names[3])
+	require.Equal(t, 0, rc, report)
+	require.Contains(t, report, "removed 2 segments")
+	left := archivedSegments(t, s3, "db1")
+	require.Len(t, left, len(names)-3)
+	require.NotContains(t, left, names[0])
+	require.Contains(t, left, names[3])
+	_, err = os.Stat(s3.ObjectPath("db1/walship.json"))
+	require.NoError(t, err, "the identity stays")
+	report, rc = archiveCmd("expire", "--keep", "0")
+	require.Equal(t, 2, rc, report)
+	require.Contains(t, report, "give one of --keep, --before and --older-than")
 }

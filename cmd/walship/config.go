@@ -291,9 +291,14 @@ func commandFlags() map[string]*flag.FlagSet {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		if n == "standby" {
+		switch n {
+		case "standby":
 			runStandbyInit(nil)
 			runStandbyRejoin(nil)
+			continue
+		case "archive":
+			runArchiveVerify(nil)
+			runArchiveExpire(nil)
 			continue
 		}
 		commands[n].run(nil)

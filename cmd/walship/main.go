@@ -49,6 +49,7 @@ func init() {
 		"standby":    {"standby init | rejoin: make a standby over the link, or an old primary one", runStandby},
 		"switchover": {"swap primary and standby losing nothing: stop the primary, drain, promote", runSwitchover},
 		"status":     {"a spool's state: cluster, position, segments, receiver, sidecar, marks, lag", runStatus},
+		"archive":    {"archive verify | expire: check or thin the WAL archive in S3-compatible storage", runArchive},
 		"check":      {"check a spool for Nagios or Icinga: OK, WARNING, CRITICAL or UNKNOWN, with performance data", runCheck},
 	}
 }

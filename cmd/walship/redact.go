@@ -49,6 +49,17 @@ func keepSecret(dsn string) {
 	}
 }
 
+// keepSecretValue records a secret that is not a connection string (an AWS secret
+// key), to be hidden from everything written.
+func keepSecretValue(v string) {
+	if len(v) < 4 {
+		return
+	}
+	secretsMu.Lock()
+	defer secretsMu.Unlock()
+	secrets = append(secrets, v)
+}
+
 // redact hides the passwords in s.
 func redact(s string) string {
 	s = passwordSetting.ReplaceAllString(s, "${1}"+hidden)

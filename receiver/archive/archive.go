@@ -21,6 +21,7 @@ import (
 	"io"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/config"
@@ -63,10 +64,12 @@ type Archive struct {
 	url            string
 }
 
-// Object is an object of the archive: its name below the prefix and its size.
+// Object is an object of the archive: its name below the prefix, its size and when it
+// was stored.
 type Object struct {
-	Name string
-	Size int64
+	Name     string
+	Size     int64
+	Modified time.Time
 }
 
 // Open connects to the archive (it sends nothing yet).
@@ -223,10 +226,19 @@ func (a *Archive) List(ctx context.Context) ([]Object, error) {
 			return nil, fmt.Errorf("archive %s: list: %w", a.url, err)
 		}
 		for _, o := range page.Contents {
-			objs = append(objs, Object{Name: strings.TrimPrefix(aws.ToString(o.Key), a.prefix), Size: aws.ToInt64(o.Size)})
+			objs = append(objs, Object{Name: strings.TrimPrefix(aws.ToString(o.Key), a.prefix), Size: aws.ToInt64(o.Size), Modified: aws.ToTime(o.LastModified)})
 		}
 	}
 	return objs, nil
+}
+
+// Delete removes the object name; one that is not there is no error.
+func (a *Archive) Delete(ctx context.Context, name string) error {
+	_, err := a.client.DeleteObject(ctx, &s3.DeleteObjectInput{Bucket: aws.String(a.bucket), Key: aws.String(a.key(name))})
+	if err != nil && !isNotFound(err) {
+		return fmt.Errorf("archive %s: delete %s: %w", a.url, name, err)
+	}
+	return nil
 }
 
 // Bind binds the archive to the cluster of id, or checks that it is bound to it.
