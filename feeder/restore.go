@@ -112,7 +112,7 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		}
 	}
 	if cfg.Cleanup && cfg.RestartFile != "" && haveID {
-		defer cleanup(cfg, segSize)
+		defer cleanup(ctx, cfg, segSize)
 	}
 	if segErr != nil {
 		// History, backup and partial files: restored if present, at once either way.
@@ -356,7 +356,10 @@ func sameMajor(versionNum int, id spool.Identity) error {
 
 // cleanup removes published segments older than the restart file, comparing names
 // without the timeline as pg_archivecleanup does.
-func cleanup(cfg RestoreConfig, segSize uint64) {
+// cleanup removes the spool's published segments older than %r; with an archive, only
+// those the archive holds (with the same checksum), so that none goes before it is
+// uploaded.
+func cleanup(ctx context.Context, cfg RestoreConfig, segSize uint64) {
 	if _, err := wal.ParseSegmentName(cfg.RestartFile, segSize); err != nil {
 		cfg.Logger.Warn().Str("restart_file", cfg.RestartFile).Msg("cleanup skipped: %r is not a segment name")
 		return
@@ -371,6 +374,16 @@ func cleanup(cfg RestoreConfig, segSize uint64) {
 		n := e.Name()
 		if _, err := wal.ParseSegmentName(n, segSize); err != nil || n[8:] >= cfg.RestartFile[8:] {
 			continue
+		}
+		if cfg.Archive != nil {
+			b, err := os.ReadFile(filepath.Join(cfg.Spool, n))
+			if err == nil {
+				err = cfg.Archive.Holds(ctx, n, b)
+			}
+			if err != nil {
+				cfg.Logger.Debug().Err(err).Str("file", n).Msg("cleanup: kept, not (yet) in the archive")
+				continue
+			}
 		}
 		if err := os.Remove(filepath.Join(cfg.Spool, n)); err != nil {
 			cfg.Logger.Warn().Err(err).Str("file", n).Msg("cleanup: could not remove")

@@ -146,6 +146,24 @@ func TestArchiveUpload(t *testing.T) {
 	_, err = os.Stat(out)
 	require.True(t, os.IsNotExist(err), "nothing reaches %%p")
 
+	// --cleanup with an archive removes only what the archive holds: next stays, for
+	// the archive holds other bytes under its name.
+	nextSeg, err := wal.ParseSegmentName(next, 1<<20)
+	require.NoError(t, err)
+	after := wal.Segment{TLI: 1, No: nextSeg.No + 1}.Name(1 << 20)
+	_, c := spoolPosition(t, lacking)
+	log, err = exec.CommandContext(ctx, walshipBin, "restore", "--cleanup", "--spool", lacking, "--archive-url", url, "--archive-path-style", "--pgdata", r.primary.Data,
+		c.Segments[0].Name(1<<20), filepath.Join(t.TempDir(), "RECOVERYXLOG"), after).CombinedOutput()
+	require.NoError(t, err, "%s", log)
+	_, c = spoolPosition(t, lacking)
+	var keptNames []string
+	for _, seg := range c.Segments {
+		if seg.No < nextSeg.No+1 {
+			keptNames = append(keptNames, seg.Name(1<<20))
+		}
+	}
+	require.Equal(t, []string{next}, keptNames, "only the segment the archive does not hold stays")
+
 	// A segment neither holds: not available (1).
 	lsn := flushLSN(t, ctx, r.primary)
 	ahead, _ := wal.SegmentOf(1, lsn+64<<20, 1<<20)

@@ -47,7 +47,8 @@ waits it would hold back the replay of records the standby already has.
 With --archive-url, a segment or history file the spool lacks is fetched from the
 archive (see walship receive --archive-url) the first time it is asked for, and checked
 as a spool segment is (size, page headers, record chain and CRCs; the archive's
-SHA-256): a standby made from an older base backup catches up from it.`)
+SHA-256): a standby made from an older base backup catches up from it. --cleanup then
+removes only the spool segments the archive holds with the same checksum.`)
 	spool := fs.String("spool", "", "the receiver's spool directory (required)")
 	wait := fs.Bool("wait", false, "wait for a missing segment (archive recovery) instead of answering 1 at once")
 	clean := fs.Bool("cleanup", false, "remove published spool segments older than %r, as pg_archivecleanup does")

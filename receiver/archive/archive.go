@@ -162,6 +162,19 @@ func (a *Archive) Put(ctx context.Context, name string, b []byte) error {
 	return nil
 }
 
+// Holds says (nil) whether the archive holds b under name, with the same checksum.
+func (a *Archive) Holds(ctx context.Context, name string, b []byte) error {
+	have, err := a.checksum(ctx, name)
+	if err != nil {
+		return err
+	}
+	sum := sha256.Sum256(b)
+	if want := base64.StdEncoding.EncodeToString(sum[:]); have != want {
+		return fmt.Errorf("archive %s: %s: %w", a.url, name, ErrConflict)
+	}
+	return nil
+}
+
 // checksum returns the SHA-256 the archive holds for name (base64), ErrNotFound if it
 // holds no such object. An object stored without one is read and hashed.
 func (a *Archive) checksum(ctx context.Context, name string) (string, error) {
