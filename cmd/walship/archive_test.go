@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/feeder/standby"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -218,4 +220,67 @@ func TestArchiveUpload(t *testing.T) {
 	report, rc = archiveCmd("expire", "--keep", "0")
 	require.Equal(t, 2, rc, report)
 	require.Contains(t, report, "give one of --keep, --before and --older-than")
+}
+
+// TestArchiveCatchUp: a standby made from a base backup whose WAL the spool no longer
+// holds (cleaned up) catches up from the archive, through restore_command.
+func TestArchiveCatchUp(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := newRig(t, ctx, 1)
+	s3, err := lab.StartS3(ctx, r.dir, "walship")
+	require.NoError(t, err)
+	t.Cleanup(s3.Kill)
+	for _, kv := range s3.Env() {
+		k, v, _ := strings.Cut(kv, "=")
+		t.Setenv(k, v)
+	}
+	url := s3.URL("db1")
+	r.receiverArgs = []string{"--archive-url", url, "--archive-path-style"}
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	r.waitStreaming(ctx)
+	createLoadTable(t, ctx, r.primary)
+
+	// The base backup, not started yet; then more WAL, all of it in the archive.
+	sb := emptyStandby(t, r)
+	r.initOK(ctx, sb.Data)
+	require.NoError(t, sb.Adopt())
+	fillSegments(t, ctx, r.primary, 4)
+	flush := flushLSN(t, ctx, r.primary)
+	r.waitSpoolAt(ctx, flush)
+	var published []string
+	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "the archive to hold the published segments", func() (bool, error) {
+		_, c := spoolPosition(t, r.spool)
+		objs := archivedSegments(t, s3, "db1")
+		published = published[:0]
+		for _, seg := range c.Segments {
+			if _, ok := objs[seg.Name(1<<20)]; !ok {
+				return false, nil
+			}
+			published = append(published, seg.Name(1<<20))
+		}
+		return len(published) > 0, nil
+	}))
+	// The spool loses every published segment, as a cleanup after an older standby
+	// would leave it.
+	for _, name := range published {
+		require.NoError(t, os.Remove(filepath.Join(r.spool, name)))
+	}
+
+	// restore_command carries the archive's settings (the server's environment does
+	// not have them).
+	restore := fmt.Sprintf("env %s %s restore --spool %s --archive-url %s --archive-path-style %%f %%p %%r", strings.Join(s3.Env(), " "), walshipBin, r.spool, url)
+	auto := filepath.Join(sb.Data, "postgresql.auto.conf")
+	b, err := os.ReadFile(auto)
+	require.NoError(t, err)
+	require.NoError(t, sb.WriteFile("postgresql.auto.conf", []byte(standby.AutoConf(string(b), "the test's restore_command", restore))))
+	require.NoError(t, sb.Configure(map[string]string{"archive_mode": "off", "wal_retrieve_retry_interval": "'100ms'"}))
+	require.NoError(t, sb.Start(ctx))
+	// Up to the segment being written, which no archive holds yet.
+	cur, _ := wal.SegmentOf(1, flush, 1<<20)
+	waitReplayed(t, ctx, sb, cur.Start(1<<20))
+	require.Contains(t, sb.Log(), "restored from the archive", "the standby's WAL came from the archive")
+	want, err := r.primary.QueryString(ctx, "SELECT count(*) FROM "+lab.LoadTable)
+	require.NoError(t, err)
+	require.Equal(t, want, mustQuery(t, ctx, sb, "SELECT count(*) FROM "+lab.LoadTable))
 }
