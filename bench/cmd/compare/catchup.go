@@ -28,7 +28,7 @@ func (cr catchRun) shareOfDD() float64 { return cr.mib * (1 << 20) / 1e6 / cr.se
 func catchUp(ctx context.Context, c config, r *results) error {
 	for round := 1; round <= c.rounds; round++ {
 		for _, ship := range []shipper{&walship{label: walshipName}, &pgReceivewal{}} {
-			cr, err := catchUpRun(ctx, c, ship, round == 1)
+			cr, err := catchUpRun(ctx, c, ship, round == 1, nil)
 			if err != nil {
 				return fmt.Errorf("catch-up round %d, %s: %w", round, ship.name(), err)
 			}
@@ -48,8 +48,9 @@ func catchUp(ctx context.Context, c config, r *results) error {
 }
 
 // catchUpRun times ship taking a backlog of c.catchupMB MiB; with profile, the
-// shipper's processes are profiled where they can be (walship's).
-func catchUpRun(ctx context.Context, c config, ship shipper, profile bool) (catchRun, error) {
+// shipper's processes are profiled where they can be (walship's). then, if not nil,
+// runs once the backlog is durable, with the time the shipper was started.
+func catchUpRun(ctx context.Context, c config, ship shipper, profile bool, then func(ctx context.Context, n *node, t0 time.Time) error) (catchRun, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Minute)
 	defer cancel()
 	n, err := newNode(ctx, c, ship)
@@ -116,6 +117,11 @@ func catchUpRun(ctx context.Context, c config, ship shipper, profile bool) (catc
 	}
 	took := time.Since(t0)
 	cr := catchRun{kind: ship.name(), secs: took.Seconds(), mib: float64(end-start) / (1 << 20)}
+	if then != nil {
+		if err := then(ctx, n, t0); err != nil {
+			return catchRun{}, err
+		}
+	}
 	// The shipper's processes, and its backends on the primary, all started at t0 or
 	// after: their whole CPU time is the catch-up's. So is the receiver's count of its
 	// fsyncs, which starts at 0 with it.

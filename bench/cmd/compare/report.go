@@ -18,6 +18,7 @@ type results struct {
 	trials  []trial
 	bench   []benchRun
 	catchup []catchRun
+	archive []archiveRun
 	idle    []idleRun
 }
 
@@ -180,6 +181,7 @@ func (r *results) markdown(c config) string {
 	r.crashSection(&b, c)
 	r.pgbenchSection(&b, c)
 	r.catchupSection(&b, c)
+	r.archiveSection(&b, c)
 	r.fsyncSection(&b, c)
 	r.costSection(&b, c)
 	b.WriteString(r.targets(c))
