@@ -38,10 +38,11 @@ func archiveUpload(ctx context.Context, c config, r *results) error {
 		if err != nil {
 			return err
 		}
-		ship := &walship{label: walshipName + " --archive-url", env: s3.Env(),
+		ship := &walship{label: walshipName + " --archive-url", env: s3.Env(), tag: "archive",
 			receiverArgs: []string{"--archive-url", s3.URL("db1"), "--archive-path-style"}}
 		var ar archiveRun
-		cr, err := catchUpRun(ctx, c, ship, false, func(ctx context.Context, n *node, t0 time.Time) error {
+		// The first round's walship is profiled (pprof-catchup-archive-*.txt).
+		cr, err := catchUpRun(ctx, c, ship, round == 1, func(ctx context.Context, n *node, t0 time.Time) error {
 			// Every segment the spool has published is then in the archive.
 			id, _, err := spool.ReadIdentity(ship.ws.Spool)
 			if err != nil {
