@@ -187,7 +187,7 @@ func TestArchiveUpload(t *testing.T) {
 	}
 	report, rc := archiveCmd("verify")
 	require.Equal(t, 1, rc, report)
-	require.Regexp(t, "(?m)^"+name+": .*checksum", strings.ToLower(report))
+	require.Regexp(t, "(?mi)^"+name+": .*checksum", report)
 	require.Regexp(t, "(?m)^"+next+": ", report)
 	require.Contains(t, report, "2 problems")
 	require.NoError(t, os.WriteFile(path, first[name], 0o644)) // repaired: its bytes again
