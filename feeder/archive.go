@@ -89,15 +89,12 @@ func VerifyArchive(ctx context.Context, a *archive.Archive) (problems []string, 
 		case err != nil:
 			problems = append(problems, fmt.Sprintf("%s: %v", s.obj.Name, err))
 			continue
-		case uint64(len(b)) != id.SegSize:
-			problems = append(problems, fmt.Sprintf("%s: %d bytes, want %d", s.obj.Name, len(b), id.SegSize))
-			continue
 		}
+		check := checkSegment
 		if s.partial {
-			if err := checkPadded(id, s.seg, b); err != nil {
-				problems = append(problems, fmt.Sprintf("%s: %v", s.obj.Name, err))
-			}
-		} else if err := checkRecords(id, s.seg, b); err != nil {
+			check = checkPadded
+		}
+		if err := check(id, s.seg, b); err != nil {
 			problems = append(problems, fmt.Sprintf("%s: %v", s.obj.Name, err))
 		}
 	}
@@ -109,6 +106,9 @@ func VerifyArchive(ctx context.Context, a *archive.Archive) (problems []string, 
 // a record short, and it is padded with zeros), so the stored SHA-256 is what vouches
 // for the rest.
 func checkPadded(id spool.Identity, seg wal.Segment, b []byte) error {
+	if uint64(len(b)) != id.SegSize {
+		return fmt.Errorf("%w: it holds %d bytes, want %d", ErrCorrupt, len(b), id.SegSize)
+	}
 	start := seg.Start(id.SegSize)
 	end, _, _, err := wal.ValidEnd(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
 	if err == nil && end == start {

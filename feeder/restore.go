@@ -178,16 +178,25 @@ func restoreSegment(cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveI
 	if err != nil {
 		return fmt.Errorf("restore %s: %w", cfg.File, err)
 	}
-	if uint64(len(b)) != id.SegSize {
-		return fmt.Errorf("restore %s: %w: it holds %d bytes, want %d", cfg.File, ErrCorrupt, len(b), id.SegSize)
-	}
-	if err := checkRecords(id, seg, b); err != nil {
-		return fmt.Errorf("restore %s: %w: %w", cfg.File, ErrCorrupt, err)
+	if err := checkSegment(id, seg, b); err != nil {
+		return fmt.Errorf("restore %s: %w", cfg.File, err)
 	}
 	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
 		return fmt.Errorf("restore %s: %w", cfg.File, err)
 	}
 	cfg.Logger.Info().Str("file", cfg.File).Msg("restored")
+	return nil
+}
+
+// checkSegment checks a whole segment before it goes to recovery: its size, and its
+// records (checkRecords); what fails is ErrCorrupt.
+func checkSegment(id spool.Identity, seg wal.Segment, b []byte) error {
+	if uint64(len(b)) != id.SegSize {
+		return fmt.Errorf("%w: it holds %d bytes, want %d", ErrCorrupt, len(b), id.SegSize)
+	}
+	if err := checkRecords(id, seg, b); err != nil {
+		return fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
 	return nil
 }
 
@@ -294,11 +303,8 @@ func restoreFromArchive(ctx context.Context, cfg RestoreConfig, id spool.Identit
 				return fmt.Errorf("restore %s: %w", cfg.File, err)
 			}
 		}
-		if uint64(len(b)) != aid.SegSize {
-			return fmt.Errorf("restore %s from the archive: %w: it holds %d bytes, want %d", cfg.File, ErrCorrupt, len(b), aid.SegSize)
-		}
-		if err := checkRecords(aid, s, b); err != nil {
-			return fmt.Errorf("restore %s from the archive: %w: %w", cfg.File, ErrCorrupt, err)
+		if err := checkSegment(aid, s, b); err != nil {
+			return fmt.Errorf("restore %s from the archive: %w", cfg.File, err)
 		}
 	}
 	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -38,13 +39,12 @@ func archivedSegments(t *testing.T, s3 *lab.S3, prefix string) map[string][]byte
 	return out
 }
 
-// TestArchiveUpload: the receiver uploads every published segment to a real
-// S3-compatible server, byte-identical to what the primary's archive_command archived;
-// the server killed and started again loses nothing; an object with other bytes is
-// refused and stays; restore fetches what the spool lacks, and refuses a damaged one.
-func TestArchiveUpload(t *testing.T) {
-	ctx := testContext(t, 3*time.Minute)
-	r := newRig(t, ctx, 1)
+// archiveRig is a streaming rig with the load table whose receiver uploads to a real
+// S3-compatible server, which the AWS SDK's standard chain points at; url is the
+// archive's.
+func archiveRig(t *testing.T, ctx context.Context) (r *rig, s3 *lab.S3, url string) {
+	t.Helper()
+	r = newRig(t, ctx, 1)
 	s3, err := lab.StartS3(ctx, r.dir, "walship")
 	require.NoError(t, err)
 	t.Cleanup(func() {
@@ -58,38 +58,49 @@ func TestArchiveUpload(t *testing.T) {
 		k, v, _ := strings.Cut(kv, "=")
 		t.Setenv(k, v)
 	}
-	url := s3.URL("db1")
+	url = s3.URL("db1")
 	r.receiverArgs = []string{"--archive-url", url, "--archive-path-style"}
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
 	r.waitStreaming(ctx)
 	createLoadTable(t, ctx, r.primary)
+	return r, s3, url
+}
 
-	// waitArchived waits until the bucket holds every segment the spool has published,
-	// each byte-identical to the primary's archived copy.
-	waitArchived := func(what string) map[string][]byte {
-		t.Helper()
-		var objs map[string][]byte
-		require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, what, func() (bool, error) {
-			_, c := spoolPosition(t, r.spool)
-			objs = archivedSegments(t, s3, "db1")
-			for _, seg := range c.Segments {
-				if _, ok := objs[seg.Name(1<<20)]; !ok {
-					return false, nil
-				}
+// waitArchived waits until the bucket holds every segment the spool has published,
+// each byte-identical to the primary's archived copy, and returns the bucket's
+// segments and the names of those published.
+func waitArchived(t *testing.T, ctx context.Context, r *rig, s3 *lab.S3, what string) (objs map[string][]byte, published []string) {
+	t.Helper()
+	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, what, func() (bool, error) {
+		_, c := spoolPosition(t, r.spool)
+		objs, published = archivedSegments(t, s3, "db1"), published[:0]
+		for _, seg := range c.Segments {
+			if _, ok := objs[seg.Name(1<<20)]; !ok {
+				return false, nil
 			}
-			return len(c.Segments) > 0, nil
-		}))
-		for name, b := range objs {
-			want, err := os.ReadFile(filepath.Join(r.archive, name))
-			require.NoError(t, err, "the primary archived %s", name)
-			require.True(t, bytes.Equal(want, b), "%s in the bucket differs from the primary's", name)
+			published = append(published, seg.Name(1<<20))
 		}
-		return objs
+		return len(published) > 0, nil
+	}))
+	for name, b := range objs {
+		want, err := os.ReadFile(filepath.Join(r.archive, name))
+		require.NoError(t, err, "the primary archived %s", name)
+		require.True(t, bytes.Equal(want, b), "%s in the bucket differs from the primary's", name)
 	}
+	return objs, published
+}
+
+// TestArchiveUpload: the receiver uploads every published segment to a real
+// S3-compatible server, byte-identical to what the primary's archive_command archived;
+// the server killed and started again loses nothing; an object with other bytes is
+// refused and stays; restore fetches what the spool lacks, and refuses a damaged one.
+func TestArchiveUpload(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r, s3, url := archiveRig(t, ctx)
 	fillSegments(t, ctx, r.primary, 3)
 	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
-	first := waitArchived("the bucket to hold the published segments")
+	first, _ := waitArchived(t, ctx, r, s3, "the bucket to hold the published segments")
 
 	// The server killed under load and started again: nothing lost, nothing differs.
 	s3.Kill()
@@ -97,7 +108,7 @@ func TestArchiveUpload(t *testing.T) {
 	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
 	require.NoError(t, r.receiver.WaitLog(ctx, "archive: upload failed"))
 	require.NoError(t, s3.Start(ctx))
-	second := waitArchived("the bucket to catch up after the server's restart")
+	second, _ := waitArchived(t, ctx, r, s3, "the bucket to catch up after the server's restart")
 	require.Greater(t, len(second), len(first))
 
 	// An object with other bytes under the name of the segment being written: the
@@ -226,20 +237,7 @@ func TestArchiveUpload(t *testing.T) {
 // holds (cleaned up) catches up from the archive, through restore_command.
 func TestArchiveCatchUp(t *testing.T) {
 	ctx := testContext(t, 4*time.Minute)
-	r := newRig(t, ctx, 1)
-	s3, err := lab.StartS3(ctx, r.dir, "walship")
-	require.NoError(t, err)
-	t.Cleanup(s3.Kill)
-	for _, kv := range s3.Env() {
-		k, v, _ := strings.Cut(kv, "=")
-		t.Setenv(k, v)
-	}
-	url := s3.URL("db1")
-	r.receiverArgs = []string{"--archive-url", url, "--archive-path-style"}
-	r.startReceiver(ctx)
-	r.startSidecar(ctx, r.primary)
-	r.waitStreaming(ctx)
-	createLoadTable(t, ctx, r.primary)
+	r, s3, url := archiveRig(t, ctx)
 
 	// The base backup, not started yet; then more WAL, all of it in the archive.
 	sb := emptyStandby(t, r)
@@ -248,19 +246,7 @@ func TestArchiveCatchUp(t *testing.T) {
 	fillSegments(t, ctx, r.primary, 4)
 	flush := flushLSN(t, ctx, r.primary)
 	r.waitSpoolAt(ctx, flush)
-	var published []string
-	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "the archive to hold the published segments", func() (bool, error) {
-		_, c := spoolPosition(t, r.spool)
-		objs := archivedSegments(t, s3, "db1")
-		published = published[:0]
-		for _, seg := range c.Segments {
-			if _, ok := objs[seg.Name(1<<20)]; !ok {
-				return false, nil
-			}
-			published = append(published, seg.Name(1<<20))
-		}
-		return len(published) > 0, nil
-	}))
+	_, published := waitArchived(t, ctx, r, s3, "the archive to hold the published segments")
 	// The spool loses every published segment, as a cleanup after an older standby
 	// would leave it.
 	for _, name := range published {
