@@ -33,6 +33,8 @@ type Uploader struct {
 	bytes    atomic.Uint64 // their bytes
 	failures atomic.Uint64 // failed attempts, conflicts included
 	lastErr  atomic.Pointer[string]
+
+	buf []byte // one segment's bytes, read again for each file
 }
 
 // rescan bounds the wait for the spool to change: a scan then happens anyway.
@@ -161,7 +163,7 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 		if have[name] || refused[name] {
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(u.Spool, name))
+		b, err := u.read(filepath.Join(u.Spool, name))
 		if errors.Is(err, os.ErrNotExist) {
 			continue // removed by restore --cleanup meanwhile
 		}
@@ -173,6 +175,27 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 		}
 	}
 	return u.promotedPartial(ctx, id, have, refused)
+}
+
+// read reads a file into the uploader's buffer, which the next read reuses.
+func (u *Uploader) read(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if int64(cap(u.buf)) < st.Size() {
+		u.buf = make([]byte, st.Size())
+	}
+	b := u.buf[:st.Size()]
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("archive: read %s: %w", path, err)
+	}
+	return b, nil
 }
 
 // put uploads one file; a conflict is logged once and the file left alone.
