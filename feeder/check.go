@@ -95,6 +95,8 @@ type Thresholds struct {
 	NoSidecar Limit[time.Duration] // the receiver without a sidecar for longer
 	SlotBytes Limit[int64]         // WAL the slot holds back on the primary (needs the primary)
 	Free      struct{ Warn, Crit Space }
+	// ArchiveFailing is how long uploads to the archive may fail (with one).
+	ArchiveFailing Limit[time.Duration]
 }
 
 // CheckResult is walship check's result: the level, one line that says why, and Nagios
@@ -177,6 +179,22 @@ func Check(st Status, th Thresholds, now time.Time) CheckResult {
 			raise(lvl, "slot %s holds back %s on the primary", st.Slot, formatBytes(n))
 		}
 		metric("slot_retained_bytes", n, "B", bytesOrEmpty(th.SlotBytes.Warn), bytesOrEmpty(th.SlotBytes.Crit))
+	}
+
+	if a := st.Archive; a != nil {
+		if n := len(a.Refused); n > 0 {
+			raise(Critical, "the archive holds other bytes than the spool for %d file(s), %s the last (not overwritten)", n, a.Refused[n-1])
+		}
+		if a.FailingSince != "" {
+			since, err := time.Parse(time.RFC3339Nano, a.FailingSince)
+			if err != nil {
+				raise(Unknown, "uploads to the archive fail, since when unknown: %s", a.LastError)
+			} else {
+				d := max(now.Sub(since), 0)
+				raise(overDuration(d, th.ArchiveFailing), "uploads to the archive have failed for %s: %s", d.Round(100*time.Millisecond), a.LastError)
+			}
+		}
+		metric("archive_pending_files", a.Pending, "", "", "")
 	}
 
 	warnFree, critFree := th.Free.Warn.bytes(st.TotalBytes), th.Free.Crit.bytes(st.TotalBytes)

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/receiver/spool"
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -18,6 +20,8 @@ func TestCheck(t *testing.T) {
 		Lag:       Limit[time.Duration]{Warn: 10 * time.Second, Crit: time.Minute},
 		NoSidecar: Limit[time.Duration]{Warn: 30 * time.Second, Crit: 5 * time.Minute},
 		SlotBytes: Limit[int64]{Warn: 1 << 30, Crit: 8 << 30},
+
+		ArchiveFailing: Limit[time.Duration]{Warn: time.Minute, Crit: 10 * time.Minute},
 	}
 	th.Free.Warn, th.Free.Crit = Space{Percent: 20}, Space{Percent: 10}
 	healthy := func() Status {
@@ -60,6 +64,19 @@ func TestCheck(t *testing.T) {
 			*s = Status{ReceiverRunning: true, SidecarConnected: true, FreeBytes: 1 << 40, TotalBytes: 1 << 40}
 		}, Warning, "the spool holds no WAL yet"},
 		{"no sidecar since unknown", func(s *Status) { s.SidecarConnected = false }, Unknown, "no sidecar connected, since when unknown"},
+		{"archive uploading", func(s *Status) { s.Archive = &spool.ArchiveState{URL: "s3://b/p", Pending: 3} }, OK, "durable to"},
+		{"archive failing, briefly", func(s *Status) {
+			s.Archive = &spool.ArchiveState{URL: "s3://b/p", FailingSince: now.Add(-5 * time.Second).Format(time.RFC3339Nano), LastError: "connection refused"}
+		}, OK, "uploads to the archive have failed for 5s: connection refused"},
+		{"archive failing warning", func(s *Status) {
+			s.Archive = &spool.ArchiveState{URL: "s3://b/p", FailingSince: now.Add(-2 * time.Minute).Format(time.RFC3339Nano), LastError: "connection refused"}
+		}, Warning, "uploads to the archive have failed for 2m0s: connection refused"},
+		{"archive failing critical", func(s *Status) {
+			s.Archive = &spool.ArchiveState{URL: "s3://b/p", FailingSince: now.Add(-time.Hour).Format(time.RFC3339Nano), LastError: "connection refused"}
+		}, Critical, "uploads to the archive have failed for 1h0m0s"},
+		{"archive refused", func(s *Status) {
+			s.Archive = &spool.ArchiveState{URL: "s3://b/p", Refused: []string{"000000010000000000000003", "000000010000000000000004"}}
+		}, Critical, "the archive holds other bytes than the spool for 2 file(s), 000000010000000000000004 the last (not overwritten)"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			st := healthy()
@@ -84,6 +101,9 @@ func TestCheck(t *testing.T) {
 	// Performance data in Nagios's form: label=value[unit];warn;crit;min[;max].
 	v = Check(healthy(), th, now)
 	require.Equal(t, "lag_bytes=0B;16777216;134217728;0 lag_seconds=0.000s;10;60;0 slot_retained_bytes=1048576B;1073741824;8589934592;0 free_bytes=53687091200B;21474836480;10737418240;0;107374182400", v.Perf)
+	st = healthy()
+	st.Archive = &spool.ArchiveState{URL: "s3://b/p", Pending: 3}
+	require.Contains(t, Check(st, th, now).Perf, " archive_pending_files=3;;;0 ")
 
 	// A threshold at 0 is off.
 	off := th

@@ -47,6 +47,8 @@ type Status struct {
 	LagSeconds       *float64 `json:"lag_seconds,omitempty"`
 	Slot             string   `json:"slot,omitempty"`
 	SlotRetained     *uint64  `json:"slot_retained_bytes,omitempty"`
+	// Archive is how the running receiver's uploads stand; nil when it uploads none.
+	Archive *spool.ArchiveState `json:"archive,omitempty"`
 }
 
 // ReadStatus reads the spool dir; with dsn, the primary's flush position too, how far
@@ -78,6 +80,13 @@ func ReadStatus(ctx context.Context, dir, dsn, slot string) (Status, error) {
 			st.SidecarConnected, st.SidecarPeer, st.SidecarSince = true, s.Peer, s.Since
 		case ok:
 			st.NoSidecarSince = s.Since
+		}
+		a, ok, err := spool.ReadArchiveState(dir)
+		if err != nil {
+			return st, err
+		}
+		if ok {
+			st.Archive = &a
 		}
 	}
 	if st.Frozen, err = spool.Frozen(dir); err != nil {
@@ -230,6 +239,19 @@ func (s Status) String() string {
 			lag += fmt.Sprintf(", for %.1f s", *s.LagSeconds)
 		}
 		row("primary", fmt.Sprintf("flushed to %s; the spool is %s", s.PrimaryFlush, lag))
+	}
+	if a := s.Archive; a != nil {
+		up := fmt.Sprintf("%s: %d file(s) to upload", a.URL, a.Pending)
+		if a.Newest != "" {
+			up += fmt.Sprintf("; %s uploaded at %s", a.Newest, a.UploadedAt)
+		}
+		if a.FailingSince != "" {
+			up += fmt.Sprintf("; failing since %s: %s", a.FailingSince, a.LastError)
+		}
+		if n := len(a.Refused); n > 0 {
+			up += fmt.Sprintf("; %d refused for holding other bytes: %s", n, strings.Join(a.Refused, ", "))
+		}
+		row("archive", up)
 	}
 	if s.SlotRetained != nil {
 		row("slot", fmt.Sprintf("%s holds back %d bytes of WAL on the primary", s.Slot, *s.SlotRetained))

@@ -129,6 +129,14 @@ func (s *S3) Kill() {
 	}
 }
 
+// Pid is the running server's process id, 0 if it is not running.
+func (s *S3) Pid() int {
+	if s.proc == nil || !s.proc.Running() {
+		return 0
+	}
+	return s.proc.Pid()
+}
+
 // Env is the environment that points the AWS SDK's standard chain at the server.
 func (s *S3) Env() []string {
 	return []string{"AWS_ACCESS_KEY_ID=" + s.AccessKey, "AWS_SECRET_ACCESS_KEY=" + s.SecretKey,

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/walship/walship/receiver"
+	"github.com/walship/walship/receiver/archive"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail"
 )
@@ -199,8 +200,10 @@ func watchSidecar(ctx context.Context, a *alerter, tailers []*tail.Tailer, keepe
 
 // watchReceiver reports, every alertTick until ctx ends, the receiver's sidecar (a
 // critical alert once it has had none for longer than after), refusals, the spool's
-// free space (critical below two segments) and a promotion from the spool.
-func watchReceiver(ctx context.Context, a *alerter, r *receiver.Receiver, dir string, after time.Duration) {
+// free space (critical below two segments), a promotion from the spool, and with an
+// uploader (else nil) the archive: uploads failing for longer than after, and objects
+// it refused to overwrite.
+func watchReceiver(ctx context.Context, a *alerter, r *receiver.Receiver, u *archive.Uploader, dir string, after time.Duration) {
 	var refusals uint64
 	tick := time.NewTicker(alertTick)
 	defer tick.Stop()
@@ -244,11 +247,30 @@ func watchReceiver(ctx context.Context, a *alerter, r *receiver.Receiver, dir st
 		default:
 			a.Alert("promotion", alertOK, "the spool takes WAL")
 		}
+		if u != nil {
+			watchUploads(a, u, after)
+		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+	}
+}
+
+// watchUploads reports the uploads to the archive: critical once they have failed for
+// longer than after, and while the archive holds other bytes than the spool under a
+// name (it is not overwritten; walship archive verify tells more).
+func watchUploads(a *alerter, u *archive.Uploader, after time.Duration) {
+	st, failingSince := u.State()
+	switch {
+	case failingSince.IsZero():
+		a.Alert("archive", alertOK, "uploads to the archive "+st.URL+" succeed")
+	case time.Since(failingSince) > after:
+		a.Alert("archive", alertCritical, fmt.Sprintf("uploads to the archive %s have failed for %s: %s", st.URL, roundAge(time.Since(failingSince)), st.LastError))
+	}
+	if n := len(st.Refused); n > 0 {
+		a.Alert("archive conflict", alertCritical, fmt.Sprintf("the archive %s holds other bytes than the spool under %d name(s), %s the last; they are not overwritten (see walship archive verify)", st.URL, n, st.Refused[n-1]))
 	}
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -34,8 +35,13 @@ func alertLines(t *testing.T, file string) []string {
 		return nil
 	}
 	require.NoError(t, err)
+	// Only whole lines: the command may be writing the next one.
+	text := string(b[:bytes.LastIndexByte(b, '\n')+1])
 	var out []string
-	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+	for _, l := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {
+		if l == "" {
+			continue
+		}
 		f := strings.SplitN(l, "|", 4)
 		require.Len(t, f, 4, l)
 		require.Equal(t, f[1], f[2], "the level as $1 and in WALSHIP_ALERT_LEVEL: %s", l)

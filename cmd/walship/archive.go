@@ -46,6 +46,12 @@ func uploadMetrics(u *archive.Uploader) []prometheus.Collector {
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "walship_archive_failures_total",
 			Help: "Failed uploads to the archive since the receiver started, objects refused for holding other bytes included."},
 			func() float64 { n, _ := u.Failures(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walship_archive_pending_files",
+			Help: "Files the spool holds and the archive lacks, as of the uploader's last look (refused ones left out)."},
+			func() float64 { st, _ := u.State(); return float64(st.Pending) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "walship_archive_refused_files",
+			Help: "Files the archive holds with other bytes than the spool's: not overwritten, not uploaded."},
+			func() float64 { st, _ := u.State(); return float64(len(st.Refused)) }),
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 
 	"github.com/walship/walship/bench/lab"
 	"github.com/walship/walship/feeder/standby"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 )
 
@@ -41,8 +42,8 @@ func archivedSegments(t *testing.T, s3 *lab.S3, prefix string) map[string][]byte
 
 // archiveRig is a streaming rig with the load table whose receiver uploads to a real
 // S3-compatible server, which the AWS SDK's standard chain points at; url is the
-// archive's.
-func archiveRig(t *testing.T, ctx context.Context) (r *rig, s3 *lab.S3, url string) {
+// archive's. The receiver gets receiverArgs besides the archive's.
+func archiveRig(t *testing.T, ctx context.Context, receiverArgs ...string) (r *rig, s3 *lab.S3, url string) {
 	t.Helper()
 	r = newRig(t, ctx, 1)
 	s3, err := lab.StartS3(ctx, r.dir, "walship")
@@ -59,7 +60,7 @@ func archiveRig(t *testing.T, ctx context.Context) (r *rig, s3 *lab.S3, url stri
 		t.Setenv(k, v)
 	}
 	url = s3.URL("db1")
-	r.receiverArgs = []string{"--archive-url", url, "--archive-path-style"}
+	r.receiverArgs = append([]string{"--archive-url", url, "--archive-path-style"}, receiverArgs...)
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
 	r.waitStreaming(ctx)
@@ -91,25 +92,72 @@ func waitArchived(t *testing.T, ctx context.Context, r *rig, s3 *lab.S3, what st
 	return objs, published
 }
 
+// waitAlertLine waits until file holds an alert with the given prefix
+// ("condition|level|message") and returns it.
+func waitAlertLine(t *testing.T, ctx context.Context, file, prefix string) string {
+	t.Helper()
+	var line string
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "alert "+prefix, func() (bool, error) {
+		for _, l := range alertLines(t, file) {
+			if strings.HasPrefix(l, prefix) {
+				line = l
+				return true, nil
+			}
+		}
+		return false, nil
+	}))
+	return line
+}
+
+// waitArchiveState waits until walship status shows the uploads' state meeting cond.
+func waitArchiveState(t *testing.T, ctx context.Context, r *rig, what string, cond func(a *spool.ArchiveState) bool) *spool.ArchiveState {
+	t.Helper()
+	var a *spool.ArchiveState
+	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "walship status to show "+what, func() (bool, error) {
+		a = status(t, "--spool", r.spool).Archive
+		return a != nil && cond(a), nil
+	}), "%+v", a)
+	return a
+}
+
 // TestArchiveUpload: the receiver uploads every published segment to a real
 // S3-compatible server, byte-identical to what the primary's archive_command archived;
 // the server killed and started again loses nothing; an object with other bytes is
 // refused and stays; restore fetches what the spool lacks, and refuses a damaged one.
+// walship status, walship check and the alert command tell each of these states.
 func TestArchiveUpload(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
-	r, s3, url := archiveRig(t, ctx)
+	alerts := filepath.Join(t.TempDir(), "alerts")
+	r, s3, url := archiveRig(t, ctx, "--alert-command", recordingCommand(alerts, 0), "--alert-after", "300ms")
 	fillSegments(t, ctx, r.primary, 3)
 	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
-	first, _ := waitArchived(t, ctx, r, s3, "the bucket to hold the published segments")
+	first, published := waitArchived(t, ctx, r, s3, "the bucket to hold the published segments")
+	a := waitArchiveState(t, ctx, r, "nothing pending", func(a *spool.ArchiveState) bool { return a.Pending == 0 && a.Newest != "" })
+	require.Equal(t, url, a.URL)
+	require.GreaterOrEqual(t, a.Newest, published[len(published)-1], "%+v", a)
+	require.Empty(t, a.FailingSince)
+	rc, line := check(t, "--spool", r.spool, "--free-warn", "0", "--free-crit", "0")
+	require.Equal(t, 0, rc, line)
+	require.Contains(t, line, " archive_pending_files=0;;;0")
 
 	// The server killed under load and started again: nothing lost, nothing differs.
 	s3.Kill()
 	fillSegments(t, ctx, r.primary, 3)
 	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
 	require.NoError(t, r.receiver.WaitLog(ctx, "archive: upload failed"))
+	a = waitArchiveState(t, ctx, r, "uploads failing", func(a *spool.ArchiveState) bool { return a.FailingSince != "" })
+	require.Contains(t, a.LastError, "connect")
+	require.Positive(t, a.Pending)
+	line = waitAlertLine(t, ctx, alerts, "archive|critical|")
+	require.Contains(t, line, "uploads to the archive "+url+" have failed for ")
+	rc, line = check(t, "--spool", r.spool, "--free-warn", "0", "--free-crit", "0", "--archive-failing-crit", "1ns")
+	require.Equal(t, 2, rc, line)
+	require.Contains(t, line, "uploads to the archive have failed for ")
 	require.NoError(t, s3.Start(ctx))
 	second, _ := waitArchived(t, ctx, r, s3, "the bucket to catch up after the server's restart")
 	require.Greater(t, len(second), len(first))
+	waitAlertLine(t, ctx, alerts, "archive|ok|uploads to the archive "+url+" succeed")
+	waitArchiveState(t, ctx, r, "uploads succeeding again", func(a *spool.ArchiveState) bool { return a.FailingSince == "" && a.Pending == 0 })
 
 	// An object with other bytes under the name of the segment being written: the
 	// receiver refuses to overwrite it, and it stays.
@@ -127,6 +175,15 @@ func TestArchiveUpload(t *testing.T) {
 	require.NoError(t, err)
 	require.Positive(t, m["walship_archive_uploaded_files_total"])
 	require.Positive(t, m["walship_archive_failures_total"])
+	require.EqualValues(t, 1, m["walship_archive_refused_files"])
+	a = waitArchiveState(t, ctx, r, "the refused segment", func(a *spool.ArchiveState) bool { return len(a.Refused) > 0 })
+	require.Equal(t, []string{next}, a.Refused)
+	line = waitAlertLine(t, ctx, alerts, "archive conflict|critical|")
+	require.Contains(t, line, "holds other bytes than the spool under 1 name(s), "+next+" the last")
+	rc, line = check(t, "--spool", r.spool, "--free-warn", "0", "--free-crit", "0")
+	require.Equal(t, 2, rc, line)
+	require.Contains(t, line, "the archive holds other bytes than the spool for 1 file(s), "+next)
+	require.Contains(t, runOK(t, "status", "--spool", r.spool), "1 refused for holding other bytes: "+next)
 
 	// Restore from the archive what the spool lacks, checked; a damaged object is refused.
 	var name string
@@ -231,6 +288,17 @@ func TestArchiveUpload(t *testing.T) {
 	report, rc = archiveCmd("expire", "--keep", "0")
 	require.Equal(t, 2, rc, report)
 	require.Contains(t, report, "give one of --keep, --before and --older-than")
+
+	// A receiver started again without an archive: status shows none.
+	require.NoError(t, r.receiver.Stop(ctx))
+	require.Nil(t, status(t, "--spool", r.spool).Archive, "no receiver runs: no archive state is shown")
+	_, err = os.Stat(filepath.Join(r.spool, spool.ArchiveFile))
+	require.NoError(t, err, "the stopped receiver's state stays until the next starts")
+	r.receiverArgs = nil
+	r.startReceiver(ctx)
+	require.Nil(t, status(t, "--spool", r.spool).Archive)
+	_, err = os.Stat(filepath.Join(r.spool, spool.ArchiveFile))
+	require.True(t, os.IsNotExist(err), "%v", err)
 }
 
 // TestArchiveCatchUp: a standby made from a base backup whose WAL the spool no longer

@@ -244,7 +244,8 @@ the timeline and durable position, when it last took WAL, the partial segment an
 bytes, the oldest and newest published segments, the free space of its file system,
 whether its receiver runs and a sidecar is connected (since when, or since when none
 is), and its marks: end-of-WAL (the primary's server gone and drained), frozen,
-promoted. With --dsn, the primary's flush position, how far the spool is behind it in
+promoted. With a receiver that uploads to an archive (receive --archive-url), how the
+uploads stand. With --dsn, the primary's flush position, how far the spool is behind it in
 bytes and in seconds, and what the replication slot --slot holds back on the primary.
 
 The lag in seconds is 0 when the spool holds all the primary has flushed, and else the
@@ -256,8 +257,10 @@ spool, system_identifier, postgresql_major, wal_segment_size, timeline, durable_
 last_wal_at, partial_segment, partial_bytes, oldest_segment, newest_segment, segments,
 free_bytes, total_bytes, receiver_running, sidecar_connected, sidecar_peer,
 sidecar_since, no_sidecar_since, frozen, promoted, end_of_wal, primary_flush_lsn,
-lag_bytes, lag_seconds, slot, slot_retained_bytes. Fields that do not apply are left
-out. It reads the spool only, as any user that can read it.`)
+lag_bytes, lag_seconds, slot, slot_retained_bytes, and archive: an object of url,
+newest (the file last uploaded), uploaded_at, pending (files the archive lacks),
+refused (names it holds with other bytes), failing_since and last_error. Fields that
+do not apply are left out. It reads the spool only, as any user that can read it.`)
 	spoolDir := fs.String("spool", "", "the spool directory (required)")
 	dsn := fs.String("dsn", "", "connection string of the primary, for the lag and the slot")
 	slot := fs.String("slot", tail.DefaultSlot, "with --dsn: the sidecar's replication slot, to show what it holds back")
@@ -293,13 +296,14 @@ verdict and why, then performance data after a '|'; the exit status is the verdi
 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
 
 CRITICAL: no receiver runs on the spool; it is frozen or promoted from (a failover
-happened); the primary's server is gone (the sidecar drained it). WARNING: the spool
-holds no WAL yet. And each threshold below, at its warning and its critical value
-(0 turns one off): how long the receiver has had no sidecar, the free space of the
-spool's file system, and with --dsn (a connection to the primary) how far the spool
-is behind in bytes and in time (see walship status) and how much WAL the sidecar's
-replication slot holds back on the primary. UNKNOWN: the spool or the primary cannot
-be read.
+happened); the primary's server is gone (the sidecar drained it); the receiver's
+archive (receive --archive-url) holds other bytes than the spool under a name.
+WARNING: the spool holds no WAL yet. And each threshold below, at its warning and its
+critical value (0 turns one off): how long the receiver has had no sidecar, the free
+space of the spool's file system, how long uploads to the archive have failed, and
+with --dsn (a connection to the primary) how far the spool is behind in bytes and in
+time (see walship status) and how much WAL the sidecar's replication slot holds back
+on the primary. UNKNOWN: the spool or the primary cannot be read.
 
 Sizes take a unit (kB, MB, GB, TB, powers of 1024); free space may also be a
 percentage of the file system (10%).`)
@@ -312,6 +316,7 @@ percentage of the file system (10%).`)
 	th.NoSidecar = feeder.Limit[time.Duration]{Warn: 30 * time.Second, Crit: 5 * time.Minute}
 	th.SlotBytes = feeder.Limit[int64]{Warn: tail.DefaultSlotWarn, Crit: 8 << 30}
 	th.Free.Warn, th.Free.Crit = feeder.Space{Percent: 20}, feeder.Space{Percent: 10}
+	th.ArchiveFailing = feeder.Limit[time.Duration]{Warn: time.Minute, Crit: 10 * time.Minute}
 	bytesVar(fs, &th.LagBytes.Warn, "lag-bytes-warn", "with --dsn: WARNING when the spool is this far behind the primary")
 	bytesVar(fs, &th.LagBytes.Crit, "lag-bytes-crit", "with --dsn: CRITICAL when it is this far behind")
 	fs.DurationVar(&th.Lag.Warn, "lag-warn", th.Lag.Warn, "with --dsn: WARNING when the spool has been behind the primary this long (0: off)")
@@ -322,6 +327,8 @@ percentage of the file system (10%).`)
 	bytesVar(fs, &th.SlotBytes.Crit, "slot-crit", "with --dsn: CRITICAL when it holds back this much")
 	spaceVar(fs, &th.Free.Warn, "free-warn", "WARNING when the spool's file system has less free space")
 	spaceVar(fs, &th.Free.Crit, "free-crit", "CRITICAL when it has less")
+	fs.DurationVar(&th.ArchiveFailing.Warn, "archive-failing-warn", th.ArchiveFailing.Warn, "WARNING when uploads to the receiver's archive have failed this long (0: off)")
+	fs.DurationVar(&th.ArchiveFailing.Crit, "archive-failing-crit", th.ArchiveFailing.Crit, "CRITICAL when they have failed this long (0: off)")
 	if rc := parse(fs, args); rc >= 0 {
 		if rc == exitUsage {
 			return int(feeder.Unknown) // a plugin's usage error is UNKNOWN

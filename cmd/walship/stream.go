@@ -13,6 +13,7 @@ import (
 
 	"github.com/walship/walship/receiver"
 	"github.com/walship/walship/receiver/archive"
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail"
 	"github.com/walship/walship/transport"
 )
@@ -210,7 +211,7 @@ WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well
 	alertCommand, alertAfter := alertFlags(fs)
 	openArchive := archiveFlags(fs, "upload every published segment and history file, once durable, to")
 	listen := fs.String("listen", "", "UDP address to listen on, HOST:PORT (required)")
-	spool := fs.String("spool", "", "spool directory; created if missing (required)")
+	spoolDir := fs.String("spool", "", "spool directory; created if missing (required)")
 	tlsDir := fs.String("tls-dir", "", "directory with ca.crt, receiver.crt and receiver.key, as made by 'walship certs' (required)")
 	var relayTo addrList
 	fs.Var(&relayTo, "relay-to", "ship the spool onwards to the receiver at HOST:PORT (may be repeated)")
@@ -224,7 +225,7 @@ WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well
 	switch {
 	case *listen == "":
 		return usageError(fs, "--listen is required")
-	case *spool == "":
+	case *spoolDir == "":
 		return usageError(fs, "--spool is required")
 	case *tlsDir == "":
 		return usageError(fs, "--tls-dir is required")
@@ -245,11 +246,11 @@ WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well
 		return fail("%v", err)
 	}
 	fsyncs, observeFsync := newFsyncHistogram()
-	r, err := receiver.New(receiver.Config{Listen: *listen, Spool: *spool, TLS: tlsConf, Logger: log, ObserveFsync: observeFsync})
+	r, err := receiver.New(receiver.Config{Listen: *listen, Spool: *spoolDir, TLS: tlsConf, Logger: log, ObserveFsync: observeFsync})
 	if err != nil {
 		return fail("%v", err)
 	}
-	relays, err := newTailers(relayTo, *tlsDir, "relay_to", log, tail.Spool{Dir: *spool, Durable: r.Durable, Moved: r.Moved, Poll: *poll})
+	relays, err := newTailers(relayTo, *tlsDir, "relay_to", log, tail.Spool{Dir: *spoolDir, Durable: r.Durable, Moved: r.Moved, Poll: *poll})
 	if err != nil {
 		return fail("--relay-to: %v", err)
 	}
@@ -265,13 +266,15 @@ WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well
 	var uploader *archive.Uploader
 	var more []prometheus.Collector
 	if arch != nil {
-		uploader = &archive.Uploader{Spool: *spool, Archive: arch, Logger: log}
+		uploader = &archive.Uploader{Spool: *spoolDir, Archive: arch, Logger: log}
 		more = uploadMetrics(uploader)
+	} else if err := spool.ClearArchiveState(*spoolDir); err != nil {
+		return fail("%v", err)
 	}
 	serveMetrics(ctx, metricsLn, log, receiverMetrics(r, fsyncs, more...))
 	ctx, cancel := context.WithCancel(ctx)
 	alerts, stopAlerts := startAlerts(ctx, *alertCommand, log, func(ctx context.Context, a *alerter) {
-		watchReceiver(ctx, a, r, *spool, *alertAfter)
+		watchReceiver(ctx, a, r, uploader, *spoolDir, *alertAfter)
 	})
 	defer stopAlerts()
 	if uploader != nil {

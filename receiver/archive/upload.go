@@ -7,7 +7,9 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -35,7 +37,17 @@ type Uploader struct {
 	lastErr  atomic.Pointer[string]
 
 	buf []byte // one segment's bytes, read again for each file
+
+	mu           sync.Mutex
+	state        spool.ArchiveState // as walship status reads it from the spool
+	failingSince time.Time
+	saved        time.Time          // when the state was last written to the spool
+	savedState   spool.ArchiveState // what was written then
 }
+
+// saveEvery is how often, at most, the state is written to the spool while files are
+// uploaded; it is written at once when something goes wrong, and at each round's end.
+const saveEvery = time.Second
 
 // rescan bounds the wait for the spool to change: a scan then happens anyway.
 const rescan = time.Minute
@@ -44,6 +56,37 @@ const maxBackoff = 30 * time.Second
 
 // Uploaded is how many files were uploaded since the start, and their bytes.
 func (u *Uploader) Uploaded() (files, bytes uint64) { return u.uploaded.Load(), u.bytes.Load() }
+
+// State is how the uploads stand: the last file uploaded, how many wait, which the
+// archive refused, and since when uploads fail, if they do.
+func (u *Uploader) State() (st spool.ArchiveState, failingSince time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	st = u.state
+	st.Refused = append([]string(nil), u.state.Refused...)
+	return st, u.failingSince
+}
+
+// update changes the state under the lock and, if it differs from what the spool
+// holds, writes it there when force is set or saveEvery has passed since the last
+// write. (Writing it unchanged would wake the uploader's own watch of the spool for
+// nothing.) A failure to write it is logged: the uploads go on.
+func (u *Uploader) update(force bool, change func(*spool.ArchiveState)) {
+	u.mu.Lock()
+	change(&u.state)
+	u.state.URL = u.Archive.String()
+	st := u.state
+	st.Refused = append([]string(nil), u.state.Refused...)
+	if reflect.DeepEqual(st, u.savedState) || !force && time.Since(u.saved) < saveEvery {
+		u.mu.Unlock()
+		return
+	}
+	u.saved, u.savedState = time.Now(), st
+	u.mu.Unlock()
+	if err := spool.WriteArchiveState(u.Spool, st); err != nil {
+		u.Logger.Warn().Err(err).Msg("archive: cannot record the uploads' state for walship status")
+	}
+}
 
 // Failures is how many uploads failed since the start, and the last error.
 func (u *Uploader) Failures() (n uint64, last string) {
@@ -107,11 +150,27 @@ func (u *Uploader) Run(ctx context.Context) error {
 	return nil
 }
 
+// fail counts a failed upload and records it in the state.
 func (u *Uploader) fail(err error) {
 	u.failures.Add(1)
 	s := err.Error()
 	u.lastErr.Store(&s)
+	u.update(true, func(st *spool.ArchiveState) {
+		if u.failingSince.IsZero() {
+			u.failingSince = time.Now()
+			st.FailingSince = stamp(u.failingSince)
+		}
+		st.LastError = s
+	})
 }
+
+// succeed records that an upload, or a look at the archive, went well.
+func (u *Uploader) succeed(st *spool.ArchiveState) {
+	u.failingSince = time.Time{}
+	st.FailingSince, st.LastError = "", ""
+}
+
+func stamp(t time.Time) string { return t.UTC().Format(time.RFC3339Nano) }
 
 // start binds the archive to the spool's cluster and lists what it holds; a spool
 // that holds nothing yet is no error: there is nothing to send.
@@ -159,10 +218,14 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 	for _, s := range segs {
 		names = append(names, s.Name(id.SegSize))
 	}
+	var todo []string
 	for _, name := range names {
-		if have[name] || refused[name] {
-			continue
+		if !have[name] && !refused[name] {
+			todo = append(todo, name)
 		}
+	}
+	u.update(false, func(st *spool.ArchiveState) { st.Pending = len(todo) })
+	for i, name := range todo {
 		b, err := u.read(filepath.Join(u.Spool, name))
 		if errors.Is(err, os.ErrNotExist) {
 			continue // removed by restore --cleanup meanwhile
@@ -173,8 +236,13 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 		if err := u.put(ctx, name, b, have, refused); err != nil {
 			return err
 		}
+		u.update(false, func(st *spool.ArchiveState) { st.Pending = len(todo) - i - 1 })
 	}
-	return u.promotedPartial(ctx, id, have, refused)
+	if err := u.promotedPartial(ctx, id, have, refused); err != nil {
+		return err
+	}
+	u.update(true, func(st *spool.ArchiveState) { u.succeed(st) })
+	return nil
 }
 
 // read reads a file into the uploader's buffer, which the next read reuses.
@@ -203,6 +271,7 @@ func (u *Uploader) put(ctx context.Context, name string, b []byte, have, refused
 	err := u.Archive.Put(ctx, name, b)
 	if errors.Is(err, ErrConflict) {
 		refused[name] = true
+		u.update(true, func(st *spool.ArchiveState) { st.Refused = append(st.Refused, name) })
 		u.fail(err)
 		u.Logger.Error().Err(err).Str("file", name).Msg("archive: refused to overwrite an object that holds other bytes; it is left as it is")
 		return nil
@@ -211,6 +280,10 @@ func (u *Uploader) put(ctx context.Context, name string, b []byte, have, refused
 		return err
 	}
 	have[name] = true
+	u.update(false, func(st *spool.ArchiveState) {
+		u.succeed(st)
+		st.Newest, st.UploadedAt = name, stamp(time.Now())
+	})
 	u.uploaded.Add(1)
 	u.bytes.Add(uint64(len(b)))
 	u.Logger.Debug().Str("file", name).Int("bytes", len(b)).Msg("archive: uploaded")

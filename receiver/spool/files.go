@@ -34,6 +34,9 @@ const (
 	// SessionFile records the sidecar session the running receiver serves, for
 	// walship status.
 	SessionFile = "walship.session"
+	// ArchiveFile records how the running receiver's uploads to its archive stand, for
+	// walship status and walship check.
+	ArchiveFile = "walship.archive"
 	// ControlSocket is the receiver's Unix socket through which walship standby init
 	// asks the connected sidecar for a base backup. Only the receiver's user (and root)
 	// may connect.

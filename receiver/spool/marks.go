@@ -149,6 +149,38 @@ func ReadSession(dir string) (s Session, ok bool, err error) {
 	return s, ok, err
 }
 
+// ArchiveState is the content of ArchiveFile: how the uploads of the spool's files to
+// an archive stand. Times are RFC 3339 in UTC.
+type ArchiveState struct {
+	URL        string `json:"url"`
+	Newest     string `json:"newest,omitempty"`      // the file last uploaded
+	UploadedAt string `json:"uploaded_at,omitempty"` // when it was
+	// Pending counts the files the spool holds and the archive lacks, as of the
+	// uploader's last look, refused ones left out.
+	Pending int `json:"pending"`
+	// Refused names the files the archive holds with other bytes: they are not
+	// overwritten, and never uploaded.
+	Refused []string `json:"refused,omitempty"`
+	// FailingSince is set while uploads fail: when the first failure after the last
+	// success was. LastError is the last failure's.
+	FailingSince string `json:"failing_since,omitempty"`
+	LastError    string `json:"last_error,omitempty"`
+}
+
+// WriteArchiveState publishes the state of the uploads.
+func WriteArchiveState(dir string, s ArchiveState) error { return writeJSON(dir, ArchiveFile, s) }
+
+// ReadArchiveState reads the state of the uploads; ok is false when there is none. It
+// says something only while a receiver runs (ReceiverRunning).
+func ReadArchiveState(dir string) (s ArchiveState, ok bool, err error) {
+	ok, err = readJSON(dir, ArchiveFile, "archive state", &s)
+	return s, ok, err
+}
+
+// ClearArchiveState removes the state of the uploads, durably: a receiver that uploads
+// nothing does not leave an earlier one's for walship status to show.
+func ClearArchiveState(dir string) error { return removeMark(dir, ArchiveFile, "archive state") }
+
 // PublishOnce publishes a small whole file (a timeline history file) under name,
 // unless the same content is there already; other content there is ErrConflict and
 // stays.

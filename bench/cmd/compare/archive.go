@@ -16,7 +16,9 @@ import (
 type archiveRun struct {
 	mib                   float64
 	catchSecs, uploadSecs float64
-	plainMiB, plainSecs   float64 // walship's catch-up without the archive, in the same round
+	plainMiB, plainSecs   float64       // walship's catch-up without the archive, in the same round
+	receiver, plainRecv   time.Duration // the receiver's CPU: with the archive until it held the backlog, without until the spool did
+	s3CPU                 time.Duration // the S3 server's CPU from its start until the archive held the backlog
 }
 
 // archiveUpload runs the catch-up with the receiver uploading to a local S3-compatible
@@ -41,6 +43,7 @@ func archiveUpload(ctx context.Context, c config, r *results) error {
 		ship := &walship{label: walshipName + " --archive-url", env: s3.Env(), tag: "archive",
 			receiverArgs: []string{"--archive-url", s3.URL("db1"), "--archive-path-style"}}
 		var ar archiveRun
+		s3Start, _ := readProc(s3.Pid())
 		// The first round's walship is profiled (pprof-catchup-archive-*.txt).
 		cr, err := catchUpRun(ctx, c, ship, round == 1, func(ctx context.Context, n *node, t0 time.Time) error {
 			// Every segment the spool has published is then in the archive.
@@ -62,6 +65,9 @@ func archiveUpload(ctx context.Context, c config, r *results) error {
 				return true, nil
 			})
 			ar.uploadSecs = time.Since(t0).Seconds()
+			if end, ok := readProc(s3.Pid()); ok && end.start == s3Start.start {
+				ar.s3CPU = cpuOf(end.statCPU-s3Start.statCPU, end.schedCPU-s3Start.schedCPU, end.sched && s3Start.sched)
+			}
 			return err
 		})
 		s3.Kill()
@@ -69,6 +75,7 @@ func archiveUpload(ctx context.Context, c config, r *results) error {
 			return fmt.Errorf("archive round %d: %w", round, err)
 		}
 		ar.mib, ar.catchSecs, ar.plainMiB, ar.plainSecs = cr.mib, cr.secs, plain.mib, plain.secs
+		ar.receiver, ar.plainRecv = cr.cost["walship receiver"].cpu, plain.cost["walship receiver"].cpu
 		fmt.Printf("  round %d  %-30s %7.0f MiB: durable in the spool at %6.1f MiB/s, in the archive at %6.1f MiB/s\n",
 			round, ship.name(), ar.mib, ar.mib/ar.catchSecs, ar.mib/ar.uploadSecs)
 		r.archive = append(r.archive, ar)
@@ -94,4 +101,18 @@ func (r *results) archiveSection(b *strings.Builder, c config) {
 	fmt.Fprintf(b, "| with the archive: durable in the spool | %.1f [%.1f, %.1f] |\n", m, l, h)
 	m, l, h = median(archRate)
 	fmt.Fprintf(b, "| with the archive: whole in the archive | %.1f [%.1f, %.1f] |\n", m, l, h)
+
+	b.WriteString("\nCPU, in ms per MiB of the backlog: the receiver's from its start until the backlog was durable in the spool (without the archive) or whole in the archive (with it), and the S3 server's from its start until the archive held the backlog (the few segments uploaded before the backlog was written count in it). The host has two cores, which the primary, the sidecar, the receiver and the S3 server share.\n\n| | ms/MiB, median [min, max] |\n|---|---|\n")
+	var plainCPU, recvCPU, s3CPU []float64
+	for _, ar := range r.archive {
+		plainCPU = append(plainCPU, msPerMiB(ar.plainRecv, ar.plainMiB))
+		recvCPU = append(recvCPU, msPerMiB(ar.receiver, ar.mib))
+		s3CPU = append(s3CPU, msPerMiB(ar.s3CPU, ar.mib))
+	}
+	m, l, h = median(plainCPU)
+	fmt.Fprintf(b, "| receiver, without the archive | %.2f [%.2f, %.2f] |\n", m, l, h)
+	m, l, h = median(recvCPU)
+	fmt.Fprintf(b, "| receiver, with the archive | %.2f [%.2f, %.2f] |\n", m, l, h)
+	m, l, h = median(s3CPU)
+	fmt.Fprintf(b, "| S3 server (versitygw) | %.2f [%.2f, %.2f] |\n", m, l, h)
 }
