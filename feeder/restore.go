@@ -56,6 +56,10 @@ type RestoreConfig struct {
 	// cluster's. Empty: the working directory, which is the data directory when
 	// PostgreSQL runs restore_command; the check is skipped if it holds no pg_control.
 	PGData string
+	// Live, in standby mode (not with Wait), hands recovery the segment the spool is
+	// still receiving, zero-padded, each time it has grown: a hot standby then stays
+	// milliseconds behind (restoreLive).
+	Live bool
 	// Archive, if set, is asked once for a segment or history file the spool lacks;
 	// what it gives is checked as spool segments are.
 	Archive *archive.Archive
@@ -172,6 +176,12 @@ func restoreSegment(cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveI
 	}
 	path := filepath.Join(cfg.Spool, cfg.File)
 	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) && cfg.Live && !cfg.Wait {
+		if err := restoreLive(cfg, id, seg); !errors.Is(err, errNotInSpool) {
+			return err
+		}
+		b, err = os.ReadFile(path) // published meanwhile?
+	}
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("restore %s: %w yet", cfg.File, errNotInSpool)
 	}
@@ -194,24 +204,26 @@ func checkSegment(id spool.Identity, seg wal.Segment, b []byte) error {
 	if uint64(len(b)) != id.SegSize {
 		return fmt.Errorf("%w: it holds %d bytes, want %d", ErrCorrupt, len(b), id.SegSize)
 	}
-	if err := checkRecords(id, seg, b); err != nil {
+	if _, err := checkRecords(id, seg, b); err != nil {
 		return fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	return nil
 }
 
 // checkRecords walks a segment's records: every page header, xl_prev and CRC must hold
-// up to the end of the bytes (the last record may run on into the next segment).
-func checkRecords(id spool.Identity, seg wal.Segment, b []byte) error {
+// up to the end of the bytes (the last record may run on past them, into the next
+// segment or, in a partial segment, into bytes not received yet). It returns where the
+// last whole record ends.
+func checkRecords(id spool.Identity, seg wal.Segment, b []byte) (wal.LSN, error) {
 	start := seg.Start(id.SegSize)
-	_, _, stop, err := wal.ValidEnd(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
+	end, _, stop, err := wal.ValidEnd(id.Stream(), seg.TLI, wal.Bytes{Base: start, Data: b}, start, 0)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if !errors.Is(stop.Err, io.EOF) {
-		return stop
+		return 0, stop
 	}
-	return nil
+	return end, nil
 }
 
 // restorePartial hands the frozen partial segment, zero-padded to the segment size.
@@ -236,7 +248,7 @@ func restorePartial(cfg RestoreConfig, id spool.Identity, trig spool.Trigger) er
 	if err != nil {
 		return fmt.Errorf("promotion trigger: %w", err)
 	}
-	if err := checkRecords(id, seg, b[:trig.Bytes]); err != nil {
+	if _, err := checkRecords(id, seg, b[:trig.Bytes]); err != nil {
 		return fmt.Errorf("restore %s: %w: frozen partial %s: %w", cfg.File, ErrCorrupt, path, err)
 	}
 	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {
@@ -360,11 +372,9 @@ func sameMajor(versionNum int, id spool.Identity) error {
 	return nil
 }
 
-// cleanup removes published segments older than the restart file, comparing names
-// without the timeline as pg_archivecleanup does.
 // cleanup removes the spool's published segments older than %r; with an archive, only
 // those the archive holds (with the same checksum), so that none goes before it is
-// uploaded.
+// uploaded. Names are compared without the timeline, as pg_archivecleanup does.
 func cleanup(ctx context.Context, cfg RestoreConfig, segSize uint64) {
 	if _, err := wal.ParseSegmentName(cfg.RestartFile, segSize); err != nil {
 		cfg.Logger.Warn().Str("restart_file", cfg.RestartFile).Msg("cleanup skipped: %r is not a segment name")

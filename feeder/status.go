@@ -1,6 +1,7 @@
 package feeder
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -49,6 +50,22 @@ type Status struct {
 	SlotRetained     *uint64  `json:"slot_retained_bytes,omitempty"`
 	// Archive is how the running receiver's uploads stand; nil when it uploads none.
 	Archive *spool.ArchiveState `json:"archive,omitempty"`
+	// Live lists the standbys walship restore --live has handed a partial segment.
+	Live []spool.LiveState `json:"live,omitempty"`
+	// With the standby's DSN: how far its replay has gone, how far that is behind the
+	// primary's flush position (with the primary's DSN) or else the spool's durable
+	// one, and when the last transaction it replayed committed on the primary.
+	StandbyReplay     string  `json:"standby_replay_lsn,omitempty"`
+	StandbyBehind     *uint64 `json:"standby_replay_behind_bytes,omitempty"`
+	StandbyLastCommit string  `json:"standby_last_replayed_commit_at,omitempty"`
+}
+
+// StatusConfig says what walship status reads.
+type StatusConfig struct {
+	Spool      string
+	DSN        string // the primary, for its flush position and the slot; "" for none
+	Slot       string // the slot whose retention to show, with DSN
+	StandbyDSN string // the standby, for how far it has replayed; "" for none
 }
 
 // ReadStatus reads the spool dir; with dsn, the primary's flush position too, how far
@@ -59,7 +76,52 @@ type Status struct {
 // the time since the spool last took WAL: how long it has stood behind. It is not the
 // age of the oldest missing commit, which the spool cannot know; while WAL flows it is
 // the time since the last acknowledged write, a few milliseconds.
-func ReadStatus(ctx context.Context, dir, dsn, slot string) (Status, error) {
+func ReadStatus(ctx context.Context, cfg StatusConfig) (Status, error) {
+	st, err := readStatus(ctx, cfg.Spool, cfg.DSN, cfg.Slot)
+	if err != nil || cfg.StandbyDSN == "" {
+		return st, err
+	}
+	return st, readStandby(ctx, cfg.StandbyDSN, &st)
+}
+
+// readStandby adds how far the standby has replayed.
+func readStandby(ctx context.Context, dsn string, st *Status) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		return fmt.Errorf("status: connect to the standby: %w", err)
+	}
+	defer conn.Close(context.Background())
+	var replay *wal.LSN
+	var last *time.Time
+	if err := conn.QueryRow(ctx, "SELECT pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()").Scan(&replay, &last); err != nil {
+		return fmt.Errorf("status: read the standby's replay position: %w", err)
+	}
+	if replay == nil {
+		return errors.New("status: the standby is not in recovery (promoted?): it replays nothing")
+	}
+	st.StandbyReplay = replay.String()
+	if last != nil {
+		st.StandbyLastCommit = last.UTC().Format(time.RFC3339Nano)
+	}
+	ahead := cmp.Or(st.PrimaryFlush, st.Durable)
+	if ahead == "" {
+		return nil
+	}
+	to, err := wal.ParseLSN(ahead)
+	if err != nil {
+		return err
+	}
+	behind := uint64(0)
+	if to > *replay {
+		behind = uint64(to - *replay)
+	}
+	st.StandbyBehind = &behind
+	return nil
+}
+
+func readStatus(ctx context.Context, dir, dsn, slot string) (Status, error) {
 	st := Status{Spool: dir}
 	var fs syscall.Statfs_t
 	if err := syscall.Statfs(dir, &fs); err != nil {
@@ -88,6 +150,9 @@ func ReadStatus(ctx context.Context, dir, dsn, slot string) (Status, error) {
 		if ok {
 			st.Archive = &a
 		}
+	}
+	if st.Live, err = spool.ReadLives(dir); err != nil {
+		return st, err
 	}
 	if st.Frozen, err = spool.Frozen(dir); err != nil {
 		return st, err
@@ -252,6 +317,19 @@ func (s Status) String() string {
 			up += fmt.Sprintf("; %d refused for holding other bytes: %s", n, strings.Join(a.Refused, ", "))
 		}
 		row("archive", up)
+	}
+	for _, l := range s.Live {
+		row("live standby", fmt.Sprintf("%s: handed %s, %d bytes (replayable to %s), at %s", l.PGData, l.Segment, l.Bytes, l.End, l.At))
+	}
+	if s.StandbyReplay != "" {
+		replay := "replayed to " + s.StandbyReplay
+		if s.StandbyBehind != nil {
+			replay += fmt.Sprintf(", %d bytes behind the %s", *s.StandbyBehind, map[bool]string{true: "primary", false: "spool"}[s.PrimaryFlush != ""])
+		}
+		if s.StandbyLastCommit != "" {
+			replay += "; last replayed commit of " + s.StandbyLastCommit
+		}
+		row("standby", replay)
 	}
 	if s.SlotRetained != nil {
 		row("slot", fmt.Sprintf("%s holds back %d bytes of WAL on the primary", s.Slot, *s.SlotRetained))

@@ -72,6 +72,10 @@ type rig struct {
 	sidecarTo    []string
 	sidecarArgs  []string
 	receiverArgs []string // added flags of the receiver
+	// restoreArgs are added flags of the standbys' walship restore; restorePrefix is
+	// shell put before it in restore_command.
+	restoreArgs   []string
+	restorePrefix string
 }
 
 func newRig(t *testing.T, ctx context.Context, segMB int) *rig {

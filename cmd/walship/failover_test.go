@@ -55,10 +55,11 @@ func (r *rig) standbyVia(ctx context.Context, archiveMode bool, via *rig) *lab.C
 	auto := filepath.Join(sb.Data, "postgresql.auto.conf")
 	b, err := os.ReadFile(auto)
 	require.NoError(t, err)
-	restore := fmt.Sprintf("%s restore --spool %s %%f %%p %%r", walshipBin, r.spool)
+	args := append([]string{"--spool", r.spool}, r.restoreArgs...)
 	if archiveMode {
-		restore = fmt.Sprintf("%s restore --wait --spool %s %%f %%p %%r", walshipBin, r.spool)
+		args = append([]string{"--wait"}, args...)
 	}
+	restore := fmt.Sprintf("%s%s restore %s %%f %%p %%r", r.restorePrefix, walshipBin, strings.Join(args, " "))
 	require.NoError(t, sb.WriteFile("postgresql.auto.conf", []byte(standby.AutoConf(string(b), "the test's restore_command", restore))))
 	if archiveMode {
 		require.NoError(t, os.Remove(filepath.Join(sb.Data, "standby.signal")))

@@ -24,7 +24,7 @@ const (
 )
 
 func runRestore(args []string) int {
-	fs := newFlags("restore", "--spool DIR [--wait] [--cleanup] %f %p [%r]", `
+	fs := newFlags("restore", "--spool DIR [--live | --wait] [--cleanup] %f %p [%r]", `
 The restore_command of a standby fed by walship:
 
   restore_command = 'walship restore --spool /var/lib/walship/spool %f %p %r'
@@ -44,6 +44,21 @@ until it is published or the promotion trigger appears, and set recovery_prefetc
 (PostgreSQL 15 and later): the prefetcher reads ahead of replay, and while the restore
 waits it would hold back the replay of records the standby already has.
 
+A hot standby milliseconds behind: in standby mode, add --live. When recovery asks
+for the segment the spool is still receiving, it gets the bytes received so far,
+checked (page headers, record chain and CRCs), zero-padded: recovery replays them,
+stops at the zeros (logging "invalid record length ... got 0" at LOG level), asks again
+after wal_retrieve_retry_interval and goes on from where it stopped. A record torn at
+the end is not replayed until it is whole. The partial is copied again only once it
+has grown (the spool keeps a walship.live.* record per standby), so a quiet primary
+costs nothing and a busy one one copy of the bytes per retry. The retry interval is
+the standby's staleness: set wal_retrieve_retry_interval = 200ms (the default, 5s, is
+slow). --live hands nothing outside standby mode (no standby.signal: in archive
+recovery a partial would end recovery early), nor to a standby whose
+pg_wal/archive_status holds a .ready file (archive_mode = always would archive the
+zero-padded partial as a whole segment); it then serves whole segments only and logs
+why. walship promote works as without it: recovery still gets the frozen partial last.
+
 With --archive-url, a segment or history file the spool lacks is fetched from the
 archive (see walship receive --archive-url) the first time it is asked for, and checked
 as a spool segment is (size, page headers, record chain and CRCs; the archive's
@@ -51,6 +66,7 @@ SHA-256): a standby made from an older base backup catches up from it. --cleanup
 removes only the spool segments the archive holds with the same checksum.`)
 	spool := fs.String("spool", "", "the receiver's spool directory (required)")
 	wait := fs.Bool("wait", false, "wait for a missing segment (archive recovery) instead of answering 1 at once")
+	live := fs.Bool("live", false, "standby mode: hand recovery the segment being received, zero-padded, each time it has grown (see above)")
 	clean := fs.Bool("cleanup", false, "remove published spool segments older than %r, as pg_archivecleanup does")
 	pgdata := fs.String("pgdata", "", "the standby's data directory, for the cluster check (default: the working directory, as PostgreSQL runs restore_command)")
 	openArchive := archiveFlags(fs, "fetch a segment or history file the spool lacks (once per call) from")
@@ -67,11 +83,14 @@ removes only the spool segments the archive holds with the same checksum.`)
 	if *clean && fs.NArg() < 3 {
 		return usageError(fs, "--cleanup needs %%r")
 	}
+	if *live && *wait {
+		return usageError(fs, "--live is for standby mode, --wait for archive recovery: give one")
+	}
 	log, err := logger()
 	if err != nil {
 		return usageError(fs, "%v", err)
 	}
-	cfg := feeder.RestoreConfig{Spool: *spool, File: fs.Arg(0), Target: fs.Arg(1), RestartFile: fs.Arg(2), Wait: *wait, Cleanup: *clean, PGData: *pgdata, Logger: log}
+	cfg := feeder.RestoreConfig{Spool: *spool, File: fs.Arg(0), Target: fs.Arg(1), RestartFile: fs.Arg(2), Wait: *wait, Live: *live, Cleanup: *clean, PGData: *pgdata, Logger: log}
 	if cfg.Archive, err = openArchive(context.Background()); err != nil {
 		return usageError(fs, "%v", err)
 	}
@@ -245,8 +264,12 @@ bytes, the oldest and newest published segments, the free space of its file syst
 whether its receiver runs and a sidecar is connected (since when, or since when none
 is), and its marks: end-of-WAL (the primary's server gone and drained), frozen,
 promoted. With a receiver that uploads to an archive (receive --archive-url), how the
-uploads stand. With --dsn, the primary's flush position, how far the spool is behind it in
-bytes and in seconds, and what the replication slot --slot holds back on the primary.
+uploads stand. The standbys walship restore --live has handed the segment being
+received: what each got last, and how far it can replay. With --dsn, the primary's flush
+position, how far the spool is behind it in bytes and in seconds, and what the
+replication slot --slot holds back on the primary. With --standby-dsn, how far the
+standby has replayed, how far that is behind the primary (or, without --dsn, the
+spool), and when the last transaction it replayed committed.
 
 The lag in seconds is 0 when the spool holds all the primary has flushed, and else the
 time since the spool last took WAL: how long it has stood behind. While WAL flows, that
@@ -259,11 +282,15 @@ free_bytes, total_bytes, receiver_running, sidecar_connected, sidecar_peer,
 sidecar_since, no_sidecar_since, frozen, promoted, end_of_wal, primary_flush_lsn,
 lag_bytes, lag_seconds, slot, slot_retained_bytes, and archive: an object of url,
 newest (the file last uploaded), uploaded_at, pending (files the archive lacks),
-refused (names it holds with other bytes), failing_since and last_error. Fields that
-do not apply are left out. It reads the spool only, as any user that can read it.`)
+refused (names it holds with other bytes), failing_since and last_error; live: a list
+of objects of pgdata, postmaster, segment, bytes, replayable (an LSN) and handed_at;
+standby_replay_lsn, standby_replay_behind_bytes, standby_last_replayed_commit_at.
+Fields that do not apply are left out. It reads the spool only, as any user that can
+read it.`)
 	spoolDir := fs.String("spool", "", "the spool directory (required)")
 	dsn := fs.String("dsn", "", "connection string of the primary, for the lag and the slot")
 	slot := fs.String("slot", tail.DefaultSlot, "with --dsn: the sidecar's replication slot, to show what it holds back")
+	standbyDSN := fs.String("standby-dsn", "", "connection string of the standby (a hot standby), for how far it has replayed")
 	asJSON := fs.Bool("json", false, "print JSON")
 	if rc := parse(fs, args); rc >= 0 {
 		return rc
@@ -273,7 +300,7 @@ do not apply are left out. It reads the spool only, as any user that can read it
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	st, err := feeder.ReadStatus(ctx, *spoolDir, *dsn, *slot)
+	st, err := feeder.ReadStatus(ctx, feeder.StatusConfig{Spool: *spoolDir, DSN: *dsn, Slot: *slot, StandbyDSN: *standbyDSN})
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -341,7 +368,7 @@ percentage of the file system (10%).`)
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	st, err := feeder.ReadStatus(ctx, *spoolDir, *dsn, *slot)
+	st, err := feeder.ReadStatus(ctx, feeder.StatusConfig{Spool: *spoolDir, DSN: *dsn, Slot: *slot})
 	if err != nil {
 		fmt.Println(redact(feeder.CheckResult{Level: feeder.Unknown, Message: err.Error()}.Line()))
 		return int(feeder.Unknown)

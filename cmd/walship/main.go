@@ -140,8 +140,10 @@ func parseWithArgs(fs *flag.FlagSet, args []string) int {
 	if err := applySettings(fs, strings.TrimPrefix(fs.Name(), "walship ")); err != nil {
 		return usageError(fs, "%v", err)
 	}
-	if f := fs.Lookup("dsn"); f != nil && f.Value.String() != "" {
-		keepSecret(f.Value.String())
+	for _, name := range []string{"dsn", "standby-dsn"} {
+		if f := fs.Lookup(name); f != nil && f.Value.String() != "" {
+			keepSecret(f.Value.String())
+		}
 	}
 	return -1
 }

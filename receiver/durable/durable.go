@@ -24,6 +24,21 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 	}, perm)
 }
 
+// WritePadded publishes data at path followed by zeros up to size bytes, with mode
+// perm. The zeros are a hole, not written: a zero-padded partial segment costs the
+// copy of its bytes only.
+func WritePadded(path string, data []byte, size int64, perm os.FileMode) error {
+	if int64(len(data)) > size {
+		return fmt.Errorf("publish %s: %d bytes do not fit in %d", path, len(data), size)
+	}
+	return WriteFrom(path, func(w io.Writer) error {
+		if _, err := w.Write(data); err != nil {
+			return err
+		}
+		return w.(*os.File).Truncate(size)
+	}, perm)
+}
+
 // WriteFrom publishes at path what fill writes, with mode perm. If fill or any step
 // fails, the temporary file is removed and path is untouched.
 func WriteFrom(path string, fill func(io.Writer) error, perm os.FileMode) (err error) {

@@ -2,11 +2,14 @@ package spool
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sort"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -180,6 +183,59 @@ func ReadArchiveState(dir string) (s ArchiveState, ok bool, err error) {
 // ClearArchiveState removes the state of the uploads, durably: a receiver that uploads
 // nothing does not leave an earlier one's for walship status to show.
 func ClearArchiveState(dir string) error { return removeMark(dir, ArchiveFile, "archive state") }
+
+// LiveState is what walship restore --live last handed one standby of the segment the
+// spool is receiving, kept so that a partial that has not grown is not copied again.
+type LiveState struct {
+	PGData string `json:"pgdata"` // the standby's data directory
+	// Postmaster is the standby's postmaster.pid's process id and start time: a
+	// standby started again (or made anew in the same directory) is handed the
+	// partial again.
+	Postmaster string `json:"postmaster"`
+	Segment    string `json:"segment"`
+	Bytes      uint64 `json:"bytes"`      // how many bytes of it, the rest zeros
+	End        string `json:"replayable"` // where its last whole record ends: how far the standby can replay
+	At         string `json:"handed_at"`  // when, RFC 3339 in UTC
+}
+
+// liveName is the record's file name for the standby in the data directory pgdata
+// (an absolute path).
+func liveName(pgdata string) string {
+	sum := sha256.Sum256([]byte(pgdata))
+	return LivePrefix + hex.EncodeToString(sum[:8])
+}
+
+// WriteLive records, durably, what was handed to the standby s.PGData.
+func WriteLive(dir string, s LiveState) error {
+	s.At = now()
+	return writeJSON(dir, liveName(s.PGData), s)
+}
+
+// ReadLive reads what was last handed to the standby in pgdata; ok is false if nothing.
+func ReadLive(dir, pgdata string) (s LiveState, ok bool, err error) {
+	ok, err = readJSON(dir, liveName(pgdata), "live hand-out record", &s)
+	return s, ok, err
+}
+
+// ReadLives reads the records of every standby handed a live partial, by data
+// directory.
+func ReadLives(dir string) ([]LiveState, error) {
+	names, err := filepath.Glob(filepath.Join(dir, LivePrefix+"*"))
+	if err != nil {
+		return nil, err
+	}
+	var out []LiveState
+	for _, n := range names {
+		var s LiveState
+		if ok, err := readJSON(dir, filepath.Base(n), "live hand-out record", &s); err != nil {
+			return nil, err
+		} else if ok {
+			out = append(out, s)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].PGData < out[j].PGData })
+	return out, nil
+}
 
 // PublishOnce publishes a small whole file (a timeline history file) under name,
 // unless the same content is there already; other content there is ErrConflict and
