@@ -36,7 +36,8 @@ func restoreLive(cfg RestoreConfig, id spool.Identity, seg wal.Segment) error {
 		cfg.Logger.Warn().Str("file", cfg.File).Msg("live: not handing the partial segment: " + why)
 		return fmt.Errorf("restore %s: %w yet", cfg.File, errNotInSpool)
 	}
-	b, err := spool.PartialBytes(spool.PartialPath(cfg.Spool, seg, id.SegSize), id.SegSize)
+	path := spool.PartialPath(cfg.Spool, seg, id.SegSize)
+	held, err := spool.PartialEnd(path, id.SegSize)
 	if err != nil {
 		// Gone, or being published as the segment: restoreSegment looks again.
 		return fmt.Errorf("restore %s: %w yet (%w)", cfg.File, errNotInSpool, err)
@@ -46,8 +47,12 @@ func restoreLive(cfg RestoreConfig, id spool.Identity, seg wal.Segment) error {
 	if err != nil {
 		return err
 	}
-	if ok && last.Postmaster == postmaster && last.Segment == cfg.File && last.Bytes >= uint64(len(b)) {
+	if ok && last.Postmaster == postmaster && last.Segment == cfg.File && last.Bytes >= held {
 		return fmt.Errorf("restore %s: the partial segment has not grown past the %d bytes handed last: %w", cfg.File, last.Bytes, ErrNotAvailable)
+	}
+	b, err := spool.PartialBytes(path, id.SegSize)
+	if err != nil {
+		return fmt.Errorf("restore %s: %w yet (%w)", cfg.File, errNotInSpool, err)
 	}
 	end, err := checkRecords(id, seg, b)
 	if err != nil {
