@@ -82,6 +82,13 @@ func waitArchived(t *testing.T, ctx context.Context, r *rig, s3 *lab.S3, what st
 			}
 			published = append(published, seg.Name(1<<20))
 		}
+		// The primary's archive_command, which the bucket is compared with, may copy a
+		// segment after the receiver has uploaded it.
+		for name := range objs {
+			if _, err := os.Stat(filepath.Join(r.archive, name)); err != nil {
+				return false, nil
+			}
+		}
 		return len(published) > 0, nil
 	}))
 	for name, b := range objs {

@@ -45,7 +45,7 @@ type config struct {
 }
 
 // scenarios are the parts of a run, in their order, as --only names them.
-var scenarios = []string{"crash", "pgbench", "catchup", "archive", "idle"}
+var scenarios = []string{"crash", "pgbench", "catchup", "archive", "standby", "idle"}
 
 func (c config) runs(scenario string) bool { return len(c.only) == 0 || c.only[scenario] }
 
@@ -121,6 +121,7 @@ func run(c config) error {
 		{"pgbench", fmt.Sprintf("pgbench: %d rounds of %s with each shipper and none, then the lag runs", c.rounds, c.pgbenchFor), pgbenchRounds},
 		{"catchup", fmt.Sprintf("catch-up: %d MiB of backlog, %d rounds", c.catchupMB, c.rounds), catchUp},
 		{"archive", fmt.Sprintf("the catch-up with the archive: %d MiB of backlog, %d rounds", c.catchupMB, c.rounds), archiveUpload},
+		{"standby", fmt.Sprintf("a hot standby under load: %d rounds of %s", c.rounds, strings.Join(standbyKinds, ", ")), standbyLag},
 		{"idle", fmt.Sprintf("idle cost: walship and pg_receivewal side by side on an idle primary for %s", c.idleFor), idleCost},
 	} {
 		if !c.runs(sc.name) {

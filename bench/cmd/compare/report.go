@@ -13,13 +13,14 @@ import (
 )
 
 type results struct {
-	started time.Time
-	version string
-	trials  []trial
-	bench   []benchRun
-	catchup []catchRun
-	archive []archiveRun
-	idle    []idleRun
+	started  time.Time
+	version  string
+	trials   []trial
+	bench    []benchRun
+	catchup  []catchRun
+	archive  []archiveRun
+	standbys []standbyRun
+	idle     []idleRun
 }
 
 func median(xs []float64) (med, lo, hi float64) {
@@ -182,6 +183,7 @@ func (r *results) markdown(c config) string {
 	r.pgbenchSection(&b, c)
 	r.catchupSection(&b, c)
 	r.archiveSection(&b, c)
+	r.standbySection(&b, c)
 	r.fsyncSection(&b, c)
 	r.costSection(&b, c)
 	b.WriteString(r.targets(c))

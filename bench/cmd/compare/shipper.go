@@ -107,6 +107,8 @@ type walship struct {
 	// spawned, if set, is called with the receiver's pid once it listens, before the
 	// sidecar starts.
 	spawned func(pid int)
+	// live: the standby's restore hands it the segment being received (--live).
+	live bool
 }
 
 func (w *walship) name() string                     { return w.label }
@@ -201,7 +203,11 @@ func (w *walship) writeProfiles(ctx context.Context, n *node, scenario, during s
 }
 
 func (w *walship) restoreCommand(n *node) string {
-	return fmt.Sprintf("%s restore --spool %s %%f %%p %%r", n.c.bin, w.ws.Spool)
+	live := ""
+	if w.live {
+		live = "--live "
+	}
+	return fmt.Sprintf("%s restore %s--spool %s %%f %%p %%r", n.c.bin, live, w.ws.Spool)
 }
 
 func (w *walship) crash() {
