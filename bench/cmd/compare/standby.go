@@ -21,9 +21,9 @@ const walshipLive = "walship restore --live"
 // promotion took once the primary was killed.
 type standbyRun struct {
 	kind      string
-	lagBytes  []float64       // the primary's flush position less the standby's replay position, per sample
-	staleness []time.Duration // per sample: how long ago the primary had flushed no more than the standby had replayed
-	promote   time.Duration   // from the failover's first step to the first write the standby took
+	lagBytes  []float64     // the primary's flush position less the standby's replay position, per sample
+	staleness []stale       // per sample: how long ago the primary had flushed no more than the standby had replayed
+	promote   time.Duration // from the failover's first step to the first write the standby took
 	acked     int
 	lost      int
 }
@@ -37,8 +37,41 @@ func standbyShippers() []failoverShipper {
 
 var standbyKinds = shipperNames(standbyShippers())
 
-// standbyFor is how long each standby runs under load while its lag is sampled.
-const standbyFor = 15 * time.Second
+// standbyFor is how long each standby runs under load while its lag is sampled: long
+// enough for a 16 MB segment to fill at this load, so that a standby fed whole
+// segments replays some within it.
+const standbyFor = 30 * time.Second
+
+// stale is one staleness figure; censored says the standby had replayed less than the
+// primary had flushed at the first sample, so that the figure is a lower bound.
+type stale struct {
+	d        time.Duration
+	censored bool
+}
+
+// staleQuantile is the q-quantile of figures, a censored one counting as longer than
+// any other.
+func staleQuantile(xs []stale, q float64) stale {
+	if len(xs) == 0 {
+		return stale{}
+	}
+	s := append([]stale(nil), xs...)
+	sort.Slice(s, func(i, j int) bool {
+		if s[i].censored != s[j].censored {
+			return !s[i].censored
+		}
+		return s[i].d < s[j].d
+	})
+	i := int(q*float64(len(s))+0.5) - 1
+	return s[min(max(i, 0), len(s)-1)]
+}
+
+func (s stale) String() string {
+	if s.censored {
+		return fmt.Sprintf("> %.0f", ms(s.d))
+	}
+	return fmt.Sprintf("%.0f", ms(s.d))
+}
 
 // standbyLag runs, for each shipper in turn, a hot standby fed by it while the primary
 // takes a steady load, then kills the primary and promotes the standby.
@@ -50,8 +83,8 @@ func standbyLag(ctx context.Context, c config, r *results) error {
 				return fmt.Errorf("standby round %d, %s: %w", round, ship.name(), err)
 			}
 			m, _, _ := median(sr.lagBytes)
-			fmt.Printf("  round %d  %-30s replay lag median %9.0f bytes, staleness median %s, promoted in %s, lost %d of %d\n",
-				round, ship.name(), m, percentile(sr.staleness, 0.5).Round(time.Millisecond), sr.promote.Round(time.Millisecond), sr.lost, sr.acked)
+			fmt.Printf("  round %d  %-30s replay lag median %9.0f bytes, staleness median %s ms, promoted in %s, lost %d of %d\n",
+				round, ship.name(), m, staleQuantile(sr.staleness, 0.5), sr.promote.Round(time.Millisecond), sr.lost, sr.acked)
 			r.standbys = append(r.standbys, sr)
 		}
 	}
@@ -175,7 +208,7 @@ func sampleReplay(ctx context.Context, n *node, standby *pgx.Conn, d time.Durati
 // replayLag turns samples into the replay lag in bytes and the staleness: at each
 // sample, how long ago the primary had flushed no more than the standby has replayed
 // (zero when the standby has all the primary had flushed).
-func replayLag(samples []replaySample) (bytes []float64, stale []time.Duration) {
+func replayLag(samples []replaySample) (bytes []float64, staleness []stale) {
 	for i, s := range samples {
 		lag := 0.0
 		if s.flush > s.replayed {
@@ -186,26 +219,27 @@ func replayLag(samples []replaySample) (bytes []float64, stale []time.Duration) 
 		for j >= 0 && samples[j].flush > s.replayed {
 			j--
 		}
-		if j < 0 {
-			continue // the standby is behind everything sampled: no figure
-		}
-		if j == i {
-			stale = append(stale, 0)
-		} else {
-			stale = append(stale, s.at.Sub(samples[j].at))
+		switch {
+		case j < 0: // behind everything sampled: at least as old as the first sample
+			staleness = append(staleness, stale{d: s.at.Sub(samples[0].at), censored: true})
+		case j == i:
+			staleness = append(staleness, stale{})
+		default:
+			staleness = append(staleness, stale{d: s.at.Sub(samples[j].at)})
 		}
 	}
-	return bytes, stale
+	return bytes, staleness
 }
 
 func (r *results) standbySection(b *strings.Builder, c config) {
 	if len(r.standbys) == 0 {
 		return
 	}
-	fmt.Fprintf(b, "\n## A hot standby under load (%d rounds)\n\nEach shipper feeds a hot standby (`wal_retrieve_retry_interval = 100ms`) while one client commits 100-byte rows on the primary for %s; the primary's flush position and the standby's `pg_last_wal_replay_lsn()` are read together every 50 ms. Replay lag: the first less the second. Staleness: at each sample, how long ago the primary had flushed no more than the standby had replayed, to the 50 ms of the sampling (0 when the standby had everything). Then the primary is killed (walship's sidecar lives and drains) and the standby promoted as a failover with that shipper would: `walship promote`; for pg_receivewal, its `.partial` renamed to a whole segment and `pg_promote()`. Promotion: from that first step to the first write the standby took. Lost: acknowledged commits missing after it.\n\n", c.rounds, standbyFor)
+	fmt.Fprintf(b, "\n## A hot standby under load (%d rounds)\n\nEach shipper feeds a hot standby (`wal_retrieve_retry_interval = 100ms`) while one client commits 100-byte rows on the primary for %s; the primary's flush position and the standby's `pg_last_wal_replay_lsn()` are read together every 50 ms. Replay lag: the first less the second. Staleness: at each sample, how long ago the primary had flushed no more than the standby had replayed, to the 50 ms of the sampling (0 when the standby had everything; \"> N\" when the standby had less than the primary at the first sample, N ms before). Then the primary is killed (walship's sidecar lives and drains) and the standby promoted as a failover with that shipper would: `walship promote`; for pg_receivewal, its `.partial` renamed to a whole segment and `pg_promote()`. Promotion: from that first step to the first write the standby took. Lost: acknowledged commits missing after it.\n\n", c.rounds, standbyFor)
 	b.WriteString("| standby fed by | replay lag p50, bytes | replay lag p99, bytes | staleness p50 | staleness p99 | promotion | lost |\n|---|---|---|---|---|---|---|\n")
 	for _, kind := range standbyKinds {
-		var p50, p99, s50, s99, prom, lost []float64
+		var p50, p99, prom, lost []float64
+		var s50, s99 []stale
 		for _, sr := range r.standbys {
 			if sr.kind != kind {
 				continue
@@ -214,8 +248,8 @@ func (r *results) standbySection(b *strings.Builder, c config) {
 			sort.Float64s(sorted)
 			p50 = append(p50, quantile(sorted, 0.5))
 			p99 = append(p99, quantile(sorted, 0.99))
-			s50 = append(s50, ms(percentile(sr.staleness, 0.5)))
-			s99 = append(s99, ms(percentile(sr.staleness, 0.99)))
+			s50 = append(s50, staleQuantile(sr.staleness, 0.5))
+			s99 = append(s99, staleQuantile(sr.staleness, 0.99))
 			prom = append(prom, ms(sr.promote))
 			lost = append(lost, float64(sr.lost))
 		}
@@ -226,8 +260,11 @@ func (r *results) standbySection(b *strings.Builder, c config) {
 			m, l, h := median(xs)
 			return fmt.Sprintf(format+" ["+format+", "+format+"]", m, l, h)
 		}
+		staleCell := func(xs []stale) string {
+			return fmt.Sprintf("%s [%s, %s]", staleQuantile(xs, 0.5), staleQuantile(xs, 0), staleQuantile(xs, 1))
+		}
 		fmt.Fprintf(b, "| %s | %s | %s | %s ms | %s ms | %s ms | %s |\n", kind, cell(p50, "%.0f"), cell(p99, "%.0f"),
-			cell(s50, "%.0f"), cell(s99, "%.0f"), cell(prom, "%.0f"), cell(lost, "%.0f"))
+			staleCell(s50), staleCell(s99), cell(prom, "%.0f"), cell(lost, "%.0f"))
 	}
 }
 
