@@ -82,7 +82,9 @@ func standbyLag(ctx context.Context, c config, r *results) error {
 			if err != nil {
 				return fmt.Errorf("standby round %d, %s: %w", round, ship.name(), err)
 			}
-			m, _, _ := median(sr.lagBytes)
+			sorted := append([]float64(nil), sr.lagBytes...)
+			sort.Float64s(sorted)
+			m := quantile(sorted, 0.5)
 			fmt.Printf("  round %d  %-30s replay lag median %9.0f bytes, staleness median %s ms, promoted in %s, lost %d of %d\n",
 				round, ship.name(), m, staleQuantile(sr.staleness, 0.5), sr.promote.Round(time.Millisecond), sr.lost, sr.acked)
 			r.standbys = append(r.standbys, sr)
