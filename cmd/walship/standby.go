@@ -69,7 +69,7 @@ rejoining standby needs a spool of its own.`)
 	pgdata := d.pgdata
 	ctx, stop := signalContext()
 	defer stop()
-	rep, err := standby.Rejoin(ctx, standby.RejoinOptions{PGData: *pgdata, Spool: *d.spool, Walship: bin, Wait: *d.wait, Log: log})
+	rep, err := standby.Rejoin(ctx, standby.RejoinOptions{PGData: *pgdata, Spool: *d.spool, Walship: bin, Live: *d.live, Wait: *d.wait, Log: log})
 	if err != nil {
 		return fail("standby rejoin: %v", err)
 	}
@@ -82,6 +82,7 @@ rejoining standby needs a spool of its own.`)
 // required, a wait, and the log flags.
 type dirFlags struct {
 	spool, pgdata *string
+	live          *bool
 	wait          *time.Duration
 	waitName      string
 	logger        func() (zerolog.Logger, error)
@@ -91,6 +92,7 @@ func newDirFlags(fs *flag.FlagSet, spoolHelp, pgdataHelp, waitName string, wait 
 	return &dirFlags{
 		spool:    fs.String("spool", "", spoolHelp+" (required)"),
 		pgdata:   fs.String("pgdata", "", pgdataHelp+" (required)"),
+		live:     fs.Bool("live", false, "a hot standby close behind: restore_command hands it the segment being received (walship restore --live), and wal_retrieve_retry_interval = 200ms"),
 		wait:     fs.Duration(waitName, wait, waitHelp),
 		waitName: waitName,
 		logger:   logFlags(fs),
@@ -188,7 +190,7 @@ Progress goes to standard error: a bar on a terminal, a line every 10 s otherwis
 	ctx, stop := signalContext()
 	defer stop()
 	p := newProgress(stderr, isTerminal(os.Stderr))
-	res, err := standby.Init(ctx, standby.Options{Spool: *spoolDir, PGData: *pgdata, Walship: bin, Tablespaces: maps,
+	res, err := standby.Init(ctx, standby.Options{Spool: *spoolDir, PGData: *pgdata, Walship: bin, Live: *d.live, Tablespaces: maps,
 		Fast: *fast, WaitWAL: *waitWAL, Progress: p.update, Log: log})
 	p.finish()
 	if err != nil {

@@ -36,6 +36,9 @@ type Options struct {
 	PGData string
 	// Walship is the absolute path of the walship binary that restore_command runs.
 	Walship string
+	// Live makes the standby's restore_command hand it the segment being received
+	// (walship restore --live), with wal_retrieve_retry_interval = 200ms.
+	Live bool
 	// Tablespaces maps a tablespace's location on the primary to its location here; a
 	// tablespace not named keeps its location.
 	Tablespaces map[string]string
@@ -642,10 +645,14 @@ func (b *builder) configure(id spool.Identity) ([]string, error) {
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
-	if err := write("postgresql.auto.conf", []byte(AutoConf(string(auto), "walship standby init: recovery takes WAL from the spool", RestoreCommand(b.o.Walship, b.o.Spool)))); err != nil {
+	if err := write("postgresql.auto.conf", []byte(AutoConf(string(auto), "walship standby init: recovery takes WAL from the spool",
+		RestoreCommand(b.o.Walship, b.o.Spool, b.o.Live), LiveSettings(b.o.Live)...))); err != nil {
 		return nil, err
 	}
 	wrote[len(wrote)-1] = "restore_command in postgresql.auto.conf"
+	if b.o.Live {
+		wrote[len(wrote)-1] = "restore_command (--live) and wal_retrieve_retry_interval = 200ms in postgresql.auto.conf"
+	}
 	if err := write("standby.signal", nil); err != nil {
 		return nil, err
 	}
@@ -673,12 +680,26 @@ func (b *builder) tablespaceMap() string {
 }
 
 // RestoreCommand is the restore_command that feeds recovery from spoolDir with the
-// walship binary at bin (both made absolute), quoted for postgresql.conf.
-func RestoreCommand(bin, spoolDir string) string {
+// walship binary at bin (both made absolute), quoted for postgresql.conf; live adds
+// --live.
+func RestoreCommand(bin, spoolDir string, live bool) string {
 	if abs, err := filepath.Abs(spoolDir); err == nil {
 		spoolDir = abs
 	}
-	return shellQuote(bin) + " restore --spool " + shellQuote(spoolDir) + " %f %p %r"
+	cmd := shellQuote(bin) + " restore "
+	if live {
+		cmd += "--live "
+	}
+	return cmd + "--spool " + shellQuote(spoolDir) + " %f %p %r"
+}
+
+// LiveSettings are the settings a live standby needs besides restore_command (name,
+// value pairs for AutoConf): a retry interval short enough to keep it close behind.
+func LiveSettings(live bool) []string {
+	if !live {
+		return nil
+	}
+	return []string{"wal_retrieve_retry_interval", "200ms"}
 }
 
 // shellQuote quotes s for the shell that runs restore_command, where it needs quoting.

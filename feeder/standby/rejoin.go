@@ -25,6 +25,8 @@ type RejoinOptions struct {
 	Spool string
 	// Walship is the absolute path of the walship binary that restore_command runs.
 	Walship string
+	// Live: as Options.Live.
+	Live bool
 	// Wait bounds the wait for the spool to hold the new timeline.
 	Wait time.Duration
 	Log  zerolog.Logger
@@ -230,7 +232,7 @@ func configureStandby(dir string, o RejoinOptions) ([]string, error) {
 		return nil, err
 	}
 	content := AutoConf(string(auto), "walship standby rejoin: recovery takes the new primary's WAL from the spool",
-		RestoreCommand(o.Walship, o.Spool), "recovery_target_timeline", "latest")
+		RestoreCommand(o.Walship, o.Spool, o.Live), append([]string{"recovery_target_timeline", "latest"}, LiveSettings(o.Live)...)...)
 	owner, err := ownerFor(dir)
 	if err != nil {
 		return nil, err
