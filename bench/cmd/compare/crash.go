@@ -20,6 +20,7 @@ type trial struct {
 func crashShippers() []failoverShipper {
 	return []failoverShipper{
 		&walship{label: walshipDrain},
+		&walship{label: walshipLiveDrain, live: true},
 		&walship{label: walshipLost, hostLost: true},
 		&pgReceivewal{},
 		archiveCommand{label: archive5, timeout: "5"},
@@ -55,19 +56,11 @@ func crashTrial(ctx context.Context, c config, ship failoverShipper) (trial, err
 	if err := ship.start(ctx, n); err != nil {
 		return trial{}, err
 	}
-	sb, err := n.primary.Standby(ctx, ship.restoreCommand(n))
+	sb, err := startStandby(ctx, n, ship)
 	if err != nil {
 		return trial{}, err
 	}
 	defer sb.Close()
-	// The backup ends in the segment being written: finish it, so that the standby
-	// can reach consistency from whole segments, and start it.
-	if err := n.primary.Exec(ctx, "SELECT pg_switch_wal()"); err != nil {
-		return trial{}, err
-	}
-	if err := sb.Start(ctx); err != nil {
-		return trial{}, err
-	}
 	load, err := lab.StartLoad(ctx, n.primary.DSN(), 1, 100)
 	if err != nil {
 		return trial{}, err

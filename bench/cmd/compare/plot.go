@@ -24,7 +24,7 @@ func (r *results) charts(dir string) error {
 }
 
 func (r *results) lossChart(path string) error {
-	kinds := []string{walshipDrain, walshipLost, receivewal, archive5, archive60}
+	kinds := []string{walshipDrain, walshipLiveDrain, walshipLost, receivewal, archive5, archive60}
 	p := plot.New()
 	p.Title.Text = "Loss window in crash trials (kill time minus the newest surviving ack)"
 	p.Y.Label.Text = "window, ms (log scale; 0 and below drawn at 0.01)"

@@ -600,7 +600,10 @@ func (r *results) targets(c config) string {
 		}
 		return sum, len(lost)
 	}
-	if ws, wn := lostSum(walshipDrain); wn > 0 {
+	ws, wn := lostSum(walshipDrain)
+	ls, ln := lostSum(walshipLiveDrain) // the same guarantee, the standby fed --live
+	ws, wn = ws+ls, wn+ln
+	if wn > 0 {
 		p := "-"
 		if ps, pn := lostSum(receivewal); pn > 0 {
 			p = fmt.Sprintf("%.0f lost in %d trials", ps, pn)

@@ -21,11 +21,14 @@ import (
 const (
 	walshipDrain = "walship (sidecar alive)"
 	walshipLost  = "walship (host lost)"
-	receivewal   = "pg_receivewal --synchronous"
-	archive5     = "archive_timeout = 5s"
-	archive60    = "archive_timeout = 60s"
-	none         = "no shipper"
-	walshipName  = "walship"
+	// walshipLiveDrain is walship (sidecar alive) with the standby fed by
+	// walship restore --live.
+	walshipLiveDrain = "walship --live (sidecar alive)"
+	receivewal       = "pg_receivewal --synchronous"
+	archive5         = "archive_timeout = 5s"
+	archive60        = "archive_timeout = 60s"
+	none             = "no shipper"
+	walshipName      = "walship"
 	// walshipProcs2 is walship with its sidecar and receiver on two processors, where
 	// walship tail and receive choose one unless GOMAXPROCS says otherwise: the pgbench
 	// rounds run it beside walshipName to judge that choice.

@@ -104,23 +104,11 @@ func standbyTrial(ctx context.Context, c config, ship failoverShipper) (standbyR
 	if err := ship.start(ctx, n); err != nil {
 		return standbyRun{}, err
 	}
-	if w, ok := ship.(*walship); ok && w.live {
-		// The standby's user records its hand-outs in the spool.
-		if err := n.primary.Own(w.ws.Spool); err != nil {
-			return standbyRun{}, err
-		}
-	}
-	sb, err := n.primary.Standby(ctx, ship.restoreCommand(n))
+	sb, err := startStandby(ctx, n, ship)
 	if err != nil {
 		return standbyRun{}, err
 	}
 	defer sb.Close()
-	if err := n.primary.Exec(ctx, "SELECT pg_switch_wal()"); err != nil {
-		return standbyRun{}, err
-	}
-	if err := sb.Start(ctx); err != nil {
-		return standbyRun{}, err
-	}
 	var conn *pgx.Conn
 	if err := lab.Wait(ctx, 20*time.Millisecond, "the hot standby to accept connections", func() (bool, error) {
 		conn, err = sb.Connect(ctx)
@@ -167,6 +155,31 @@ func standbyTrial(ctx context.Context, c config, ship failoverShipper) (standbyR
 	}
 	sr.acked, sr.lost = len(acks), len(loss.Lost)
 	return sr, nil
+}
+
+// startStandby makes a standby of n's primary fed by ship, and starts it.
+func startStandby(ctx context.Context, n *node, ship failoverShipper) (*lab.Cluster, error) {
+	if w, ok := ship.(*walship); ok && w.live {
+		// The standby's user records its hand-outs in the spool.
+		if err := n.primary.Own(w.ws.Spool); err != nil {
+			return nil, err
+		}
+	}
+	sb, err := n.primary.Standby(ctx, ship.restoreCommand(n))
+	if err != nil {
+		return nil, err
+	}
+	// The backup ends in the segment being written: finish it, so that the standby
+	// can reach consistency from whole segments, and start it.
+	err = n.primary.Exec(ctx, "SELECT pg_switch_wal()")
+	if err == nil {
+		err = sb.Start(ctx)
+	}
+	if err != nil {
+		sb.Close()
+		return nil, err
+	}
+	return sb, nil
 }
 
 // replaySample is the primary's flush position and the standby's replay position read
