@@ -135,3 +135,11 @@ func TestParseSizes(t *testing.T) {
 		require.ErrorContains(t, err, "want a percentage", in)
 	}
 }
+
+// TestSplitOpts reads postmaster.opts as the server writes it.
+func TestSplitOpts(t *testing.T) {
+	require.Equal(t, []string{"/usr/lib/postgresql/15/bin/postgres", "-D", "/var/lib/postgresql/15/main", "-c", "config_file=/etc/postgresql/15/main/postgresql.conf"},
+		splitOpts(`/usr/lib/postgresql/15/bin/postgres "-D" "/var/lib/postgresql/15/main" "-c" "config_file=/etc/postgresql/15/main/postgresql.conf"`))
+	require.Equal(t, []string{"/opt/pg/bin/postgres"}, splitOpts("/opt/pg/bin/postgres"))
+	require.Equal(t, []string{"/opt/pg/bin/postgres", "-D", "/data with space"}, splitOpts(`/opt/pg/bin/postgres "-D" "/data with space"`))
+}

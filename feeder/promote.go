@@ -282,8 +282,15 @@ func frozenTail(dir string, id spool.Identity, log zerolog.Logger) (spool.Trigge
 		next, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
 		return spool.Trigger{TLI: pos.TLI, Segment: next.Name(id.SegSize)}, nil
 	}
-	b, err := spool.PartialBytes(spool.PartialPath(dir, p.Seg, id.SegSize), id.SegSize)
+	path := spool.PartialPath(dir, p.Seg, id.SegSize)
+	b, err := spool.PartialBytes(path, id.SegSize)
 	if err != nil {
+		return spool.Trigger{}, err
+	}
+	// A receiver that died between its end slot and its fdatasync leaves an end that
+	// may not be durable: make what recovery will get durable before the trigger
+	// names it.
+	if err := spool.SyncPartial(path); err != nil {
 		return spool.Trigger{}, err
 	}
 	if err := id.Stream().CheckPages(b, p.Seg.Start(id.SegSize), p.Seg.TLI); err != nil {

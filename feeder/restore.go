@@ -127,7 +127,7 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		return err
 	}
 	for waited := false; ; waited = true {
-		err := restoreSegment(cfg, id, seg, haveID)
+		err := restoreSegment(ctx, cfg, id, seg, haveID)
 		if !waited && cfg.Archive != nil && (errors.Is(err, errNotInSpool) || !haveID && errors.Is(err, ErrNotAvailable)) {
 			// Once: a segment that is not produced yet is not in the archive either,
 			// and a waiting restore must not ask the archive every WaitInterval.
@@ -154,7 +154,7 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 	}
 }
 
-func restoreSegment(cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveID bool) error {
+func restoreSegment(ctx context.Context, cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveID bool) error {
 	if !haveID {
 		return fmt.Errorf("restore %s: the spool is empty: %w", cfg.File, ErrNotAvailable)
 	}
@@ -177,7 +177,7 @@ func restoreSegment(cfg RestoreConfig, id spool.Identity, seg wal.Segment, haveI
 	path := filepath.Join(cfg.Spool, cfg.File)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) && cfg.Live && !cfg.Wait {
-		if err := restoreLive(cfg, id, seg); !errors.Is(err, errNotInSpool) {
+		if err := restoreLive(ctx, cfg, id, seg); !errors.Is(err, errNotInSpool) {
 			return err
 		}
 		b, err = os.ReadFile(path) // published meanwhile?

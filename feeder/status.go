@@ -58,6 +58,7 @@ type Status struct {
 	StandbyReplay     string  `json:"standby_replay_lsn,omitempty"`
 	StandbyBehind     *uint64 `json:"standby_replay_behind_bytes,omitempty"`
 	StandbyLastCommit string  `json:"standby_last_replayed_commit_at,omitempty"`
+	StandbyError      string  `json:"standby_error,omitempty"` // why the standby could not be read
 }
 
 // StatusConfig says what walship status reads.
@@ -81,7 +82,11 @@ func ReadStatus(ctx context.Context, cfg StatusConfig) (Status, error) {
 	if err != nil || cfg.StandbyDSN == "" {
 		return st, err
 	}
-	return st, readStandby(ctx, cfg.StandbyDSN, &st)
+	// A standby that is down or promoted is part of the status, not a failure of it.
+	if err := readStandby(ctx, cfg.StandbyDSN, &st); err != nil {
+		st.StandbyError = err.Error()
+	}
+	return st, nil
 }
 
 // readStandby adds how far the standby has replayed.
@@ -93,12 +98,13 @@ func readStandby(ctx context.Context, dsn string, st *Status) error {
 		return fmt.Errorf("status: connect to the standby: %w", err)
 	}
 	defer conn.Close(context.Background())
+	var recovering bool
 	var replay *wal.LSN
 	var last *time.Time
-	if err := conn.QueryRow(ctx, "SELECT pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()").Scan(&replay, &last); err != nil {
+	if err := conn.QueryRow(ctx, "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()").Scan(&recovering, &replay, &last); err != nil {
 		return fmt.Errorf("status: read the standby's replay position: %w", err)
 	}
-	if replay == nil {
+	if !recovering || replay == nil {
 		return errors.New("status: the standby is not in recovery (promoted?): it replays nothing")
 	}
 	st.StandbyReplay = replay.String()
@@ -320,6 +326,9 @@ func (s Status) String() string {
 	}
 	for _, l := range s.Live {
 		row("live standby", fmt.Sprintf("%s: handed %s, %d bytes (replayable to %s), at %s", l.PGData, l.Segment, l.Bytes, l.End, l.At))
+	}
+	if s.StandbyError != "" {
+		row("standby", s.StandbyError)
 	}
 	if s.StandbyReplay != "" {
 		replay := "replayed to " + s.StandbyReplay

@@ -54,10 +54,11 @@ has grown (the spool keeps a walship.live.* record per standby), so a quiet prim
 costs nothing and a busy one one copy of the bytes per retry. The retry interval is
 the standby's staleness: set wal_retrieve_retry_interval = 200ms (the default, 5s, is
 slow). --live hands nothing outside standby mode (no standby.signal: in archive
-recovery a partial would end recovery early), nor to a standby whose
-pg_wal/archive_status holds a .ready file (archive_mode = always would archive the
-zero-padded partial as a whole segment); it then serves whole segments only and logs
-why. walship promote works as without it: recovery still gets the frozen partial last.
+recovery a partial would end recovery early), nor to a standby whose configuration
+sets archive_mode = always (it would archive the zero-padded partial as a whole
+segment; asked of the standby's server binary, postgres -C, once per postmaster); it
+then serves whole segments only and logs why, once. walship promote works as
+without it: recovery still gets the frozen partial last.
 
 With --archive-url, a segment or history file the spool lacks is fetched from the
 archive (see walship receive --archive-url) the first time it is asked for, and checked
@@ -284,7 +285,8 @@ lag_bytes, lag_seconds, slot, slot_retained_bytes, and archive: an object of url
 newest (the file last uploaded), uploaded_at, pending (files the archive lacks),
 refused (names it holds with other bytes), failing_since and last_error; live: a list
 of objects of pgdata, postmaster, segment, bytes, replayable (an LSN) and handed_at;
-standby_replay_lsn, standby_replay_behind_bytes, standby_last_replayed_commit_at.
+standby_replay_lsn, standby_replay_behind_bytes, standby_last_replayed_commit_at,
+standby_error (the standby could not be read: down, or promoted).
 Fields that do not apply are left out. It reads the spool only, as any user that can
 read it.`)
 	spoolDir := fs.String("spool", "", "the spool directory (required)")

@@ -154,6 +154,9 @@ func TestLiveStandby(t *testing.T) {
 
 	// Failover after live feeding: nothing acknowledged is lost.
 	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
+	st = status(t, "--spool", r.spool, "--standby-dsn", sb.DSN())
+	require.Contains(t, st.StandbyError, "not in recovery")
+	require.Empty(t, st.StandbyReplay)
 }
 
 // liveHandOuts checks walship restore --live against a crafted spool holding a
@@ -192,7 +195,7 @@ func liveHandOuts(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster) {
 	rs, ok, err := spool.ReadLive(dir, sb.Data)
 	require.NoError(t, err)
 	require.True(t, ok)
-	require.Equal(t, spool.LiveState{PGData: sb.Data, Postmaster: rs.Postmaster, Segment: name, Bytes: uint64(torn), End: rec.LSN.String(), At: rs.At}, rs)
+	require.Equal(t, spool.LiveState{PGData: sb.Data, Postmaster: rs.Postmaster, Segment: name, Bytes: uint64(torn), End: rec.LSN.String(), At: rs.At, ArchiveMode: "off"}, rs)
 	require.NotEmpty(t, rs.Postmaster)
 	require.NoError(t, os.Remove(target))
 
@@ -221,14 +224,20 @@ func liveHandOuts(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster) {
 	require.Contains(t, res.stderr, "not in standby mode")
 	absent()
 
-	// archive_mode = always leaves .ready files: whole segments only.
-	ready := filepath.Join(sb.Data, "pg_wal", "archive_status", "000000010000000000000001.ready")
-	require.NoError(t, os.WriteFile(ready, nil, 0o600))
-	res = live(craft(b[:torn]), sb.Data)
-	require.NoError(t, os.Remove(ready))
+	// A configuration with archive_mode = always (the running standby, which reads it
+	// only at a restart, is not restarted): whole segments only, said once per
+	// postmaster.
+	require.NoError(t, sb.Configure(map[string]string{"archive_mode": "always"}))
+	always := craft(b[:torn])
+	res = live(always, sb.Data)
 	require.Equal(t, 1, res.code, res.stderr)
 	require.Contains(t, res.stderr, "archive_mode = always")
 	absent()
+	res = live(always, sb.Data)
+	require.Equal(t, 1, res.code, res.stderr)
+	require.NotContains(t, res.stderr, "archive_mode", "said once")
+	absent()
+	require.NoError(t, sb.Configure(map[string]string{"archive_mode": "off"}))
 
 	res = live(dir, sb.Data, "--wait")
 	require.Equal(t, 2, res.code, res.stderr)

@@ -81,11 +81,15 @@ func (u *Uploader) update(force bool, change func(*spool.ArchiveState)) {
 		u.mu.Unlock()
 		return
 	}
-	u.saved, u.savedState = time.Now(), st
+	u.saved = time.Now()
 	u.mu.Unlock()
 	if err := spool.WriteArchiveState(u.Spool, st); err != nil {
 		u.Logger.Warn().Err(err).Msg("archive: cannot record the uploads' state for walship status")
+		return
 	}
+	u.mu.Lock()
+	u.savedState = st
+	u.mu.Unlock()
 }
 
 // Failures is how many uploads failed since the start, and the last error.
@@ -269,6 +273,11 @@ func (u *Uploader) read(path string) ([]byte, error) {
 // put uploads one file; a conflict is logged once and the file left alone.
 func (u *Uploader) put(ctx context.Context, name string, b []byte, have, refused map[string]bool) error {
 	err := u.Archive.Put(ctx, name, b)
+	if err != nil {
+		// The HTTP client may still be reading the body of a request that failed
+		// early: the next file gets a buffer of its own.
+		u.buf = nil
+	}
 	if errors.Is(err, ErrConflict) {
 		refused[name] = true
 		u.update(true, func(st *spool.ArchiveState) { st.Refused = append(st.Refused, name) })

@@ -6,10 +6,13 @@
 package durable
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+
+	"golang.org/x/sys/unix"
 )
 
 // TempPrefix starts the name of every temporary file, so that a directory scan can
@@ -25,18 +28,39 @@ func WriteFile(path string, data []byte, perm os.FileMode) error {
 }
 
 // WritePadded publishes data at path followed by zeros up to size bytes, with mode
-// perm. The zeros are a hole, not written: a zero-padded partial segment costs the
-// copy of its bytes only.
+// perm. The zeros are allocated (fallocate), not written: the file costs the copy of
+// data only, and has no hole that a later write into it could fail to fill.
 func WritePadded(path string, data []byte, size int64, perm os.FileMode) error {
 	if int64(len(data)) > size {
 		return fmt.Errorf("publish %s: %d bytes do not fit in %d", path, len(data), size)
 	}
 	return WriteFrom(path, func(w io.Writer) error {
-		if _, err := w.Write(data); err != nil {
+		f := w.(*os.File) // WriteFrom's writer is the file
+		if _, err := f.Write(data); err != nil {
 			return err
 		}
-		return w.(*os.File).Truncate(size)
+		err := unix.Fallocate(int(f.Fd()), 0, int64(len(data)), size-int64(len(data)))
+		if errors.Is(err, unix.EOPNOTSUPP) {
+			err = writeZeros(f, int64(len(data)), size) // a file system without fallocate
+		}
+		if err != nil {
+			return fmt.Errorf("allocate the zeros: %w", err)
+		}
+		return nil
 	}, perm)
+}
+
+// writeZeros writes zeros over [from, to) of f.
+func writeZeros(f *os.File, from, to int64) error {
+	zeros := make([]byte, min(to-from, 1<<20))
+	for from < to {
+		n, err := f.WriteAt(zeros[:min(to-from, int64(len(zeros)))], from)
+		if err != nil {
+			return err
+		}
+		from += int64(n)
+	}
+	return nil
 }
 
 // WriteFrom publishes at path what fill writes, with mode perm. If fill or any step

@@ -196,6 +196,11 @@ type LiveState struct {
 	Bytes      uint64 `json:"bytes"`      // how many bytes of it, the rest zeros
 	End        string `json:"replayable"` // where its last whole record ends: how far the standby can replay
 	At         string `json:"handed_at"`  // when, RFC 3339 in UTC
+	// ArchiveMode is the standby's archive_mode as its configuration sets it, read
+	// once per postmaster.
+	ArchiveMode string `json:"archive_mode,omitempty"`
+	// Refused says why nothing was handed to this postmaster, if nothing may be.
+	Refused string `json:"refused,omitempty"`
 }
 
 // liveName is the record's file name for the standby in the data directory pgdata

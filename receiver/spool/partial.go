@@ -173,6 +173,19 @@ func PartialBytes(path string, segSize uint64) ([]byte, error) {
 	return b, nil
 }
 
+// SyncPartial fdatasyncs the partial segment at path. The receiver writes a partial's
+// end slot before its fdatasync, so a reader may find an end that is not durable yet:
+// one that hands the bytes on calls this after reading them, which makes durable all
+// it read.
+func SyncPartial(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return fdatasync(f)
+}
+
 // PartialEnd is how many bytes the partial segment at path holds.
 func PartialEnd(path string, segSize uint64) (uint64, error) {
 	f, err := os.Open(path)
