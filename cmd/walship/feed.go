@@ -50,7 +50,7 @@ checked (page headers, record chain and CRCs), zero-padded: recovery replays the
 stops at the zeros (logging "invalid record length ... got 0" at LOG level), asks again
 after wal_retrieve_retry_interval and goes on from where it stopped. A record torn at
 the end is not replayed until it is whole. The partial is copied again only once it
-has grown (the spool keeps a walship.live.* record per standby), so a quiet primary
+has grown (the spool keeps a record per standby in walship.live/), so a quiet primary
 costs nothing and a busy one one copy of the bytes per retry. The retry interval is
 the standby's staleness: set wal_retrieve_retry_interval = 200ms (the default, 5s, is
 slow). --live hands nothing outside standby mode (no standby.signal: in archive

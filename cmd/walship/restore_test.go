@@ -55,7 +55,7 @@ func copySpool(t *testing.T, from string) string {
 	ents, err := os.ReadDir(from)
 	require.NoError(t, err)
 	for _, e := range ents {
-		if e.Name()[0] == '.' {
+		if e.Name()[0] == '.' || e.IsDir() {
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join(from, e.Name()))

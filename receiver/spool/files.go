@@ -37,9 +37,10 @@ const (
 	// ArchiveFile records how the running receiver's uploads to its archive stand, for
 	// walship status and walship check.
 	ArchiveFile = "walship.archive"
-	// LivePrefix starts the name of each live standby's record (LiveState): what
-	// walship restore --live last handed it of the segment being received.
-	LivePrefix = "walship.live."
+	// LiveDir holds a record for each live standby (LiveState): what walship restore
+	// --live last handed it of the segment being received. A directory of its own, so
+	// that the records, rewritten at each hand-out, wake no watcher of the spool.
+	LiveDir = "walship.live"
 	// ControlSocket is the receiver's Unix socket through which walship standby init
 	// asks the connected sidecar for a base backup. Only the receiver's user (and root)
 	// may connect.

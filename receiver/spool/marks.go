@@ -203,36 +203,45 @@ type LiveState struct {
 	Refused string `json:"refused,omitempty"`
 }
 
-// liveName is the record's file name for the standby in the data directory pgdata
-// (an absolute path).
+// liveName is the record's file name, in LiveDir, for the standby in the data
+// directory pgdata (an absolute path).
 func liveName(pgdata string) string {
 	sum := sha256.Sum256([]byte(pgdata))
-	return LivePrefix + hex.EncodeToString(sum[:8])
+	return hex.EncodeToString(sum[:8]) + ".json"
 }
 
 // WriteLive records, durably, what was handed to the standby s.PGData.
 func WriteLive(dir string, s LiveState) error {
 	s.At = now()
-	return writeJSON(dir, liveName(s.PGData), s)
+	live := filepath.Join(dir, LiveDir)
+	if err := os.Mkdir(live, 0o755); err == nil {
+		if err := durable.SyncDir(dir); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("make %s: %w", live, err)
+	}
+	return writeJSON(live, liveName(s.PGData), s)
 }
 
 // ReadLive reads what was last handed to the standby in pgdata; ok is false if nothing.
 func ReadLive(dir, pgdata string) (s LiveState, ok bool, err error) {
-	ok, err = readJSON(dir, liveName(pgdata), "live hand-out record", &s)
+	ok, err = readJSON(filepath.Join(dir, LiveDir), liveName(pgdata), "live hand-out record", &s)
 	return s, ok, err
 }
 
 // ReadLives reads the records of every standby handed a live partial, by data
 // directory.
 func ReadLives(dir string) ([]LiveState, error) {
-	names, err := filepath.Glob(filepath.Join(dir, LivePrefix+"*"))
+	live := filepath.Join(dir, LiveDir)
+	names, err := filepath.Glob(filepath.Join(live, "*.json"))
 	if err != nil {
 		return nil, err
 	}
 	var out []LiveState
 	for _, n := range names {
 		var s LiveState
-		if ok, err := readJSON(dir, filepath.Base(n), "live hand-out record", &s); err != nil {
+		if ok, err := readJSON(live, filepath.Base(n), "live hand-out record", &s); err != nil {
 			return nil, err
 		} else if ok {
 			out = append(out, s)
