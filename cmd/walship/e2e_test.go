@@ -92,6 +92,13 @@ func newRigMajor(t *testing.T, ctx context.Context, segMB, major int) *rig {
 	r := &rig{t: t, dir: dir, tlsDir: filepath.Join(dir, "tls"), spool: filepath.Join(dir, "spool"), archive: filepath.Join(dir, "archive"),
 		recvMetrics: freeTCPAddr(t), sideMetrics: freeTCPAddr(t), procs: new([]*lab.Proc)}
 	t.Cleanup(func() {
+		// Stopped first, so that the logs shown below hold what each process wrote up to
+		// the failure, its last lines included.
+		for _, p := range *r.procs {
+			if p.Running() {
+				p.Kill()
+			}
+		}
 		if t.Failed() {
 			// A log file holds every run of its process; the first run's Log shows them all.
 			shown := map[string]bool{}
@@ -104,11 +111,6 @@ func newRigMajor(t *testing.T, ctx context.Context, segMB, major int) *rig {
 			}
 			if r.primary != nil {
 				t.Logf("--- primary log:\n%s", lastBytes(r.primary.Log(), 4000))
-			}
-		}
-		for _, p := range *r.procs {
-			if p.Running() {
-				p.Kill()
 			}
 		}
 		if r.primary != nil {
