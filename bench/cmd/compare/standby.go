@@ -82,9 +82,7 @@ func standbyLag(ctx context.Context, c config, r *results) error {
 			if err != nil {
 				return fmt.Errorf("standby round %d, %s: %w", round, ship.name(), err)
 			}
-			sorted := append([]float64(nil), sr.lagBytes...)
-			sort.Float64s(sorted)
-			m := quantile(sorted, 0.5)
+			m := percentile(sr.lagBytes, 0.5)
 			fmt.Printf("  round %d  %-30s replay lag median %9.0f bytes, staleness median %s ms, promoted in %s, lost %d of %d\n",
 				round, ship.name(), m, staleQuantile(sr.staleness, 0.5), sr.promote.Round(time.Millisecond), sr.lost, sr.acked)
 			r.standbys = append(r.standbys, sr)
@@ -259,10 +257,8 @@ func (r *results) standbySection(b *strings.Builder, c config) {
 			if sr.kind != kind {
 				continue
 			}
-			sorted := append([]float64(nil), sr.lagBytes...)
-			sort.Float64s(sorted)
-			p50 = append(p50, quantile(sorted, 0.5))
-			p99 = append(p99, quantile(sorted, 0.99))
+			p50 = append(p50, percentile(sr.lagBytes, 0.5))
+			p99 = append(p99, percentile(sr.lagBytes, 0.99))
 			s50 = append(s50, staleQuantile(sr.staleness, 0.5))
 			s99 = append(s99, staleQuantile(sr.staleness, 0.99))
 			prom = append(prom, ms(sr.promote))
@@ -281,13 +277,4 @@ func (r *results) standbySection(b *strings.Builder, c config) {
 		fmt.Fprintf(b, "| %s | %s | %s | %s ms | %s ms | %s ms | %s |\n", kind, cell(p50, "%.0f"), cell(p99, "%.0f"),
 			staleCell(s50), staleCell(s99), cell(prom, "%.0f"), cell(lost, "%.0f"))
 	}
-}
-
-// quantile is the q-quantile of sorted values (nearest rank).
-func quantile(sorted []float64, q float64) float64 {
-	if len(sorted) == 0 {
-		return 0
-	}
-	i := int(q*float64(len(sorted))+0.5) - 1
-	return sorted[min(max(i, 0), len(sorted)-1)]
 }
