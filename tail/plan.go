@@ -75,12 +75,14 @@ func nextChunk(tli uint32, from, to wal.LSN, segSize, blockSize uint64) chunk {
 }
 
 // switchPadding decides whether a page check failure at offset at of seg is the
-// unwritten rest of a segment after pg_switch_wal(): the pages from the failing one back
-// to the last page that checks must all fail, and that last good page must end with an
-// XLOG_SWITCH record. It returns the offset where the padding starts, which is before
-// at when a shipment resumes inside the padding. page reads the page at an offset of
-// seg; a failed read means no padding.
-func switchPadding(st wal.Stream, seg wal.Segment, err error, page func(off uint64) ([]byte, error)) (uint64, bool) {
+// unwritten rest of a segment after an XLOG_SWITCH record: the pages from the failing
+// one back to the last page that checks must all fail, and the valid WAL must end on
+// that last good page with a switch record (wal.SwitchPadding, which also knows a
+// switch whose header is split across two pages, or two segments). It returns the
+// offset where the padding starts, which is before at when a shipment resumes inside
+// the padding. src reads the WAL of seg and of the segment before it; a failed read
+// means no padding.
+func switchPadding(st wal.Stream, seg wal.Segment, err error, src wal.Source) (uint64, bool) {
 	var pe *wal.PageError
 	if !errors.As(err, &pe) {
 		return 0, false
@@ -90,18 +92,18 @@ func switchPadding(st wal.Stream, seg wal.Segment, err error, page func(off uint
 	if pe.At < seg.Start(segSize) || at == 0 || at >= segSize || at%bs != 0 {
 		return 0, false
 	}
+	b := make([]byte, bs)
 	for p := at - bs; ; p -= bs {
-		b, err := page(p)
-		if err != nil {
+		lsn := seg.Start(segSize) + wal.LSN(p)
+		if n, _ := src.ReadAt(b, lsn); n != len(b) {
 			return 0, false
 		}
-		lsn := seg.Start(segSize) + wal.LSN(p)
 		if st.CheckPage(b, lsn, seg.TLI) == nil {
-			end, ok := wal.SwitchEnd(b, lsn, segSize)
-			if !ok || end > lsn+wal.LSN(bs) {
+			pad, ok := wal.SwitchPadding(st, seg.TLI, src, lsn)
+			if !ok {
 				return 0, false
 			}
-			return p + bs, true
+			return uint64(pad - seg.Start(segSize)), true
 		}
 		if p == 0 {
 			return 0, false

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"testing"
 
@@ -148,15 +149,38 @@ func switchSegment(t *testing.T) (wal.Stream, wal.Segment, map[uint64][]byte) {
 	return st, seg, pages
 }
 
+// pageSource reads whole pages of one segment through read, as wal.Source.
+type pageSource struct {
+	seg  wal.Segment
+	read func(off uint64) ([]byte, error)
+}
+
+func (p pageSource) ReadAt(b []byte, lsn wal.LSN) (int, error) {
+	start := p.seg.Start(mb)
+	if lsn < start || lsn >= start+mb {
+		return 0, io.EOF
+	}
+	off := uint64(lsn - start)
+	page, err := p.read(off / 8192 * 8192)
+	if err != nil {
+		return 0, err
+	}
+	n := copy(b, page[off%8192:])
+	if n < len(b) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
 func TestSwitchPadding(t *testing.T) {
 	st, seg, pages := switchSegment(t)
-	read := func(off uint64) ([]byte, error) {
+	read := pageSource{seg, func(off uint64) ([]byte, error) {
 		b, ok := pages[off]
 		if !ok {
 			return nil, fmt.Errorf("no page at %d", off)
 		}
 		return b, nil
-	}
+	}}
 	failAt := func(off uint64) error {
 		lsn := seg.Start(mb) + wal.LSN(off)
 		err := st.CheckPage(pages[off], lsn, 1)
@@ -181,12 +205,12 @@ func TestSwitchPadding(t *testing.T) {
 	_, ok = switchPadding(st, seg, &wal.PageError{At: seg.Start(mb), Reason: "x"}, read)
 	require.False(t, ok, "a segment cannot start with padding")
 
-	_, ok = switchPadding(st, seg, failAt(0x36000), func(off uint64) ([]byte, error) {
+	_, ok = switchPadding(st, seg, failAt(0x36000), pageSource{seg, func(off uint64) ([]byte, error) {
 		if off == 0x2E000 {
 			return nil, errors.New("i/o error")
 		}
-		return read(off)
-	})
+		return read.read(off)
+	}})
 	require.False(t, ok, "a page that cannot be read is no padding")
 
 	noSwitch := append([]byte(nil), pages[0x2E000]...)

@@ -313,8 +313,7 @@ type walFiles struct {
 	log     zerolog.Logger
 }
 
-func (w walFiles) String() string  { return w.dir }
-func (w walFiles) padMidway() bool { return false }
+func (w walFiles) String() string { return w.dir }
 
 func (w walFiles) open(seg wal.Segment) (*os.File, error) {
 	name := seg.Name(w.segSize)

@@ -140,8 +140,7 @@ type spoolFiles struct {
 	segSize uint64
 }
 
-func (f spoolFiles) String() string  { return f.dir }
-func (f spoolFiles) padMidway() bool { return true }
+func (f spoolFiles) String() string { return f.dir }
 
 func (f spoolFiles) open(seg wal.Segment) (*os.File, error) {
 	file, err := spool.OpenSegment(f.dir, seg, f.segSize)

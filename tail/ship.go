@@ -2,6 +2,7 @@ package tail
 
 import (
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/walship/walship/tail/wal"
@@ -11,10 +12,6 @@ import (
 // segmentFiles opens the files a shipper reads segments from.
 type segmentFiles interface {
 	open(seg wal.Segment) (*os.File, error)
-	// padMidway says whether switch padding may be found in a segment that the end
-	// position has not left: a spool's durable end can stop inside the padding, while a
-	// primary's flush position moves past it to the segment's end at once.
-	padMidway() bool
 	// String names the directory, for messages.
 	String() string
 }
@@ -57,11 +54,11 @@ func (s *shipper) ship(from, to wal.LSN) error {
 		if !padding {
 			lsn := c.seg.Start(segSize) + wal.LSN(c.off)
 			if err := s.stream.CheckPages(b, lsn, s.tli); err != nil {
-				segLeft := to >= c.seg.Start(segSize)+wal.LSN(segSize)
-				padAt, ok := uint64(0), false
-				if segLeft || s.files.padMidway() {
-					padAt, ok = switchPadding(s.stream, c.seg, err, s.page)
-				}
+				// Switch padding may end the range: a spool's durable end can stop
+				// inside it, and so can a primary's flush position when the padding is
+				// longer than wal_buffers (xlog.c: CopyXLogRecordToWAL zeroes it a page
+				// at a time, and XLogWrite flushes what fills the buffers).
+				padAt, ok := switchPadding(s.stream, c.seg, err, segmentSource{s})
 				if !ok {
 					return fmt.Errorf("segment %s in %s: %w", c.seg.Name(segSize), s.files, err)
 				}
@@ -81,11 +78,30 @@ func (s *shipper) ship(from, to wal.LSN) error {
 	return nil
 }
 
-// page reads the page at offset off of the open segment.
-func (s *shipper) page(off uint64) ([]byte, error) {
-	b := make([]byte, s.stream.BlockSize)
-	_, err := s.f.ReadAt(b, int64(off))
-	return b, err
+// segmentSource reads WAL for the switch padding check: from the open segment, or
+// from another one opened for the read (the segment before, where a switch record
+// split across two segments begins). The check reads only pages before the failing one,
+// so never past the range's end.
+type segmentSource struct{ s *shipper }
+
+func (src segmentSource) ReadAt(p []byte, lsn wal.LSN) (int, error) {
+	segSize := src.s.stream.SegSize
+	seg, off := wal.SegmentOf(src.s.tli, lsn, segSize)
+	f := src.s.f
+	if f == nil || seg != src.s.seg {
+		other, err := src.s.files.open(seg)
+		if err != nil {
+			return 0, err
+		}
+		defer other.Close()
+		f = other
+	}
+	n := min(uint64(len(p)), segSize-off)
+	got, err := f.ReadAt(p[:n], int64(off))
+	if err == nil && uint64(got) < uint64(len(p)) {
+		err = io.EOF
+	}
+	return got, err
 }
 
 func (s *shipper) open(seg wal.Segment) error {

@@ -20,6 +20,7 @@ type Record struct {
 	LSN    LSN // where the record starts
 	End    LSN // where the next record may start: after this one, MAXALIGNed
 	TotLen uint32
+	Last   LSN // where the record's bytes end: End before alignment and switch padding
 	Prev   LSN // xl_prev
 	RmID   uint8
 	Info   uint8
@@ -58,6 +59,7 @@ type Reader struct {
 	src  Source
 	pos  LSN // where the next record starts (or the page header before it)
 	prev LSN // start of the last valid record; 0 before the first
+	tail LSN // the end of a split switch's tail skipped at the start; 0 for none
 	rec  []byte
 }
 
@@ -110,6 +112,11 @@ func (r *Reader) skipContinuation() error {
 			return nil
 		}
 		if LSN(h.RemLen) < bs-hs {
+			if end, ok := r.switchTail(r.pos, h); ok {
+				// The rest of the segment is the switch's padding.
+				r.pos = end
+				return nil
+			}
 			r.pos = LSN(maxAlign(uint64(r.pos + hs + LSN(h.RemLen))))
 			return nil
 		}
@@ -171,6 +178,16 @@ func (r *Reader) Next() (Record, error) {
 			if err != nil {
 				return Record{}, err
 			}
+			if h.Info&FlagOverwriteContRec != 0 {
+				// The record was abandoned by a crash: the server that came back wrote
+				// new WAL from this page on, starting with an XLOG_OVERWRITE_CONTRECORD
+				// record whose xl_prev is the abandoned record's. Read on from there,
+				// as xlogreader.c does (XLogDecodeNextRecord: "restart the read by
+				// assuming the address to read is the location where we found this
+				// flag").
+				r.pos = at
+				return r.Next()
+			}
 			if h.Info&FlagFirstIsContRecord == 0 || h.RemLen != tot-got {
 				return Record{}, &EndError{At: start, Reason: fmt.Sprintf("record continues onto page %s, whose header says continuation flag %t, %d bytes remaining; want %d",
 					at, h.Info&FlagFirstIsContRecord != 0, h.RemLen, tot-got), Err: ErrInvalidRecord}
@@ -193,11 +210,14 @@ func (r *Reader) Next() (Record, error) {
 	if want := binary.LittleEndian.Uint32(rec[20:]); crc != want {
 		return Record{}, &EndError{At: start, Reason: fmt.Sprintf("record crc %08x, want %08x", crc, want), Err: ErrInvalidRecord}
 	}
-	out := Record{LSN: start, TotLen: tot, Prev: prev, Info: rec[16], RmID: rec[17]}
+	out := Record{LSN: start, TotLen: tot, Prev: prev, Info: rec[16], RmID: rec[17], Last: at}
 	out.End = LSN(maxAlign(uint64(at)))
 	if out.IsSwitch() {
-		// The rest of the segment is padding; the next record opens the next segment.
-		seg, _ := SegmentOf(r.tli, out.LSN, r.s.SegSize)
+		// The rest of the segment the record ends in is padding; the next record opens
+		// the next segment. A switch that starts in a segment's last 16 bytes ends in
+		// the next segment, whose rest is then the padding (xlogreader.c: "pretend it
+		// extends to end of segment", counted from the record's end).
+		seg, _ := SegmentOf(r.tli, at-1, r.s.SegSize)
 		out.End = seg.Start(r.s.SegSize) + LSN(r.s.SegSize)
 	}
 	r.pos, r.prev = out.End, out.LSN

@@ -255,43 +255,49 @@ func FuzzCheckPages(f *testing.F) {
 	})
 }
 
-// TestSwitchEnd reads a real page: testdata/pg15-switch-page-0702E000.bin is the page at
-// 0/72E000 of a PostgreSQL 15.18 cluster made with initdb --wal-segsize=1, after
-// "insert into t select g from generate_series(1,3000) g; select pg_switch_wal()".
+// TestSwitchPaddingRealPage reads a real page: testdata/pg15-switch-page-0702E000.bin is
+// the page at 0/72E000 of a PostgreSQL 15.18 cluster made with initdb --wal-segsize=1,
+// after "insert into t select g from generate_series(1,3000) g; select pg_switch_wal()".
 // pg_waldump shows its last record: "rmgr: XLOG len (rec/tot): 24/24, lsn: 0/0072F688,
 // desc: SWITCH", and the pages after it in the segment were left as zeros.
-func TestSwitchEnd(t *testing.T) {
+func TestSwitchPaddingRealPage(t *testing.T) {
 	page, err := os.ReadFile("testdata/pg15-switch-page-0702E000.bin")
 	require.NoError(t, err)
-	end, ok := SwitchEnd(page, 0x72E000, 1<<20)
+	st := Stream{SysID: 0, SegSize: 1 << 20, BlockSize: 8192, Magic: 0xD110}
+	h, err := ParsePageHeader(page)
+	require.NoError(t, err)
+	st.SysID = 1 // not checked on a page that is not a segment's first
+	require.NoError(t, st.CheckPage(page, 0x72E000, h.TLI))
+	pad, ok := SwitchPadding(st, h.TLI, Bytes{Base: 0x72E000, Data: page}, 0x72E000)
 	require.True(t, ok)
-	require.Equal(t, LSN(0x72F688+24), end)
+	require.Equal(t, LSN(0x730000), pad)
 
 	// A page whose last record is not a switch says so.
 	other := append([]byte(nil), page...)
 	other[0x1688+17] = 10 // rmid of the switch record changed to Heap
-	_, ok = SwitchEnd(other, 0x72E000, 1<<20)
+	_, ok = SwitchPadding(st, h.TLI, Bytes{Base: 0x72E000, Data: other}, 0x72E000)
 	require.False(t, ok)
 	// A record running off the page is no switch either.
 	cut := append([]byte(nil), page...)
 	binary.LittleEndian.PutUint32(cut[0x1688:], 9000)
-	_, ok = SwitchEnd(cut, 0x72E000, 1<<20)
+	_, ok = SwitchPadding(st, h.TLI, Bytes{Base: 0x72E000, Data: cut}, 0x72E000)
 	require.False(t, ok)
 }
 
-func FuzzSwitchEnd(f *testing.F) {
+func FuzzSwitchPadding(f *testing.F) {
 	page, err := os.ReadFile("testdata/pg15-switch-page-0702E000.bin")
 	if err != nil {
 		f.Fatal(err)
 	}
+	st := Stream{SysID: 1, SegSize: 1 << 20, BlockSize: 8192, Magic: 0xD110}
 	f.Add(page, uint16(0), byte(0))
 	f.Fuzz(func(t *testing.T, b []byte, at uint16, x byte) {
 		if len(b) > 0 {
 			b[int(at)%len(b)] ^= x
 		}
-		end, ok := SwitchEnd(b, 0x72E000, 1<<20)
-		if ok && (end <= 0x72E000 || end > 0x72E000+LSN(len(b))) {
-			t.Fatalf("switch end %s outside the page", end)
+		pad, ok := SwitchPadding(st, 1, Bytes{Base: 0x72E000, Data: b}, 0x72E000)
+		if ok && pad != 0x730000 {
+			t.Fatalf("padding from %s, want the next page", pad)
 		}
 	})
 }

@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/tail/wal"
+)
+
+// TestSwitchPlacements puts an XLOG_SWITCH record at every MAXALIGNed offset of a page's
+// last 40 bytes, on PostgreSQL 13, 15 and 18, with the sidecar streaming throughout.
+// At the last two offsets the record's header is split across two pages (8176, 8184),
+// and on a segment's last page across two segments, which leaves the next segment all
+// padding after the record's tail. Each time the spool must get past the switch to the
+// commit after it, and in the end every published segment is the primary's own.
+//
+// A non-transactional logical message of a computed size puts the insert position
+// where wanted; the switch record is then found in pg_wal and its place checked, and a
+// placement that background WAL moved is tried again.
+func TestSwitchPlacements(t *testing.T) {
+	for _, major := range []int{13, 15, 18} {
+		t.Run(fmt.Sprintf("pg%d", major), func(t *testing.T) {
+			ctx := testContext(t, 4*time.Minute)
+			r := newRigMajor(t, ctx, 1, major)
+			r.startReceiver(ctx)
+			r.startSidecar(ctx, r.primary)
+			r.waitStreaming(ctx)
+			require.NoError(t, r.primary.Exec(ctx, "ALTER SYSTEM SET autovacuum = off"))
+			require.NoError(t, r.primary.Exec(ctx, "SELECT pg_reload_conf()"))
+			require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE marks (i int)"))
+			id, ok, err := spool.ReadIdentity(r.spool)
+			require.NoError(t, err)
+			require.True(t, ok)
+			p := placer{t: t, c: r.primary, st: id.Stream()}
+			p.calibrate(ctx)
+
+			const bs = 8192
+			for i, place := range []struct {
+				lastPage bool
+				off      wal.LSN
+			}{
+				{false, 8152}, {false, 8160}, {false, 8168}, {false, 8176}, {false, 8184},
+				{true, 8168}, {true, 8176}, {true, 8184},
+			} {
+				at := p.switchAt(ctx, place.off, place.lastPage)
+				require.NoError(t, r.primary.Exec(ctx, "INSERT INTO marks VALUES ($1)", i))
+				flush := flushLSN(t, ctx, r.primary)
+				sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				err := lab.Wait(sctx, 10*time.Millisecond, "the spool past the switch at "+at.String(), func() (bool, error) {
+					pos, _ := spoolPosition(t, r.spool)
+					return pos.LSN >= flush, nil
+				})
+				cancel()
+				require.NoError(t, err, "switch at %s (page offset %d): sidecar log:\n%s", at, uint64(at)%bs, lastBytes(r.sidecar.Log(), 3000))
+			}
+			require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+			require.NoError(t, r.primary.Exec(ctx, "INSERT INTO marks VALUES (-1)"))
+			segs := r.checkIdentical(ctx)
+			t.Logf("PostgreSQL %d: %d segments identical to the primary's", major, segs)
+
+			// Each segment checks on its own, as restore checks it: the one that holds
+			// only a split switch's tail and padding too.
+			r.sidecar.Kill()
+			out, err := exec.CommandContext(ctx, walshipBin, "verify", "--spool", copySpool(t, r.spool)).CombinedOutput()
+			require.NoError(t, err, "walship verify:\n%s", out)
+			require.Equal(t, segs+1, strings.Count(string(out), " ok: "), "%s", out)
+		})
+	}
+}
+
+// placer puts a server's insert position at a wanted page offset and switches there.
+type placer struct {
+	t  *testing.T
+	c  *lab.Cluster
+	st wal.Stream
+	// overhead is the MAXALIGNed size of a non-transactional logical message's record
+	// beyond its message bytes, for messages long enough to take the long data header.
+	overhead uint64
+}
+
+func (p *placer) insertLSN(ctx context.Context) wal.LSN {
+	p.t.Helper()
+	l, err := wal.ParseLSN(mustQuery(p.t, ctx, p.c, "SELECT pg_current_wal_insert_lsn()"))
+	require.NoError(p.t, err)
+	return l
+}
+
+// headers counts the bytes of the page headers between two record positions.
+func (p *placer) headers(from, to wal.LSN) uint64 {
+	n := uint64(0)
+	bs := p.st.BlockSize
+	for pg := (uint64(from)/bs + 1) * bs; pg < uint64(to); pg += bs {
+		n += uint64(wal.HeaderSize(wal.LSN(pg), p.st.SegSize))
+	}
+	return n
+}
+
+func (p *placer) emit(ctx context.Context, n uint64) {
+	p.t.Helper()
+	require.NoError(p.t, p.c.Exec(ctx, "SELECT pg_logical_emit_message(false, 'walship', repeat('x', $1))", int(n)))
+}
+
+// calibrate measures the record overhead of a logical message, from messages that
+// nothing else wrote beside.
+func (p *placer) calibrate(ctx context.Context) {
+	p.t.Helper()
+	for try := 0; try < 5; try++ {
+		a := p.insertLSN(ctx)
+		p.emit(ctx, 1000)
+		b := p.insertLSN(ctx)
+		p.emit(ctx, 2000)
+		c := p.insertLSN(ctx)
+		d1 := uint64(b-a) - p.headers(a, b) - 1000
+		d2 := uint64(c-b) - p.headers(b, c) - 2000
+		if d1 == d2 {
+			p.overhead = d1
+			return
+		}
+	}
+	p.t.Fatal("could not measure a logical message's size: other WAL kept coming")
+}
+
+// switchAt puts an XLOG_SWITCH record at page offset off of a page inside a fresh
+// segment, or of a segment's last page, and returns where it starts.
+func (p *placer) switchAt(ctx context.Context, off wal.LSN, lastPage bool) wal.LSN {
+	p.t.Helper()
+	bs, segSize := p.st.BlockSize, p.st.SegSize
+	for try := 0; try < 10; try++ {
+		require.NoError(p.t, p.c.Exec(ctx, "SELECT pg_switch_wal()"))
+		from := p.insertLSN(ctx)
+		seg := uint64(from) / segSize * segSize
+		page := seg + 3*bs
+		if lastPage {
+			page = seg + segSize - bs
+		}
+		target := wal.LSN(page) + off
+		size := uint64(target-from) - p.headers(from, target)
+		if size < p.overhead+300 {
+			continue
+		}
+		p.emit(ctx, size-p.overhead)
+		if got := p.insertLSN(ctx); got != target {
+			p.t.Logf("placing a switch at %s: the insert position is %s (other WAL came in); again", target, got)
+			continue
+		}
+		require.NoError(p.t, p.c.Exec(ctx, "SELECT pg_switch_wal()"))
+		at, ok := p.findSwitch(target)
+		if ok && at == target {
+			return at
+		}
+		p.t.Logf("placing a switch at %s: it went to %s; again", target, at)
+	}
+	p.t.Fatalf("could not place a switch at page offset %d", off)
+	return 0
+}
+
+// findSwitch reads the primary's pg_wal from the page before lsn to the first switch
+// record, and returns where that record starts.
+func (p *placer) findSwitch(lsn wal.LSN) (wal.LSN, bool) {
+	p.t.Helper()
+	segSize := p.st.SegSize
+	pgwal := filepath.Join(p.c.Data, "pg_wal")
+	src := &wal.Files{SegSize: segSize, Locate: func(no uint64) (string, int64, bool) {
+		return filepath.Join(pgwal, wal.Segment{TLI: 1, No: no}.Name(segSize)), int64(segSize), true
+	}}
+	defer src.Close()
+	bs := wal.LSN(p.st.BlockSize)
+	start := lsn/bs*bs - bs
+	r := wal.NewReader(p.st, 1, src, start, 0)
+	for {
+		rec, err := r.Next()
+		var end *wal.EndError
+		if errors.As(err, &end) || err != nil {
+			p.t.Logf("no switch record after %s: %v", start, err)
+			return 0, false
+		}
+		if rec.IsSwitch() {
+			return rec.LSN, true
+		}
+	}
+}
