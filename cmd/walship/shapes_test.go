@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -188,4 +190,109 @@ func (p *placer) findSwitch(lsn wal.LSN) (wal.LSN, bool) {
 			return rec.LSN, true
 		}
 	}
+}
+
+// TestOverwrittenContrecord: a backend killed in the middle of a 64 MB WAL record (a
+// non-transactional logical message, larger than wal_buffers, so that its first pages
+// are written before it ends) makes the server restart by itself and abandon the
+// record: crash recovery writes new WAL from the first page it could not read, flagged
+// XLP_FIRST_IS_OVERWRITE_CONTRECORD (xlog.c: CreateOverwriteContrecordRecord). With
+// the sidecar streaming and a hot standby fed by walship restore --live throughout:
+// the spool gets past it byte-identical to the primary's WAL, walship verify passes,
+// the standby is handed the partial that holds the page and shows a commit made after
+// it, and a failover (drain, promote with that partial) loses no acknowledged commit.
+func TestOverwrittenContrecord(t *testing.T) {
+	ctx := testContext(t, 4*time.Minute)
+	r := streamingRig(t, ctx, 16)
+	require.NoError(t, r.primary.Own(r.spool))
+	createLoadTable(t, ctx, r.primary)
+	r.restoreArgs = []string{"--live"}
+	sb := r.standby(ctx, false)
+	id, ok, err := spool.ReadIdentity(r.spool)
+	require.NoError(t, err)
+	require.True(t, ok)
+	st := id.Stream()
+
+	over := abandonRecord(t, ctx, r.primary, st)
+	t.Logf("crash recovery overwrote the abandoned record's continuation at %s", over)
+
+	// A commit after it reaches the spool, and the hot standby through a live hand-out
+	// of the partial that holds the overwrite page (a whole segment would take 16 MB).
+	require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) VALUES (-2, 'after the overwrite')"))
+	flush := flushLSN(t, ctx, r.primary)
+	require.Equal(t, uint64(over)/id.SegSize, uint64(flush)/id.SegSize, "the commit is in the overwrite page's segment")
+	r.waitSpoolAt(ctx, flush)
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "the standby to show the commit after the overwrite", func() (bool, error) {
+		n, err := sb.QueryString(ctx, "SELECT count(*) FROM "+lab.LoadTable+" WHERE client = -2")
+		return err == nil && n == "1", nil
+	}))
+	require.NotContains(t, sb.Log(), "refus", "no hand-out was refused")
+
+	segs := r.checkIdentical(ctx)
+	out, err := exec.CommandContext(ctx, walshipBin, "verify", "--spool", copySpool(t, r.spool)).CombinedOutput()
+	require.NoError(t, err, "walship verify:\n%s", out)
+	t.Logf("%d segments identical; walship verify:\n%s", segs, out)
+
+	crashAndPromote(t, ctx, r, sb, []string{"--dsn", sb.DSN()}, crash{})
+}
+
+// abandonRecord kills the backend that writes a 64 MB logical message once the server
+// has written part of it, waits for the server to restart by itself, and returns the
+// page crash recovery flagged XLP_FIRST_IS_OVERWRITE_CONTRECORD.
+func abandonRecord(t *testing.T, ctx context.Context, c *lab.Cluster, st wal.Stream) wal.LSN {
+	t.Helper()
+	conn, err := c.Connect(ctx)
+	require.NoError(t, err)
+	var pid int
+	require.NoError(t, conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid))
+	start := flushLSN(t, ctx, c)
+	// Past a segment boundary and a little more, so that the new WAL after the
+	// overwrite has most of a segment before it.
+	kill := wal.LSN((uint64(start)/st.SegSize+1)*st.SegSize) + 1<<20
+	done := make(chan error, 1)
+	go func() {
+		_, err := conn.Exec(ctx, "SELECT pg_logical_emit_message(false, 'walship', repeat('x', 64 << 20))")
+		done <- err
+	}()
+	poll, err := c.Connect(ctx)
+	require.NoError(t, err)
+	for {
+		var written wal.LSN
+		require.NoError(t, poll.QueryRow(ctx, "SELECT pg_current_wal_lsn()").Scan(&written))
+		if written >= kill {
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("the 64 MB message was written whole before the kill: %v", err)
+		default:
+		}
+	}
+	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
+	<-done
+	poll.Close(context.Background())
+	conn.Close(context.Background())
+	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "the server to restart after the crash", func() (bool, error) {
+		_, err := c.QueryString(ctx, "SELECT 1")
+		return err == nil, nil
+	}))
+	// Find the flagged page in pg_wal, from the message's start on.
+	end := flushLSN(t, ctx, c)
+	bs := wal.LSN(st.BlockSize)
+	for page := start / bs * bs; page < end; page += bs {
+		seg, off := wal.SegmentOf(1, page, st.SegSize)
+		f, err := os.Open(filepath.Join(c.Data, "pg_wal", seg.Name(st.SegSize)))
+		require.NoError(t, err)
+		h := make([]byte, wal.LongHeaderSize)
+		_, err = f.ReadAt(h, int64(off))
+		f.Close()
+		require.NoError(t, err)
+		ph, err := wal.ParsePageHeader(h)
+		require.NoError(t, err)
+		if ph.PageAddr == page && ph.Info&wal.FlagOverwriteContRec != 0 {
+			return page
+		}
+	}
+	t.Fatalf("no page between %s and %s is flagged XLP_FIRST_IS_OVERWRITE_CONTRECORD; server log:\n%s", start, end, c.Log())
+	return 0
 }
