@@ -191,6 +191,17 @@ func TestOverwriteContrecord(t *testing.T) {
 				_, _, stop := readAll(t, segmentAlone(b, no), wal.LSN(no*shapeSeg))
 				require.ErrorIs(t, stop, io.EOF, "segment %d alone: stopped at %s: %s", no, stop.At, stop.Reason)
 			}
+			// As the drain reads, from a last flush position inside the abandoned
+			// record: back to where a record starts, then on to the end.
+			for lsn := abandoned + 100; lsn < tc.lost; lsn += 3 * shapeBS {
+				start, err := wal.RecordAtOrBefore(shapeStream, 1, src, lsn, 0)
+				require.NoError(t, err)
+				require.LessOrEqual(t, start, abandoned, "a record start at or before %s", lsn)
+				end, _, stop, err := wal.ValidEnd(shapeStream, 1, src, start, 0)
+				require.NoError(t, err)
+				require.ErrorIs(t, stop, io.EOF)
+				require.Equal(t, b.Pos(), end)
+			}
 		})
 	}
 }
