@@ -246,8 +246,9 @@ func liveHandOuts(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster) {
 }
 
 // recordToTear finds, in the spool's newest published segment that has one, a record
-// that starts at least 4 kB into it and is at least 64 bytes long: the segment, its
-// bytes and the record.
+// that starts at least 4 kB into it, is at least 64 bytes long and follows a record of
+// the same segment (liveHandOuts damages that one): the segment, its bytes and the
+// record.
 func recordToTear(t *testing.T, dir string) (wal.Segment, []byte, wal.Record) {
 	t.Helper()
 	id, _, err := spool.ReadIdentity(dir)
@@ -264,7 +265,7 @@ func recordToTear(t *testing.T, dir string) (wal.Segment, []byte, wal.Record) {
 			if err != nil {
 				break
 			}
-			if rec.LSN >= start+4096 && rec.TotLen >= 64 && rec.End <= start+wal.LSN(len(b)) {
+			if rec.LSN >= start+4096 && rec.TotLen >= 64 && rec.End <= start+wal.LSN(len(b)) && rec.Prev >= start {
 				return seg, b, rec
 			}
 		}
