@@ -28,7 +28,44 @@ var (
 	ErrCorrupt = errors.New("corrupt file")
 	// errNotInSpool is a file the spool lacks, which the archive may hold.
 	errNotInSpool = fmt.Errorf("%w: not in the spool", ErrNotAvailable)
+	// ErrStopRecovery wraps the error of a restore whose failure the server would take
+	// for the end of the WAL (FailureEndsRecovery): restore_command must then exit above
+	// 125, which stops the server, rather than let it promote itself without the WAL it
+	// asked for.
+	ErrStopRecovery = errors.New("the server must stop rather than end recovery")
+	// errFromArchive marks a failure to get a good file from the archive: a waiting
+	// restore tries again later, for the archive may answer then and the spool may
+	// publish the file meanwhile.
+	errFromArchive = errors.New("from the archive")
 )
+
+// FailureEndsRecovery says why a failing restore_command would end the recovery of the
+// server in pgdata, or "" when it would not. In archive recovery (recovery.signal
+// without standby.signal) the first failure is taken for the end of the WAL, and so it
+// is in standby mode once a promotion has been asked for, which walship promote does
+// after setting its trigger in the spool (xlogrecovery.c: WaitForWALToBecomeAvailable,
+// CheckForStandbyTrigger). Any exit status from 1 to 125 counts as a failure there,
+// not only 1 (restore.c: RestoreArchivedFile). pgdata "" is the working directory; a
+// directory that is no data directory (no PG_VERSION) gives "": the command was run by
+// hand.
+func FailureEndsRecovery(pgdata, spoolDir string) string {
+	if pgdata == "" {
+		pgdata = "."
+	}
+	if _, err := os.Stat(filepath.Join(pgdata, "PG_VERSION")); err != nil {
+		return ""
+	}
+	if _, err := os.Stat(filepath.Join(pgdata, "standby.signal")); err != nil {
+		return "the server is in archive recovery (no standby.signal), where a failed restore ends recovery and promotes it"
+	}
+	if spoolDir == "" {
+		return ""
+	}
+	if _, triggered, err := spool.ReadTrigger(spoolDir); err != nil || triggered {
+		return "a promotion is under way, and a failed restore would end recovery without this file"
+	}
+	return ""
+}
 
 // DefaultWaitInterval is how often a waiting restore looks at the spool.
 const DefaultWaitInterval = 50 * time.Millisecond
@@ -72,8 +109,21 @@ var (
 )
 
 // Restore answers one restore_command call: nil when the file was restored to Target,
-// ErrNotAvailable when it is not there, another error when something is wrong.
+// ErrNotAvailable when it is not there, another error when something is wrong. An
+// error that would end the server's recovery (FailureEndsRecovery) wraps
+// ErrStopRecovery.
 func Restore(ctx context.Context, cfg RestoreConfig) error {
+	err := restore(ctx, cfg)
+	if err == nil || errors.Is(err, ErrNotAvailable) || ctx.Err() != nil {
+		return err
+	}
+	if why := FailureEndsRecovery(cfg.PGData, cfg.Spool); why != "" {
+		return fmt.Errorf("%w (%s): %w", ErrStopRecovery, why, err)
+	}
+	return err
+}
+
+func restore(ctx context.Context, cfg RestoreConfig) error {
 	if cfg.Spool == "" || cfg.File == "" || cfg.Target == "" {
 		return errors.New("restore: the spool, %f and %p are required")
 	}
@@ -126,12 +176,29 @@ func Restore(ctx context.Context, cfg RestoreConfig) error {
 		}
 		return err
 	}
+	askArchive := cfg.Archive != nil
+	var archiveAt time.Time // when to ask the archive again after it failed
+	archivePause, archiveErr := time.Duration(0), ""
 	for waited := false; ; waited = true {
 		err := restoreSegment(ctx, cfg, id, seg, haveID)
-		if !waited && cfg.Archive != nil && (errors.Is(err, errNotInSpool) || !haveID && errors.Is(err, ErrNotAvailable)) {
-			// Once: a segment that is not produced yet is not in the archive either,
-			// and a waiting restore must not ask the archive every WaitInterval.
-			if err = restoreFromArchive(ctx, cfg, id, haveID, &seg); !errors.Is(err, ErrNotAvailable) {
+		if askArchive && !time.Now().Before(archiveAt) && (errors.Is(err, errNotInSpool) || !haveID && errors.Is(err, ErrNotAvailable)) {
+			// A segment the archive does not hold is not produced yet: the spool will
+			// have it first, and a waiting restore asks the archive no more.
+			err = restoreFromArchive(ctx, cfg, id, haveID, &seg)
+			askArchive = false
+			if cfg.Wait && errors.Is(err, errFromArchive) && !errors.Is(err, archive.ErrWrongCluster) {
+				// An archive that cannot be reached, or gave damaged bytes, may do
+				// better later, and the spool may publish the file meanwhile: ask again
+				// after a growing pause, saying why each time the reason changes.
+				if msg := err.Error(); msg != archiveErr {
+					cfg.Logger.Warn().Err(err).Msg("waiting: the archive failed; looking in the spool meanwhile and asking the archive again later")
+					archiveErr = msg
+				}
+				archivePause = min(max(2*archivePause, time.Second), 30*time.Second)
+				archiveAt, askArchive = time.Now().Add(archivePause), true
+				err = fmt.Errorf("restore %s: %w", cfg.File, ErrNotAvailable)
+			}
+			if !errors.Is(err, ErrNotAvailable) {
 				return err
 			}
 		}
@@ -290,7 +357,7 @@ func restoreFromArchive(ctx context.Context, cfg RestoreConfig, id spool.Identit
 	aid, ok, err := cfg.Archive.Identity(ctx)
 	switch {
 	case err != nil:
-		return fmt.Errorf("restore %s: %w", cfg.File, err)
+		return fmt.Errorf("restore %s %w: %w", cfg.File, errFromArchive, err)
 	case !ok:
 		return fmt.Errorf("restore %s: the archive %s holds nothing yet: %w", cfg.File, cfg.Archive, ErrNotAvailable)
 	case haveID && (aid.SysID != id.SysID || aid.SegSize != id.SegSize):
@@ -305,7 +372,7 @@ func restoreFromArchive(ctx context.Context, cfg RestoreConfig, id spool.Identit
 		return fmt.Errorf("restore %s: neither in the spool nor in the archive: %w", cfg.File, ErrNotAvailable)
 	}
 	if err != nil {
-		return fmt.Errorf("restore %s: %w", cfg.File, err)
+		return fmt.Errorf("restore %s %w: %w", cfg.File, errFromArchive, err)
 	}
 	if seg != nil {
 		s := *seg
@@ -316,7 +383,7 @@ func restoreFromArchive(ctx context.Context, cfg RestoreConfig, id spool.Identit
 			}
 		}
 		if err := checkSegment(aid, s, b); err != nil {
-			return fmt.Errorf("restore %s from the archive: %w", cfg.File, err)
+			return fmt.Errorf("restore %s %w: %w", cfg.File, errFromArchive, err)
 		}
 	}
 	if err := durable.WriteFile(cfg.Target, b, 0o600); err != nil {

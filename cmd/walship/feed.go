@@ -21,9 +21,33 @@ import (
 const (
 	exitRestoreNotAvailable = 1
 	exitRestoreError        = 3
+	// exitRestoreStop is any error where a failure would end the server's recovery
+	// (feeder.FailureEndsRecovery): PostgreSQL takes an exit status above 125 as fatal
+	// and stops, where 1 to 125 would be the end of the WAL and a promotion.
+	exitRestoreStop = 200
 )
 
 func runRestore(args []string) int {
+	var spoolDir, pgdata *string
+	rc := restore(args, &spoolDir, &pgdata)
+	if rc == exitOK || rc == exitRestoreNotAvailable || listing != nil {
+		return rc
+	}
+	// A usage error or any other: never one the server would take for the end of WAL.
+	dir, data := "", ""
+	if spoolDir != nil {
+		dir, data = *spoolDir, *pgdata
+	}
+	if rc != exitRestoreStop {
+		if why := feeder.FailureEndsRecovery(data, dir); why != "" {
+			fmt.Fprintf(stderr, "walship restore: exiting with %d, which stops the server: %s\n", exitRestoreStop, why)
+			return exitRestoreStop
+		}
+	}
+	return rc
+}
+
+func restore(args []string, spoolDir, pgdataDir **string) int {
 	fs := newFlags("restore", "--spool DIR [--live | --wait] [--cleanup] %f %p [%r]", `
 The restore_command of a standby fed by walship:
 
@@ -35,7 +59,14 @@ promote' it hands the frozen partial segment, zero-padded, and answers "not avai
 for any later segment, so that recovery ends after the last byte received.
 
 Exit status: 0 restored; 1 not available (yet); 3 an error (bad file name, a corrupt
-or short segment, a spool of another cluster); 2 a usage error.
+or short segment, a spool of another cluster, an unreadable file); 2 a usage error.
+Where the server would take a failure for the end of the WAL and promote itself
+without it (archive recovery, which is no standby.signal in the data directory, or
+standby mode once walship promote has set its trigger), every error exits 200
+instead: PostgreSQL stops on an exit status above 125, with walship's reason in its
+log, and nothing is lost; start it again once the cause is put right. With --wait, an
+archive that cannot be reached (or gives a damaged object) is no error: restore keeps
+waiting for the spool, says why, and asks the archive again after a growing pause.
 
 Standby mode (standby.signal): leave --wait off; a missing segment answers 1 at once
 and the server retries every wal_retrieve_retry_interval. Archive recovery
@@ -69,7 +100,8 @@ removes only the spool segments the archive holds with the same checksum.`)
 	wait := fs.Bool("wait", false, "wait for a missing segment (archive recovery) instead of answering 1 at once")
 	live := fs.Bool("live", false, "standby mode: hand recovery the segment being received, zero-padded, each time it has grown (see above)")
 	clean := fs.Bool("cleanup", false, "remove published spool segments older than %r, as pg_archivecleanup does")
-	pgdata := fs.String("pgdata", "", "the standby's data directory, for the cluster check (default: the working directory, as PostgreSQL runs restore_command)")
+	pgdata := fs.String("pgdata", "", "the standby's data directory, for the cluster check and its recovery mode (default: the working directory, as PostgreSQL runs restore_command)")
+	*spoolDir, *pgdataDir = spool, pgdata
 	openArchive := archiveFlags(fs, "fetch a segment or history file the spool lacks (once per call) from")
 	logger := logFlags(fs)
 	if rc := parseWithArgs(fs, args); rc >= 0 {
@@ -108,6 +140,9 @@ removes only the spool segments the archive holds with the same checksum.`)
 	case errors.Is(err, feeder.ErrNotAvailable):
 		log.Debug().Err(err).Msg("not available")
 		return exitRestoreNotAvailable
+	case errors.Is(err, feeder.ErrStopRecovery):
+		fmt.Fprintf(stderr, "walship restore: %v\n", err)
+		return exitRestoreStop
 	case ctx.Err() != nil:
 		stop()
 		signal.Reset(syscall.SIGTERM)
