@@ -37,13 +37,15 @@ type Writer struct {
 	// catch-up) that writing zeros ahead would cost more bandwidth than cheaper syncs save.
 	syncs uint64
 	bulk  bool
+	// datasync fdatasyncs the partial: fdatasync, unless a test injects failures.
+	datasync func(*os.File) error
 }
 
 const bulkSync = 256 << 10
 
 // NewWriter returns a Writer for the spool dir of segSize-byte segments.
 func NewWriter(dir string, segSize uint64) *Writer {
-	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64), digest: xxhash.New(), slotBuf: make([]byte, slotSize)}
+	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64), digest: xxhash.New(), slotBuf: make([]byte, slotSize), datasync: fdatasync}
 }
 
 // Use makes seg's partial file the one written, syncing the one before. create says
@@ -153,7 +155,7 @@ func (w *Writer) Sync() error {
 		return fmt.Errorf("write the end block of %s: %w", w.f.Name(), err)
 	}
 	w.Syncs.Add(1)
-	if err := fdatasync(w.f); err != nil {
+	if err := w.datasync(w.f); err != nil {
 		return err
 	}
 	w.seq, w.synced = s.seq, s.end
