@@ -33,8 +33,10 @@ import (
 // sync completed before the next one began. Bytes past the end are no part of the
 // partial, whatever they hold: readers use the end, never the file's size.
 //
-// A partial of at most a segment's size, written by walship releases before pre-sizing,
-// holds exactly its bytes; Recover turns it into a pre-sized one.
+// A partial of at most a segment's size, written by walship releases before pre-sizing
+// (or a publish's, between its truncate and its rename), says how many bytes it holds by
+// its size alone, which no hash vouches for: Recover keeps its whole records and turns
+// it into a pre-sized one.
 const (
 	EndBlockSize = 4096
 	slotSize     = 512

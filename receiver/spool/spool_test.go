@@ -1,7 +1,10 @@
 package spool
 
 import (
+	"compress/gzip"
 	"encoding/binary"
+	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -33,6 +36,39 @@ func pages(seg wal.Segment, n int) []byte {
 		}
 	}
 	return b
+}
+
+// sample returns real WAL: segment 000000010000000000000008 of the PostgreSQL 15
+// sample in tail/wal/testdata/pg15 (see its README.md), whole, and the identity of the
+// cluster that wrote it. Its first page continues a record from the segment before; its
+// last whole record ends at 0/8FE0F0, and the record after it runs on into the next
+// segment. Recovery checks records, which synthetic pages (pages) do not hold.
+func sample(t testing.TB) (Identity, wal.Segment, []byte) {
+	t.Helper()
+	const dir = "../../tail/wal/testdata/pg15"
+	meta, err := os.ReadFile(filepath.Join(dir, "sample.json"))
+	require.NoError(t, err)
+	var m struct {
+		VersionNum uint32 `json:"server_version_num"`
+		SysID      uint64 `json:"system_identifier,string"`
+		SegSize    uint64 `json:"wal_segment_size"`
+	}
+	require.NoError(t, json.Unmarshal(meta, &m))
+	magic, err := wal.MagicFor(int(m.VersionNum))
+	require.NoError(t, err)
+	id := Identity{SysID: m.SysID, SegSize: m.SegSize, BlockSize: 8192, Magic: magic, ServerVersion: m.VersionNum}
+	const name = "000000010000000000000008"
+	seg, err := wal.ParseSegmentName(name, id.SegSize)
+	require.NoError(t, err)
+	f, err := os.Open(filepath.Join(dir, name+".gz"))
+	require.NoError(t, err)
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	require.NoError(t, err)
+	b, err := io.ReadAll(zr)
+	require.NoError(t, err)
+	require.Len(t, b, int(id.SegSize))
+	return id, seg, b
 }
 
 func TestBind(t *testing.T) {
@@ -104,14 +140,21 @@ func TestScan(t *testing.T) {
 
 func TestRecover(t *testing.T) {
 	dir := t.TempDir()
-	st := testID.Stream()
-	partial := wal.Segment{TLI: 1, No: 4}
-	whole := wal.Segment{TLI: 2, No: 4}
-	// A partial whose last page was never written whole (zeros where a header belongs),
-	// a whole partial left by a crash before its rename, and a leftover temporary file.
-	good := pages(partial, 3)
+	id, seg, b := sample(t)
+	st := id.Stream()
+	partial := seg
+	whole := wal.Segment{TLI: 2, No: seg.No} // pages of timeline 1 may be on timeline 2
+	// A partial of the old kind whose last page was never written whole (zeros where a
+	// header belongs), a whole partial left by a crash between its publish's sync and
+	// its rename, and a leftover temporary file.
+	good := append([]byte(nil), b[:3*8192]...)
 	require.NoError(t, os.WriteFile(PartialPath(dir, partial, st.SegSize), append(good, make([]byte, 8192)...), 0o644))
-	require.NoError(t, os.WriteFile(PartialPath(dir, whole, st.SegSize), pages(whole, 128), 0o644))
+	f, err := os.OpenFile(PartialPath(dir, whole, st.SegSize), os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	_, err = f.WriteAt(b, 0)
+	require.NoError(t, err)
+	require.NoError(t, writeEndBlock(f, st.SegSize, b, 1))
+	require.NoError(t, f.Close())
 	temp := filepath.Join(dir, durable.TempPrefix+"x")
 	require.NoError(t, os.WriteFile(temp, []byte("half"), 0o644))
 
@@ -120,7 +163,12 @@ func TestRecover(t *testing.T) {
 	require.NoFileExists(t, temp)
 	got, err := PartialBytes(PartialPath(dir, partial, st.SegSize), st.SegSize)
 	require.NoError(t, err)
-	require.Equal(t, good, got, "the partial is cut back to its last good page")
+	// Cut back before the bad page, to the end of the last whole record: in a file of
+	// the old kind, nothing vouches for the bytes of a record not yet whole.
+	start := partial.Start(st.SegSize)
+	end, _, _, err := wal.ValidEnd(st, partial.TLI, wal.Bytes{Base: start, Data: good}, start, 0)
+	require.NoError(t, err)
+	require.Equal(t, good[:end-start], got, "the partial is cut back to its last whole record before the bad page")
 	info, err := os.Stat(PartialPath(dir, partial, st.SegSize))
 	require.NoError(t, err)
 	require.Equal(t, int64(st.SegSize+EndBlockSize), info.Size(), "a partial of the old kind is pre-sized")
@@ -131,7 +179,7 @@ func TestRecover(t *testing.T) {
 	require.NoFileExists(t, PartialPath(dir, whole, st.SegSize))
 	require.Equal(t, []wal.Segment{whole}, c.Segments)
 	pos, _ := c.Position(st.SegSize)
-	require.Equal(t, wal.Position{TLI: 2, LSN: 5 << 20}, pos)
+	require.Equal(t, wal.Position{TLI: 2, LSN: 9 << 20}, pos)
 }
 
 func TestWriter(t *testing.T) {
@@ -196,9 +244,8 @@ func TestWriter(t *testing.T) {
 // the file, and checks that the partial's end is the last one made durable, that
 // recovery settles there, and that writing goes on from there to a whole segment.
 func TestWriterCrash(t *testing.T) {
-	seg := wal.Segment{TLI: 1, No: 2}
-	b := pages(seg, 128)
-	st := testID.Stream()
+	id, seg, b := sample(t)
+	st := id.Stream()
 	// write makes a partial holding two synced groups, [0, 20000) and [20000, 50000), and
 	// 10000 bytes written past them but not synced.
 	write := func(t *testing.T) (dir, path string) {
@@ -332,4 +379,136 @@ func TestLocks(t *testing.T) {
 	b, err := LockWriter(dir)
 	require.NoError(t, err, "the lock is free once closed")
 	b.Close()
+}
+
+// TestPublishSyncsFirst: a publish makes the segment's bytes durable while the end
+// block still says how many are held, and only then cuts the end block off. A truncate
+// first could reach the disk before the bytes (any fsync on the file system may commit
+// the new size), leaving a file that reads as an old-style partial, whole by its size,
+// with zeros where the bytes never landed.
+func TestPublishSyncsFirst(t *testing.T) {
+	dir := t.TempDir()
+	seg := wal.Segment{TLI: 1, No: 2}
+	b := pages(seg, 128)
+	w := NewWriter(dir, testID.SegSize)
+	defer w.Close()
+	require.NoError(t, w.Use(seg, true))
+	require.NoError(t, w.WriteAt(0, b[:9000]))
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.WriteAt(9000, b[9000:]))
+	synced := 0
+	w.datasync = func(f *os.File) error {
+		info, err := f.Stat()
+		require.NoError(t, err)
+		require.Equal(t, int64(testID.SegSize+EndBlockSize), info.Size(), "the end block is still there")
+		st, err := readPartialState(f, testID.SegSize)
+		require.NoError(t, err)
+		require.Equal(t, testID.SegSize, st.end, "the end slot being synced says the segment is whole")
+		synced++
+		return fdatasync(f)
+	}
+	require.NoError(t, w.Publish())
+	require.Equal(t, 1, synced, "the bytes and the end slot were fdatasynced before the truncate")
+	got, err := os.ReadFile(SegmentPath(dir, seg, testID.SegSize))
+	require.NoError(t, err)
+	require.Equal(t, b, got)
+}
+
+// TestRecoverPowerCut writes the states in which losing power can leave a partial,
+// with real WAL, and checks that recovery counts as held only bytes that reached the
+// disk: it settles at the end of the last record whose CRC holds, or earlier, and never
+// publishes a segment with bytes missing.
+func TestRecoverPowerCut(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	start := seg.Start(st.SegSize)
+	const lastWhole = 0x8FE0F0 - 0x800000 // where the segment's last whole record ends
+	zeroed := func(from, to int) []byte {
+		c := append([]byte(nil), b...)
+		clear(c[from:to])
+		return c
+	}
+	cases := []struct {
+		name    string
+		file    []byte // the partial's bytes as the disk holds them
+		presize bool   // pre-sized, with an end slot saying the segment is whole
+		atMost  uint64 // the most that may be held afterwards
+		publish bool
+	}{
+		{name: "a publish's truncate reached the disk, the bytes after the last sync did not",
+			file: zeroed(0x40000+4096, len(b)), atMost: 0x40000 + 4096},
+		{name: "a publish's truncate reached the disk, the power went before its rename",
+			// All the bytes are there, but a file of the old kind cannot say so: the
+			// record that runs on into the next segment is cut off and sent again.
+			file: b, atMost: lastWhole},
+		{name: "a block in the middle never reached the disk",
+			file: zeroed(0x60000+4096, 0x60000+8192), atMost: 0x60000 + 4096},
+		{name: "the tail of the record running on into the next segment never reached the disk",
+			file: zeroed(len(b)-4096, len(b)), atMost: lastWhole},
+		{name: "a publish's sync completed before the power went",
+			file: b, presize: true, atMost: st.SegSize, publish: true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := PartialPath(dir, seg, st.SegSize)
+			if c.presize {
+				f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+				require.NoError(t, err)
+				_, err = f.WriteAt(c.file, 0)
+				require.NoError(t, err)
+				require.NoError(t, writeEndBlock(f, st.SegSize, c.file, 1))
+				require.NoError(t, f.Close())
+			} else {
+				require.NoError(t, os.WriteFile(path, c.file, 0o644))
+			}
+			rc, err := Recover(dir, st, zerolog.Nop())
+			require.NoError(t, err)
+			if c.publish {
+				require.Equal(t, []wal.Segment{seg}, rc.Segments)
+				got, err := os.ReadFile(SegmentPath(dir, seg, st.SegSize))
+				require.NoError(t, err)
+				require.Equal(t, b, got)
+				return
+			}
+			require.Empty(t, rc.Segments, "a segment with bytes missing is not published")
+			require.NoFileExists(t, SegmentPath(dir, seg, st.SegSize))
+			p, ok := rc.Partials[seg.TLI]
+			require.True(t, ok)
+			require.LessOrEqual(t, p.Size, c.atMost, "held %d bytes, but only %d reached the disk", p.Size, c.atMost)
+			got, err := PartialBytes(path, st.SegSize)
+			require.NoError(t, err)
+			require.Equal(t, b[:p.Size], got, "what is held is what the primary wrote")
+			end, _, stop, err := wal.ValidEnd(st, seg.TLI, wal.Bytes{Base: start, Data: got}, start, 0)
+			require.NoError(t, err)
+			require.Equal(t, start+wal.LSN(p.Size), end, "held bytes end with a whole record (stopped: %s)", stop.Reason)
+			require.Greater(t, p.Size, c.atMost-64<<10, "recovery keeps the records before the damage")
+		})
+	}
+}
+
+// TestRecoverKeepsVouchedRecords: a pre-sized partial's end slot vouches for its bytes
+// (the hash is of what reached the disk), so records that do not check in them are
+// the ones the sidecar sent, not the mark of a crash. Recovery keeps them: cutting
+// would only have them sent again, or lose them with the primary.
+func TestRecoverKeepsVouchedRecords(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	dir := t.TempDir()
+	held := append([]byte(nil), b[:0x50000]...)
+	held[0x30000+100] ^= 1 // inside a record, not a page header
+	f, err := os.OpenFile(PartialPath(dir, seg, st.SegSize), os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	require.NoError(t, f.Truncate(int64(st.SegSize+EndBlockSize)))
+	_, err = f.WriteAt(held, 0)
+	require.NoError(t, err)
+	require.NoError(t, writeEndBlock(f, st.SegSize, held, 1))
+	require.NoError(t, f.Close())
+
+	c, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, map[uint32]Partial{seg.TLI: {Seg: seg, Size: uint64(len(held))}}, c.Partials)
+	got, err := PartialBytes(PartialPath(dir, seg, st.SegSize), st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, held, got)
 }

@@ -123,15 +123,27 @@ func (w *Writer) WriteAt(at uint64, b []byte) error {
 	return nil
 }
 
-// Publish cuts the end block off the whole partial, fsyncs it and renames it to the
-// segment's own name.
+// Publish makes the whole partial durable, cuts its end block off, fsyncs it and
+// renames it to the segment's own name.
+//
+// The sync comes before the truncate: the new size may reach the disk before the bytes
+// do (any fsync on the file system may commit it), and a file cut to the segment's size
+// reads as an old-style partial, whole by its size, whatever its blocks hold. Synced
+// first, the bytes are durable while the end slot still says how many are held; a crash
+// after leaves the partial with that slot, or cut to the segment's size with every byte
+// on the disk (Recover, which cannot tell it from an old-style partial, keeps its whole
+// records), or the segment published.
 func (w *Writer) Publish() error {
 	if w.end != w.segSize {
 		return fmt.Errorf("publish segment %s: only %d of %d bytes written", w.seg.Name(w.segSize), w.end, w.segSize)
 	}
+	bulk := w.segSize/(w.syncs+1) >= bulkSync // the +1 is this publish's sync
+	if err := w.Sync(); err != nil {
+		return fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
+	}
 	f := w.f
 	w.f = nil
-	w.bulk = w.segSize/(w.syncs+1) >= bulkSync
+	w.bulk = bulk
 	if err := f.Truncate(int64(w.segSize)); err != nil {
 		f.Close()
 		return fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
