@@ -25,5 +25,6 @@
 //
 // Duties of a writer, in order: hold LockWriter; check Frozen after taking it (a
 // promotion makes the marker first and takes the lock second, so one of the two sees the
-// other); Recover before the first write; acknowledge only what Sync has made durable.
+// other); Recover before the first write; acknowledge only what Sync has made durable;
+// after a failed fdatasync, which poisons the Writer, Recover again and take a new one.
 package spool

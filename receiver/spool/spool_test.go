@@ -4,6 +4,7 @@ import (
 	"compress/gzip"
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/tail/wal"
@@ -511,4 +513,60 @@ func TestRecoverKeepsVouchedRecords(t *testing.T) {
 	got, err := PartialBytes(PartialPath(dir, seg, st.SegSize), st.SegSize)
 	require.NoError(t, err)
 	require.Equal(t, held, got)
+}
+
+// TestWriterSyncFails injects an EIO into an fdatasync. As PostgreSQL has held since
+// its fsync fix, a failed fdatasync leaves nothing written since the last good one
+// held (the kernel may have dropped the pages it could not write, and reports the
+// error once): the writer claims none of those bytes, now or on a retried Sync, and
+// every later call fails until the partial is recovered, which settles at the last
+// good sync.
+func TestWriterSyncFails(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	dir := t.TempDir()
+	path := PartialPath(dir, seg, st.SegSize)
+	w := NewWriter(dir, st.SegSize)
+	defer w.Wait()
+	defer w.Close()
+	require.NoError(t, w.Use(seg, true))
+	require.NoError(t, w.WriteAt(0, b[:20000]))
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.WriteAt(20000, b[20000:50000]))
+	fail := true
+	w.datasync = func(f *os.File) error {
+		if fail {
+			fail = false
+			return fmt.Errorf("fdatasync %s: %w", f.Name(), unix.EIO)
+		}
+		return fdatasync(f)
+	}
+	require.ErrorIs(t, w.Sync(), unix.EIO)
+
+	end, err := PartialEnd(path, st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, uint64(20000), end, "the bytes since the last good sync are not held")
+	require.ErrorIs(t, w.Sync(), unix.EIO, "a retried sync does not succeed")
+	end, err = PartialEnd(path, st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, uint64(20000), end, "nor does a retried sync claim them")
+	require.ErrorIs(t, w.WriteAt(50000, b[50000:60000]), unix.EIO)
+	require.ErrorIs(t, w.Check(0, b[:100]), unix.EIO)
+	require.ErrorIs(t, w.Publish(), unix.EIO)
+	require.ErrorIs(t, w.Use(wal.Segment{TLI: seg.TLI, No: seg.No + 1}, true), unix.EIO)
+	require.True(t, w.Dirty(), "what was written is not durable")
+	w.Close()
+
+	c, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, map[uint32]Partial{seg.TLI: {Seg: seg, Size: 20000}}, c.Partials)
+	w2 := NewWriter(dir, st.SegSize)
+	defer w2.Close()
+	require.NoError(t, w2.Use(seg, false))
+	require.NoError(t, w2.WriteAt(20000, b[20000:]))
+	require.NoError(t, w2.Publish())
+	w2.Wait()
+	got, err := os.ReadFile(SegmentPath(dir, seg, st.SegSize))
+	require.NoError(t, err)
+	require.Equal(t, b, got)
 }

@@ -2,6 +2,7 @@ package spool
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -17,6 +18,9 @@ import (
 // segment's pre-sized partial file (see EndBlockSize): bytes become visible under the
 // segment's own name only once the segment is whole and fsynced (Publish). Its caller
 // holds LockWriter and has run Recover.
+//
+// A failed fdatasync poisons it (see fail): every later call returns the error, and the
+// caller replaces it once Recover has settled the partial at what is durable.
 type Writer struct {
 	dir     string
 	segSize uint64
@@ -39,6 +43,7 @@ type Writer struct {
 	bulk  bool
 	// datasync fdatasyncs the partial: fdatasync, unless a test injects failures.
 	datasync func(*os.File) error
+	err      error // set once an fdatasync failed, and returned by every call since
 }
 
 const bulkSync = 256 << 10
@@ -53,6 +58,9 @@ func NewWriter(dir string, segSize uint64) *Writer {
 // survives a crash before the first acknowledgement; a spare for the segment after it
 // is made in the background, unless the stream is a bulk one (see bulk).
 func (w *Writer) Use(seg wal.Segment, create bool) error {
+	if w.err != nil {
+		return w.err
+	}
 	if !create && w.f != nil && w.seg == seg {
 		return nil
 	}
@@ -95,6 +103,9 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 // Check compares held with the bytes the partial holds at offset at: a resend must
 // match what is there, and a difference is ErrConflict.
 func (w *Writer) Check(at uint64, held []byte) error {
+	if w.err != nil {
+		return w.err
+	}
 	if at+uint64(len(held)) > w.end {
 		return fmt.Errorf("segment %s: check of %d bytes at offset %d past the %d held", w.seg.Name(w.segSize), len(held), at, w.end)
 	}
@@ -111,6 +122,9 @@ func (w *Writer) Check(at uint64, held []byte) error {
 // WriteAt writes b at offset at of the partial, which must be where the bytes written
 // so far end: a segment is written from its start, in order.
 func (w *Writer) WriteAt(at uint64, b []byte) error {
+	if w.err != nil {
+		return w.err
+	}
 	if at != w.end || at+uint64(len(b)) > w.segSize {
 		return fmt.Errorf("write segment %s at offset %d (%d bytes): the partial holds %d bytes", w.seg.Name(w.segSize), at, len(b), w.end)
 	}
@@ -134,6 +148,9 @@ func (w *Writer) WriteAt(at uint64, b []byte) error {
 // on the disk (Recover, which cannot tell it from an old-style partial, keeps its whole
 // records), or the segment published.
 func (w *Writer) Publish() error {
+	if w.err != nil {
+		return w.err
+	}
 	if w.end != w.segSize {
 		return fmt.Errorf("publish segment %s: only %d of %d bytes written", w.seg.Name(w.segSize), w.end, w.segSize)
 	}
@@ -144,12 +161,19 @@ func (w *Writer) Publish() error {
 	f := w.f
 	w.f = nil
 	w.bulk = bulk
+	// From here on, a failure leaves the segment a partial that this writer no longer
+	// holds: a new partial after it would be a second one on the timeline.
 	if err := f.Truncate(int64(w.segSize)); err != nil {
 		f.Close()
-		return fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
+		w.err = fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
+		return w.err
 	}
 	w.Syncs.Add(1)
-	return durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize))
+	if err := durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize)); err != nil {
+		w.err = err
+		return err
+	}
+	return nil
 }
 
 // Dirty says whether bytes were written since the last Sync.
@@ -158,6 +182,9 @@ func (w *Writer) Dirty() bool { return w.f != nil && w.end != w.synced }
 // Sync makes everything written so far durable: it writes the next end slot and
 // fdatasyncs the partial, which carries the bytes and the slot to the disk together.
 func (w *Writer) Sync() error {
+	if w.err != nil {
+		return w.err
+	}
 	if !w.Dirty() {
 		return nil
 	}
@@ -168,12 +195,34 @@ func (w *Writer) Sync() error {
 	}
 	w.Syncs.Add(1)
 	if err := w.datasync(w.f); err != nil {
-		return err
+		return w.fail(err)
 	}
 	w.seq, w.synced = s.seq, s.end
 	w.syncs++
 	w.digest.Reset()
 	return nil
+}
+
+// fail poisons the writer after a failed fdatasync and returns the error that every
+// later call returns. PostgreSQL PANICs on a failed fsync since 2018 (data_sync_retry,
+// after "fsyncgate"): Linux may mark the pages it could not write clean, dropping them,
+// and reports the error once, so a retried fdatasync can succeed with the bytes lost.
+// So nothing written since the last good sync is held. The end slot that claimed those
+// bytes is replaced, in the page cache, by one that claims only what that sync made
+// durable: the claim still hashes right against the cached pages, and a reader or
+// Recover in this boot would count them. (After a reboot, a claim that reached the disk
+// is checked against what did.) The replacement is not synced here: Recover fdatasyncs
+// the partial before it relies on it, and until then the disk holds the last good slot,
+// untouched, beside it.
+func (w *Writer) fail(err error) error {
+	name := w.f.Name()
+	w.err = fmt.Errorf("%w: nothing written to %s since its last good sync is held; the partial must be recovered", err, name)
+	s := endSlot{seq: w.seq + 1, prev: w.synced, end: w.synced, hash: xxhash.Sum64(nil)}
+	s.encode(w.slotBuf)
+	if _, werr := w.f.WriteAt(w.slotBuf, int64(w.segSize+(s.seq%2)*slotSize)); werr != nil {
+		w.err = errors.Join(w.err, fmt.Errorf("withdraw the end slot of %s: %w", name, werr))
+	}
+	return w.err
 }
 
 // Close closes the partial being written, without syncing it.
