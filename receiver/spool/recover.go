@@ -155,9 +155,11 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 			return false, fmt.Errorf("pre-size %s: %w", path, err)
 		}
 		log.Info().Str("file", path).Uint64("bytes", good).Msg("pre-sized a partial segment written by an older walship")
-	} else if !st.fellBack && good == st.end {
+	} else if !st.fellBack && good == st.end && st.certain == st.end {
 		return false, nil
 	}
+	// Rewritten also when the end is durable (fdatasynced above) but its slot has no
+	// newer one after it: readers that are not the writer would not count it.
 	if err := writeEndBlock(f, stream.SegSize, data[:good], st.seq+1); err != nil {
 		return false, err
 	}

@@ -110,11 +110,13 @@ func TestScan(t *testing.T) {
 		err   string
 		pos   wal.Position
 	}{
+		// Partials of the old kind (no end block) count none of their bytes: nothing
+		// vouches for them before Recover has checked their records.
 		{name: "empty", files: nil},
 		{name: "published and partial", files: map[string]int{name(seg(1, 3)): 1 << 20, name(seg(1, 4)) + PartialSuffix: 500, "00000002.history": 40, "junk": 3},
-			pos: wal.Position{TLI: 1, LSN: 4<<20 + 500}},
+			pos: wal.Position{TLI: 1, LSN: 4 << 20}},
 		{name: "newer timeline wins", files: map[string]int{name(seg(1, 4)) + PartialSuffix: 500, name(seg(2, 4)) + PartialSuffix: 8192},
-			pos: wal.Position{TLI: 2, LSN: 4<<20 + 8192}},
+			pos: wal.Position{TLI: 2, LSN: 4 << 20}},
 		{name: "published of the wrong size", files: map[string]int{name(seg(1, 3)): 1000}, err: "holds 1000 bytes, want 1048576"},
 		{name: "partial longer than a segment", files: map[string]int{name(seg(1, 3)) + PartialSuffix: 1<<20 + 1}, err: "neither a pre-sized partial (1052672) nor at most a 1048576-byte segment"},
 		{name: "pre-sized partial with no end slot", files: map[string]int{name(seg(1, 3)): 1 << 20, name(seg(1, 4)) + PartialSuffix: 1<<20 + EndBlockSize},
@@ -311,10 +313,14 @@ func TestWriterCrash(t *testing.T) {
 			got, err := PartialBytes(path, st.SegSize)
 			require.NoError(t, err)
 			require.Equal(t, b[:c.end], got)
-			// Recovery left one slot: a second look at the file agrees without falling back.
-			end, err := PartialEnd(path, st.SegSize)
+			// Recovery left two slots that agree: a second look at the file finds the same
+			// end, without falling back, and counts it for certain.
+			f, err = os.Open(path)
 			require.NoError(t, err)
-			require.Equal(t, c.end, end)
+			ps, err = readPartialState(f, st.SegSize)
+			f.Close()
+			require.NoError(t, err)
+			require.Equal(t, partialState{end: c.end, certain: c.end, seq: ps.seq}, ps)
 
 			require.NoError(t, w.Use(seg, false))
 			if c.end > 0 {
@@ -569,4 +575,71 @@ func TestWriterSyncFails(t *testing.T) {
 	got, err := os.ReadFile(SegmentPath(dir, seg, st.SegSize))
 	require.NoError(t, err)
 	require.Equal(t, b, got)
+}
+
+// TestScanCountsDurable: Scan is how walship status, walship check and walship standby
+// init learn how much a partial holds, without the writer lock and without syncing. The
+// writer writes an end slot before its fdatasync, so the newest slot may claim bytes
+// that are not durable yet (or never will be: see TestWriterSyncFails). Scan counts
+// only what is certain: the end of a slot that a newer one follows, for the writer
+// writes a slot only once the sync of the one before has succeeded.
+func TestScanCountsDurable(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	dir := t.TempDir()
+	w := NewWriter(dir, st.SegSize)
+	defer w.Wait()
+	defer w.Close()
+	require.NoError(t, w.Use(seg, true))
+	var during []uint64 // what Scan says while each sync is under way
+	w.datasync = func(f *os.File) error {
+		c, err := Scan(dir, st.SegSize)
+		require.NoError(t, err)
+		during = append(during, c.Partials[seg.TLI].Size)
+		return fdatasync(f)
+	}
+	require.NoError(t, w.WriteAt(0, b[:20000]))
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.WriteAt(20000, b[20000:50000]))
+	require.NoError(t, w.Sync())
+	require.Equal(t, []uint64{0, 20000}, during, "while a sync is under way, only what the one before made durable counts")
+	scan := func() uint64 {
+		c, err := Scan(dir, st.SegSize)
+		require.NoError(t, err)
+		return c.Partials[seg.TLI].Size
+	}
+	require.Equal(t, uint64(20000), scan(), "readers cannot know that a sync returned")
+
+	// Settling a quiet stream's last sync makes it count; bytes written and not synced
+	// are not settled.
+	require.NoError(t, w.WriteAt(50000, b[50000:60000]))
+	require.NoError(t, w.Settle())
+	require.Equal(t, uint64(20000), scan(), "nothing is settled while bytes wait for a sync")
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.Settle())
+	require.Equal(t, uint64(60000), scan(), "settled")
+	require.Equal(t, []uint64{0, 20000, 50000, 60000}, during)
+	require.NoError(t, w.Settle())
+	require.Len(t, during, 4, "settling twice syncs once")
+
+	// A writer gone without settling leaves its last sync uncounted until Recover, which
+	// settles it.
+	require.NoError(t, w.WriteAt(60000, b[60000:70000]))
+	require.NoError(t, w.Sync())
+	w.Close()
+	require.Equal(t, uint64(60000), scan())
+	c, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, uint64(70000), c.Partials[seg.TLI].Size)
+	require.Equal(t, uint64(70000), scan())
+
+	// A partial of the old kind, as a publish cut short by a power cut leaves it (whole
+	// by its size, its tail never written): nothing vouches for its bytes until
+	// Recover has walked its records.
+	other := t.TempDir()
+	legacy := append(append([]byte(nil), b[:0x40000]...), make([]byte, len(b)-0x40000)...)
+	require.NoError(t, os.WriteFile(PartialPath(other, seg, st.SegSize), legacy, 0o644))
+	c, err = Scan(other, st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, uint64(0), c.Partials[seg.TLI].Size, "a partial of the old kind counts nothing before Recover")
 }

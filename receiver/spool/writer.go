@@ -30,8 +30,8 @@ type Writer struct {
 	synced  uint64         // bytes of seg durable: the end the last slot written says
 	seq     uint64         // the sequence number of the last slot written
 	digest  *xxhash.Digest // of the bytes from synced to end
-	// Syncs counts the fsyncs of written WAL (Sync and Publish), for the metrics; the
-	// caller may point it at a counter of its own.
+	// Syncs counts the fsyncs of written WAL (Sync, Publish and Settle), for the
+	// metrics; the caller may point it at a counter of its own.
 	Syncs *atomic.Uint64
 
 	spare   sync.WaitGroup // the goroutine making the next spare
@@ -41,6 +41,8 @@ type Writer struct {
 	// catch-up) that writing zeros ahead would cost more bandwidth than cheaper syncs save.
 	syncs uint64
 	bulk  bool
+	// settled says that readers that are not the writer count synced (see Settle).
+	settled bool
 	// datasync fdatasyncs the partial: fdatasync, unless a test injects failures.
 	datasync func(*os.File) error
 	err      error // set once an fdatasync failed, and returned by every call since
@@ -64,7 +66,12 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 	if !create && w.f != nil && w.seg == seg {
 		return nil
 	}
+	// The partial left (the old timeline's, at a timeline switch) gets no later sync:
+	// settled now, its end counts for every reader.
 	if err := w.Sync(); err != nil {
+		return err
+	}
+	if err := w.Settle(); err != nil {
 		return err
 	}
 	w.Close()
@@ -96,6 +103,7 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 		return err
 	}
 	w.f, w.seg, w.end, w.synced, w.seq, w.syncs = f, seg, st.end, st.end, st.seq, 0
+	w.settled = st.certain == st.end
 	w.digest.Reset()
 	return nil
 }
@@ -197,9 +205,38 @@ func (w *Writer) Sync() error {
 	if err := w.datasync(w.f); err != nil {
 		return w.fail(err)
 	}
-	w.seq, w.synced = s.seq, s.end
+	w.seq, w.synced, w.settled = s.seq, s.end, false
 	w.syncs++
 	w.digest.Reset()
+	return nil
+}
+
+// Settle makes the end that the last Sync made durable count for readers that are not
+// the writer (Scan: walship status, check, standby init). They count a slot's end only
+// once a newer slot follows it, for the writer writes one only after the sync before it
+// succeeded (see EndBlockSize); so the last sync before a stream goes quiet would stay
+// uncounted until the next. Settle writes a slot that claims no more bytes and
+// fdatasyncs it: an overwrite of the end block, the cheapest sync there is. It does
+// nothing when there is nothing to settle, or when bytes are written and not synced
+// (Sync comes first). Called for every sync it would double them: the receiver calls it
+// once its stream has been quiet a while, and as a session ends.
+func (w *Writer) Settle() error {
+	if w.err != nil {
+		return w.err
+	}
+	if w.f == nil || w.settled || w.Dirty() {
+		return nil
+	}
+	s := endSlot{seq: w.seq + 1, prev: w.synced, end: w.synced, hash: xxhash.Sum64(nil)}
+	s.encode(w.slotBuf)
+	if _, err := w.f.WriteAt(w.slotBuf, int64(w.segSize+(s.seq%2)*slotSize)); err != nil {
+		return fmt.Errorf("write the end block of %s: %w", w.f.Name(), err)
+	}
+	w.Syncs.Add(1)
+	if err := w.datasync(w.f); err != nil {
+		return w.fail(err)
+	}
+	w.seq, w.settled = s.seq, true
 	return nil
 }
 
