@@ -643,3 +643,39 @@ func TestScanCountsDurable(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, uint64(0), c.Partials[seg.TLI].Size, "a partial of the old kind counts nothing before Recover")
 }
+
+// TestPublishHistory: a timeline history file is parsed before it is published, as
+// recovery will read it (timeline.c: readTimeLineHistory): a malformed one is refused
+// with an error naming it, and nothing is published.
+func TestPublishHistory(t *testing.T) {
+	good := "1\t0/3000160\tno recovery target specified\n"
+	cases := []struct {
+		name, file, content, err string
+	}{
+		{name: "not a line of history", file: "00000002.history", content: "garbage\n", err: "history line 1"},
+		{name: "no switch point", file: "00000002.history", content: "1\n", err: "want a timeline and a switch point"},
+		{name: "a bad switch point", file: "00000002.history", content: "1\tnowhere\treason\n", err: "history line 1"},
+		{name: "timelines that do not ascend", file: "00000003.history", content: "2\t0/5000000\tx\n1\t0/3000160\ty\n", err: "does not ascend"},
+		{name: "its own timeline as a parent", file: "00000002.history", content: good + "2\t0/5000000\tx\n", err: "timeline 2 in the history of timeline 2"},
+		{name: "empty", file: "00000002.history", content: "", err: "no entries"},
+		{name: "not a history file's name", file: "00000002.historyx", content: good, err: "not a WAL file name"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			err := PublishOnce(dir, c.file, []byte(c.content))
+			require.ErrorContains(t, err, c.err)
+			require.ErrorContains(t, err, c.file, "the error names the file")
+			ents, err := os.ReadDir(dir)
+			require.NoError(t, err)
+			require.Empty(t, ents, "nothing published")
+		})
+	}
+	dir := t.TempDir()
+	require.NoError(t, PublishOnce(dir, "00000002.history", []byte(good)))
+	require.NoError(t, PublishOnce(dir, "00000002.history", []byte(good)), "the same again")
+	require.ErrorIs(t, PublishOnce(dir, "00000002.history", []byte("1\t0/3000168\tother\n")), ErrConflict)
+	got, err := os.ReadFile(filepath.Join(dir, "00000002.history"))
+	require.NoError(t, err)
+	require.Equal(t, good, string(got))
+}
