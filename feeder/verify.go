@@ -118,7 +118,8 @@ func verifyFile(path string) (Verdict, error) {
 	}
 	size := info.Size()
 	if strings.HasSuffix(base, spool.PartialSuffix) {
-		end, err := spool.PartialEnd(path, st.SegSize)
+		// What is certainly durable, as the spool's verify and walship status count it.
+		end, err := spool.DurableEnd(path, st.SegSize)
 		if err != nil {
 			return Verdict{File: base, Bytes: size, Reason: err.Error()}, nil
 		}

@@ -3,9 +3,11 @@ package receiver
 import (
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
 )
 
 var (
@@ -96,6 +98,13 @@ type Step struct {
 func (r *Rebuild) Offer(tli uint32, segNo uint64, off uint64, payload []byte, padding bool) (Step, error) {
 	segSize := r.stream.SegSize
 	seg := wal.Segment{TLI: tli, No: segNo}
+	// A segment number is 64 bits on the wire, and so is the LSN: a segment past the last
+	// one of the LSN space would start at a wrapped-around position (2^44 1 MiB segments
+	// start at 2^64, which is 0), and another segment's pages would pass as its own.
+	if last := math.MaxUint64 / segSize; segNo > last {
+		return Step{}, fmt.Errorf("frame for %s: segment number past the last of the 64-bit LSN space (%d for %d-byte segments): %w",
+			seg, last, segSize, transport.ErrMalformed)
+	}
 	end := off + uint64(len(payload))
 	if end > segSize {
 		return Step{}, fmt.Errorf("frame for %s at offset %d length %d runs past the %d-byte segment: %w", seg, off, len(payload), segSize, ErrGap)

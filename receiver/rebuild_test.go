@@ -5,12 +5,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"testing"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
+	"github.com/walship/walship/transport"
 )
 
 var testStream = wal.Stream{SysID: 7311111111111111111, SegSize: 1 << 20, BlockSize: 8192, Magic: 0xD110}
@@ -158,6 +160,27 @@ func TestRebuild(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRebuildSegmentPastLSNSpace: a Data frame's segment number is 64 bits on the wire,
+// and so is the LSN. A segment number past the last segment of the LSN space would wrap
+// its start around: 2^44 1 MiB segments start at 2^64, which is LSN 0, so segment 0's
+// pages would pass as its own. Such a frame is refused, and nothing is written.
+func TestRebuildSegmentPastLSNSpace(t *testing.T) {
+	ref := refWAL(1, 1)
+	last := math.MaxUint64 / testStream.SegSize // the last segment of the LSN space
+	for _, no := range []uint64{last + 1, math.MaxUint64} {
+		r := NewRebuild(testStream, spool.Contents{})
+		_, err := r.Offer(1, no, 0, ref[:8192], false)
+		require.ErrorIs(t, err, transport.ErrMalformed, "segment %d", no)
+		require.ErrorContains(t, err, "LSN space", "segment %d", no)
+		require.True(t, r.Empty(), "nothing taken")
+	}
+	// The last segment itself is inside the LSN space: refused only because the pages
+	// of segment 0 do not belong there.
+	_, err := NewRebuild(testStream, spool.Contents{}).Offer(1, last, 0, ref[:8192], false)
+	require.ErrorIs(t, err, wal.ErrPage)
+	require.NotErrorIs(t, err, transport.ErrMalformed)
 }
 
 func TestRebuildSwitchPadding(t *testing.T) {

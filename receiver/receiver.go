@@ -470,6 +470,14 @@ func startWriting(dir string, id spool.Identity, log zerolog.Logger) (spool.Cont
 }
 
 func (s *session) close() {
+	// A session that ends right after a sync (a sidecar that drained its primary and
+	// left) settles it, for walship status and check; a spool frozen for a promotion
+	// stays as it is.
+	if frozen, err := spool.Frozen(s.dir); err == nil && !frozen {
+		if err := s.fsynced(s.w.Settle); err != nil {
+			s.log.Warn().Err(err).Msg("cannot settle the last sync of the partial segment; walship status counts it once the spool is recovered")
+		}
+	}
 	s.w.Close()
 	s.w.Wait()
 	s.wlock.Close()
@@ -490,7 +498,10 @@ const (
 // The freeze marker is looked for whenever a file appears in the spool (a watch pokes
 // the loop: walship promote makes the marker under a temporary name and renames it),
 // and every freezeSafety anyway; where the spool cannot be watched, every freezeCheck.
-// A promotion waits for this session that long at most.
+// A promotion waits for this session that long at most. At the same times, a stream
+// that has had no fsync since the time before gets its last sync settled
+// (spool.Writer.Settle): until then, walship status, check and standby init do not
+// count it.
 func (s *session) run(ctx context.Context) error {
 	rd := s.c.Reader()
 	stop := context.AfterFunc(ctx, func() { s.c.SetReadDeadline(time.Now()) })
@@ -521,6 +532,7 @@ func (s *session) run(ctx context.Context) error {
 	pos := s.rb.Durable()
 	ack := transport.Ack{TLI: pos.TLI, LSN: pos.LSN}
 	lastCheck := time.Now()
+	fsyncs := s.w.Syncs.Load() // as of the last look for the freeze marker
 	for {
 		f, ok, err := rd.Next()
 		if err != nil {
@@ -550,6 +562,12 @@ func (s *session) run(ctx context.Context) error {
 			if err := s.checkFrozen(); err != nil {
 				return err
 			}
+			if s.w.Syncs.Load() == fsyncs {
+				if err := s.fsynced(s.w.Settle); err != nil {
+					return refuse(err)
+				}
+			}
+			fsyncs = s.w.Syncs.Load()
 			lastCheck = now
 			s.c.SetReadDeadline(lastCheck.Add(every))
 		}
@@ -675,11 +693,15 @@ func (s *session) apply(f transport.Frame) error {
 // documentation gives.
 func (s *session) do(st Step) error {
 	w := s.w
-	// Use fsyncs the file it leaves for another, which only an Open step asks for
-	// (Offer: every other step is for the segment being written). That fsync is done
-	// here first, so that it is timed on its own, without the next file's creation.
+	// Use fsyncs (and settles) the file it leaves for another, which only an Open step
+	// asks for (Offer: every other step is for the segment being written). Those fsyncs
+	// are done here first, so that they are timed on their own, without the next file's
+	// creation.
 	if st.Open {
 		if err := s.fsynced(w.Sync); err != nil {
+			return err
+		}
+		if err := s.fsynced(w.Settle); err != nil {
 			return err
 		}
 	}

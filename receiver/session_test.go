@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
@@ -69,6 +70,15 @@ func TestSessionCounts(t *testing.T) {
 	require.GreaterOrEqual(t, r.Fsyncs(), uint64(2), "a publish and a sync at least")
 	require.Equal(t, r.Fsyncs(), timed.Load(), "every fsync counted is timed")
 	require.Equal(t, uint64(1), r.Sessions())
+
+	// The stream is quiet now: the receiver settles its last sync, so that the spool's
+	// readers that are not the writer (walship status, check, standby init) count all
+	// that was acknowledged.
+	require.Eventually(t, func() bool {
+		c, err := spool.Scan(filepath.Join(dir, "spool"), st.SegSize)
+		pos, _ := c.Position(st.SegSize)
+		return err == nil && pos.LSN == wal.LSN(sent)
+	}, 10*time.Second, 10*time.Millisecond, "the spool's readers count what was acknowledged")
 
 	bad := transport.NewData(1, 1, uint32(sent)-uint32(st.SegSize), ref[sent:sent+chunk])
 	bad.Hash ^= 1

@@ -75,7 +75,10 @@ type Welcome struct {
 // bytes of a recycled file): the receiver keeps those bytes but checks no page header
 // in them.
 type Data struct {
-	TLI     uint32
+	TLI uint32
+	// Seg is 64 bits, as the LSN is, so the frame alone cannot bound it: a receiver
+	// refuses a segment past the last one of the LSN space for its segment size
+	// (receiver.Rebuild.Offer), whose start would wrap around.
 	Seg     uint64
 	Offset  uint32
 	Padding bool

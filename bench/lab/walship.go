@@ -75,20 +75,39 @@ func (w *Walship) StartSidecar(ctx context.Context, primary *Cluster, args ...st
 }
 
 // Durable is where the receiver's spool is durable (0 while it holds no WAL), read
-// from the spool itself: the end block of its partial, which the receiver writes with
-// each fsync. Reading it costs the receiver nothing, where asking its metrics every
+// from the spool itself: the newest end slot of its partial, which the receiver writes
+// with each fsync. Reading it costs the receiver nothing, where asking its metrics every
 // millisecond, as the lag runs do, would add their cost to the receiver's CPU.
+//
+// Scan counts a partial's bytes only once they are certainly durable, which is a sync
+// behind the receiver under load and, once the stream goes quiet, until the receiver
+// settles its last sync: the lag runs time the receiver's fsyncs themselves, so the
+// partial's end is read from its newest slot.
 func (w *Walship) Durable() (wal.LSN, error) {
 	id, ok, err := spool.ReadIdentity(w.Spool)
 	if err != nil || !ok {
 		return 0, err
 	}
-	c, err := spool.Scan(w.Spool, id.SegSize)
-	if err != nil {
-		return 0, err
+scan:
+	for {
+		c, err := spool.Scan(w.Spool, id.SegSize)
+		if err != nil {
+			return 0, err
+		}
+		for tli, p := range c.Partials {
+			end, err := spool.PartialEnd(spool.PartialPath(w.Spool, p.Seg, id.SegSize), id.SegSize)
+			if errors.Is(err, os.ErrNotExist) {
+				continue scan // published meanwhile
+			}
+			if err != nil {
+				return 0, err
+			}
+			p.Size = end
+			c.Partials[tli] = p
+		}
+		pos, _ := c.Position(id.SegSize)
+		return pos.LSN, nil
 	}
-	pos, _ := c.Position(id.SegSize)
-	return pos.LSN, nil
 }
 
 // Fsyncs is how many times the running receiver has fsynced received WAL since it

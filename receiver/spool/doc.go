@@ -8,7 +8,9 @@
 //   - published segments under their own names, whole and fsynced, and for each
 //     timeline at most one <segment>.partial, the segment in progress, pre-sized with an
 //     end block that says how many of its bytes were received and made durable (see
-//     EndBlockSize; Writer writes both; Scan lists them);
+//     EndBlockSize; Writer writes both; Scan lists them, counting only the bytes
+//     certainly durable, for it cannot tell whether the newest end's fdatasync has
+//     returned);
 //   - .walship.spare, a pre-sized file kept ready for the next partial;
 //   - timeline history files, published whole;
 //   - walship.end, the end-of-WAL mark of a drained primary (WriteEnd, ClearEnd);
@@ -25,5 +27,6 @@
 //
 // Duties of a writer, in order: hold LockWriter; check Frozen after taking it (a
 // promotion makes the marker first and takes the lock second, so one of the two sees the
-// other); Recover before the first write; acknowledge only what Sync has made durable.
+// other); Recover before the first write; acknowledge only what Sync has made durable;
+// after a failed fdatasync, which poisons the Writer, Recover again and take a new one.
 package spool

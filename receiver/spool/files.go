@@ -146,8 +146,11 @@ type Contents struct {
 // Partial is a <segment>.partial file: the bytes received of a segment, pre-sized (see
 // EndBlockSize).
 type Partial struct {
-	Seg  wal.Segment
-	Size uint64 // the bytes it holds, from the segment's start: its end, not its file size
+	Seg wal.Segment
+	// Size is how many bytes it holds, from the segment's start, for certain durable:
+	// its end, not its file size, and not an end the writer may still be syncing (see
+	// DurableEnd). After Recover, all that the partial holds.
+	Size uint64
 }
 
 // SegmentPath is where a published segment lives in the spool.
@@ -174,10 +177,13 @@ func OpenSegment(dir string, seg wal.Segment, segSize uint64) (*os.File, error) 
 	return f, err
 }
 
-// Scan lists a spool's WAL files. A published segment of the wrong size, a partial of
-// neither the pre-sized nor the old kind's size, or two partials of one timeline are errors: the spool is damaged
-// and nothing should guess around it. A receiver may publish while Scan reads; a file
-// that vanishes between the listing and its stat makes Scan look again.
+// Scan lists a spool's WAL files, each partial with the bytes it holds for certain
+// durable: it takes no lock and syncs nothing, and serves walship status, walship check
+// and walship standby init, which must never claim WAL that a crash can still take
+// away. A published segment of the wrong size, a partial of neither the pre-sized nor
+// the old kind's size, or two partials of one timeline are errors: the spool is
+// damaged and nothing should guess around it. A receiver may publish while Scan reads;
+// a file that vanishes between the listing and its stat makes Scan look again.
 func Scan(dir string, segSize uint64) (Contents, error) {
 	for attempt := 0; ; attempt++ {
 		c, err := scanOnce(dir, segSize)
@@ -210,7 +216,7 @@ func scanOnce(dir string, segSize uint64) (Contents, error) {
 			if err != nil {
 				continue
 			}
-			end, err := PartialEnd(filepath.Join(dir, name), segSize)
+			end, err := DurableEnd(filepath.Join(dir, name), segSize)
 			if err != nil {
 				return Contents{}, fmt.Errorf("scan spool: %w", err)
 			}

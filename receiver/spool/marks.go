@@ -251,10 +251,23 @@ func ReadLives(dir string) ([]LiveState, error) {
 	return out, nil
 }
 
-// PublishOnce publishes a small whole file (a timeline history file) under name,
-// unless the same content is there already; other content there is ErrConflict and
-// stays.
+// PublishOnce publishes a timeline history file under name, unless the same content
+// is there already; other content there is ErrConflict and stays. The content is parsed
+// first, as recovery will read it (timeline.c: readTimeLineHistory: a timeline and a
+// switch point a line, timelines ascending, each below the file's own): recovery stops
+// with FATAL on a malformed one, so it is refused, and nothing is published.
 func PublishOnce(dir, name string, content []byte) error {
+	tli, err := wal.ParseHistoryName(name)
+	if err != nil {
+		return fmt.Errorf("publish history file: %w", err)
+	}
+	hist, err := wal.ParseHistory(content)
+	if err != nil {
+		return fmt.Errorf("publish history file %s: %w", name, err)
+	}
+	if last := hist[len(hist)-1]; last.TLI >= tli {
+		return fmt.Errorf("publish history file %s: timeline %d in the history of timeline %d, which lists only the timelines before it", name, last.TLI, tli)
+	}
 	path := filepath.Join(dir, name)
 	have, err := os.ReadFile(path)
 	switch {

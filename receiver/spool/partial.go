@@ -33,8 +33,17 @@ import (
 // sync completed before the next one began. Bytes past the end are no part of the
 // partial, whatever they hold: readers use the end, never the file's size.
 //
-// A partial of at most a segment's size, written by walship releases before pre-sizing,
-// holds exactly its bytes; Recover turns it into a pre-sized one.
+// The newest slot is written before its fdatasync, and a reader that is not the writer
+// cannot tell whether that fdatasync has returned, or failed. What such a reader may
+// count on is the end of a slot that a newer one follows: the writer writes a slot only
+// once the sync before it succeeded. So the writer settles a quiet stream's last sync
+// with a slot that claims no more (Writer.Settle), and Recover leaves two slots that say
+// the same; Scan counts that end (partialState.certain).
+//
+// A partial of at most a segment's size, written by walship releases before pre-sizing
+// (or a publish's, between its truncate and its rename), says how many bytes it holds by
+// its size alone, which no hash vouches for: Recover keeps its whole records and turns
+// it into a pre-sized one.
 const (
 	EndBlockSize = 4096
 	slotSize     = 512
@@ -73,14 +82,18 @@ func decodeSlot(b []byte) (endSlot, bool) {
 	}, true
 }
 
-// partialState is what a partial's end block says: end is where its durable bytes end.
-// legacy says the file is an old-style partial whose size is its end; fellBack that a
-// slot did not hold (a sync cut short by a crash). seq is the sequence number of the
-// newest slot whose CRC holds, so that the next one written is newer than every slot in
-// the file.
+// partialState is what a partial's end block says: end is where its durable bytes end,
+// by the newest slot that holds, which only the writer, or a reader that holds the
+// writer lock and has fdatasynced the file since, may count on. certain is where the
+// bytes end that are durable for certain: the end of a slot that a newer one follows
+// (see EndBlockSize); 0 for an old-style partial, which nothing vouches for before
+// Recover has checked its records. legacy says the file is such an old-style partial,
+// whose size is its end; fellBack that a slot did not hold (a sync cut short by a
+// crash). seq is the sequence number of the newest slot whose CRC holds, so that the
+// next one written is newer than every slot in the file.
 type partialState struct {
-	end, seq         uint64
-	legacy, fellBack bool
+	end, certain, seq uint64
+	legacy, fellBack  bool
 }
 
 func readPartialState(f *os.File, segSize uint64) (partialState, error) {
@@ -131,11 +144,29 @@ func readPartialState(f *os.File, segSize uint64) (partialState, error) {
 		}
 		if match {
 			st.end, st.fellBack = s.end, i > 0 || torn
+			switch {
+			case i > 0 || torn:
+				// The slot after this one was written (or is being, torn): this one's
+				// sync had completed.
+				st.certain = s.end
+			case bok && follows(a, b, segSize):
+				st.certain = min(b.end, a.end)
+			}
 			return st, nil
 		}
 	}
 	st.fellBack = aok || torn
 	return st, nil
+}
+
+// follows says whether newer was written after older's sync had succeeded: the next
+// sequence number, and either the bytes since older's end (a Sync) or the same claim
+// (two slots of Recover, written with bytes it had made durable).
+func follows(newer, older endSlot, segSize uint64) bool {
+	if newer.seq != older.seq+1 || older.prev > older.end || older.end > segSize {
+		return false
+	}
+	return newer.prev == older.end || newer.prev == older.prev && newer.end == older.end && newer.hash == older.hash
 }
 
 func allZero(b []byte) bool {
@@ -186,7 +217,9 @@ func SyncPartial(path string) error {
 	return fdatasync(f)
 }
 
-// PartialEnd is how many bytes the partial segment at path holds.
+// PartialEnd is how many bytes the partial segment at path holds, by its newest end
+// slot: one that hands them on calls SyncPartial after reading them (see SyncPartial),
+// and one that only reports them uses DurableEnd or Scan.
 func PartialEnd(path string, segSize uint64) (uint64, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -197,14 +230,31 @@ func PartialEnd(path string, segSize uint64) (uint64, error) {
 	return st.end, err
 }
 
-// writeEndBlock replaces a partial's end block by one valid slot saying that it holds
-// held, its first bytes (already durable, or fdatasynced with the block), and
-// fdatasyncs the file. It is how Recover settles a partial: afterwards no older or
-// broken slot is left to confuse the next recovery.
+// DurableEnd is how many bytes the partial segment at path holds for certain durable,
+// which a reader that is neither the writer nor syncs the partial itself may count on
+// (see partialState.certain): the end of a slot that a newer one follows; none of an
+// old-style partial's before Recover.
+func DurableEnd(path string, segSize uint64) (uint64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	st, err := readPartialState(f, segSize)
+	return st.certain, err
+}
+
+// writeEndBlock replaces a partial's end block by two valid slots, seq and seq+1, both
+// saying that it holds held, its first bytes (already durable, or fdatasynced with the
+// block), and fdatasyncs the file. It is how Recover settles a partial: afterwards no
+// older or broken slot is left to confuse the next recovery, and a reader that is not
+// the writer counts held (two slots that say the same: see partialState.certain).
 func writeEndBlock(f *os.File, segSize uint64, held []byte, seq uint64) error {
 	block := make([]byte, EndBlockSize)
-	s := endSlot{seq: seq, prev: 0, end: uint64(len(held)), hash: xxhash.Sum64(held)}
-	s.encode(block[(seq%2)*slotSize:])
+	for q := seq; q <= seq+1; q++ {
+		s := endSlot{seq: q, prev: 0, end: uint64(len(held)), hash: xxhash.Sum64(held)}
+		s.encode(block[(q%2)*slotSize:])
+	}
 	if _, err := f.WriteAt(block, int64(segSize)); err != nil {
 		return fmt.Errorf("write the end block of %s: %w", f.Name(), err)
 	}

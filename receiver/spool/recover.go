@@ -3,6 +3,7 @@ package spool
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -16,9 +17,10 @@ import (
 // interrupted publishes are removed; each timeline's partial is settled at its durable
 // end (the newest end slot that holds, see EndBlockSize), its page headers are checked
 // and it is cut back to its first bad page (bytes that should never have been
-// acknowledged); a partial of the old, unsized kind is pre-sized; and a partial that is
-// whole (a crash between its last write and its rename) is published. The caller holds
-// LockWriter.
+// acknowledged); a partial of the old, unsized kind, for which nothing else vouches, is
+// cut back to its last whole record whose CRC holds, and pre-sized; and a partial that
+// is whole (a crash between its last write and its rename) is published. The caller
+// holds LockWriter.
 func Recover(dir string, stream wal.Stream, log zerolog.Logger) (Contents, error) {
 	c, err := Scan(dir, stream.SegSize)
 	if err != nil {
@@ -80,6 +82,12 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 			f.Close()
 		}
 	}()
+	// A writer that died (its process, not the host) between an end slot and its
+	// fdatasync leaves an end that the page cache holds and the disk may not: what
+	// recovery settles on, and publishes, must be durable first.
+	if err := fdatasync(f); err != nil {
+		return false, err
+	}
 	st, err := readPartialState(f, stream.SegSize)
 	if err != nil {
 		return false, err
@@ -88,14 +96,43 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 	if _, err := f.ReadAt(data, 0); err != nil {
 		return false, fmt.Errorf("read %s: %w", path, err)
 	}
+	start := seg.Start(stream.SegSize)
 	good := st.end
-	if err := stream.CheckPages(data, seg.Start(stream.SegSize), seg.TLI); err != nil {
+	if err := stream.CheckPages(data, start, seg.TLI); err != nil {
 		var pe *wal.PageError
 		if !errors.As(err, &pe) {
 			return false, err
 		}
-		good = uint64(pe.At - seg.Start(stream.SegSize))
+		good = uint64(pe.At - start)
 		log.Warn().Str("file", path).Err(err).Uint64("kept_bytes", good).Msg("cutting a partial segment back to its last good page")
+	}
+	// Page headers carry no checksum and say nothing of the bytes between them: a block
+	// that never reached the disk reads as zeros under an intact header. Records do
+	// (CRC-32C, and each names the one before it: xlogreader.c, ValidXLogRecord), so
+	// the bytes are walked as recovery will walk them.
+	end, _, stop, err := wal.ValidEnd(stream, seg.TLI, wal.Bytes{Base: start, Data: data[:good]}, start, 0)
+	if err != nil {
+		return false, err
+	}
+	// The walk may end past the bytes: after a switch record, or when a record begun in
+	// the segment before fills them.
+	whole := min(uint64(end-start), good)
+	switch {
+	case st.legacy && whole < good:
+		// A file of the old kind says how much it holds by its size alone, and a publish
+		// cut short by a crash can leave it whole by its size with blocks that never
+		// landed, most likely the last ones. Nothing vouches for its bytes but its
+		// records: it holds its whole records only, and the sidecar sends the rest again
+		// (a record not yet whole cannot be checked until the rest arrives).
+		good = whole
+		log.Warn().Str("file", path).Str("stop", stop.Reason).Uint64("kept_bytes", good).Msg("cutting a partial segment of the old kind back to its last whole record")
+	case !st.legacy && !errors.Is(stop.Err, io.EOF):
+		// A pre-sized partial's end slot vouches for its bytes: its hash is of what
+		// reached the disk, and every byte before the slot's range was made durable by a
+		// sync that completed. These records are the ones the sidecar sent, which no
+		// crash changed: cutting them would only send them again, or lose them with the
+		// primary. restore refuses them (or walship's reader does not know them).
+		log.Warn().Str("file", path).Err(stop).Msg("the records of a partial segment do not check to its end; kept as received")
 	}
 	if st.fellBack {
 		log.Warn().Str("file", path).Uint64("kept_bytes", good).Msg("the last sync of a partial segment did not complete; its end is where the sync before left it")
@@ -118,9 +155,11 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 			return false, fmt.Errorf("pre-size %s: %w", path, err)
 		}
 		log.Info().Str("file", path).Uint64("bytes", good).Msg("pre-sized a partial segment written by an older walship")
-	} else if !st.fellBack && good == st.end {
+	} else if !st.fellBack && good == st.end && st.certain == st.end {
 		return false, nil
 	}
+	// Rewritten also when the end is durable (fdatasynced above) but its slot has no
+	// newer one after it: readers that are not the writer would not count it.
 	if err := writeEndBlock(f, stream.SegSize, data[:good], st.seq+1); err != nil {
 		return false, err
 	}

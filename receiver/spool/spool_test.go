@@ -1,7 +1,11 @@
 package spool
 
 import (
+	"compress/gzip"
 	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/tail/wal"
@@ -33,6 +38,39 @@ func pages(seg wal.Segment, n int) []byte {
 		}
 	}
 	return b
+}
+
+// sample returns real WAL: segment 000000010000000000000008 of the PostgreSQL 15
+// sample in tail/wal/testdata/pg15 (see its README.md), whole, and the identity of the
+// cluster that wrote it. Its first page continues a record from the segment before; its
+// last whole record ends at 0/8FE0F0, and the record after it runs on into the next
+// segment. Recovery checks records, which synthetic pages (pages) do not hold.
+func sample(t testing.TB) (Identity, wal.Segment, []byte) {
+	t.Helper()
+	const dir = "../../tail/wal/testdata/pg15"
+	meta, err := os.ReadFile(filepath.Join(dir, "sample.json"))
+	require.NoError(t, err)
+	var m struct {
+		VersionNum uint32 `json:"server_version_num"`
+		SysID      uint64 `json:"system_identifier,string"`
+		SegSize    uint64 `json:"wal_segment_size"`
+	}
+	require.NoError(t, json.Unmarshal(meta, &m))
+	magic, err := wal.MagicFor(int(m.VersionNum))
+	require.NoError(t, err)
+	id := Identity{SysID: m.SysID, SegSize: m.SegSize, BlockSize: 8192, Magic: magic, ServerVersion: m.VersionNum}
+	const name = "000000010000000000000008"
+	seg, err := wal.ParseSegmentName(name, id.SegSize)
+	require.NoError(t, err)
+	f, err := os.Open(filepath.Join(dir, name+".gz"))
+	require.NoError(t, err)
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	require.NoError(t, err)
+	b, err := io.ReadAll(zr)
+	require.NoError(t, err)
+	require.Len(t, b, int(id.SegSize))
+	return id, seg, b
 }
 
 func TestBind(t *testing.T) {
@@ -72,11 +110,13 @@ func TestScan(t *testing.T) {
 		err   string
 		pos   wal.Position
 	}{
+		// Partials of the old kind (no end block) count none of their bytes: nothing
+		// vouches for them before Recover has checked their records.
 		{name: "empty", files: nil},
 		{name: "published and partial", files: map[string]int{name(seg(1, 3)): 1 << 20, name(seg(1, 4)) + PartialSuffix: 500, "00000002.history": 40, "junk": 3},
-			pos: wal.Position{TLI: 1, LSN: 4<<20 + 500}},
+			pos: wal.Position{TLI: 1, LSN: 4 << 20}},
 		{name: "newer timeline wins", files: map[string]int{name(seg(1, 4)) + PartialSuffix: 500, name(seg(2, 4)) + PartialSuffix: 8192},
-			pos: wal.Position{TLI: 2, LSN: 4<<20 + 8192}},
+			pos: wal.Position{TLI: 2, LSN: 4 << 20}},
 		{name: "published of the wrong size", files: map[string]int{name(seg(1, 3)): 1000}, err: "holds 1000 bytes, want 1048576"},
 		{name: "partial longer than a segment", files: map[string]int{name(seg(1, 3)) + PartialSuffix: 1<<20 + 1}, err: "neither a pre-sized partial (1052672) nor at most a 1048576-byte segment"},
 		{name: "pre-sized partial with no end slot", files: map[string]int{name(seg(1, 3)): 1 << 20, name(seg(1, 4)) + PartialSuffix: 1<<20 + EndBlockSize},
@@ -104,14 +144,21 @@ func TestScan(t *testing.T) {
 
 func TestRecover(t *testing.T) {
 	dir := t.TempDir()
-	st := testID.Stream()
-	partial := wal.Segment{TLI: 1, No: 4}
-	whole := wal.Segment{TLI: 2, No: 4}
-	// A partial whose last page was never written whole (zeros where a header belongs),
-	// a whole partial left by a crash before its rename, and a leftover temporary file.
-	good := pages(partial, 3)
+	id, seg, b := sample(t)
+	st := id.Stream()
+	partial := seg
+	whole := wal.Segment{TLI: 2, No: seg.No} // pages of timeline 1 may be on timeline 2
+	// A partial of the old kind whose last page was never written whole (zeros where a
+	// header belongs), a whole partial left by a crash between its publish's sync and
+	// its rename, and a leftover temporary file.
+	good := append([]byte(nil), b[:3*8192]...)
 	require.NoError(t, os.WriteFile(PartialPath(dir, partial, st.SegSize), append(good, make([]byte, 8192)...), 0o644))
-	require.NoError(t, os.WriteFile(PartialPath(dir, whole, st.SegSize), pages(whole, 128), 0o644))
+	f, err := os.OpenFile(PartialPath(dir, whole, st.SegSize), os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	_, err = f.WriteAt(b, 0)
+	require.NoError(t, err)
+	require.NoError(t, writeEndBlock(f, st.SegSize, b, 1))
+	require.NoError(t, f.Close())
 	temp := filepath.Join(dir, durable.TempPrefix+"x")
 	require.NoError(t, os.WriteFile(temp, []byte("half"), 0o644))
 
@@ -120,7 +167,12 @@ func TestRecover(t *testing.T) {
 	require.NoFileExists(t, temp)
 	got, err := PartialBytes(PartialPath(dir, partial, st.SegSize), st.SegSize)
 	require.NoError(t, err)
-	require.Equal(t, good, got, "the partial is cut back to its last good page")
+	// Cut back before the bad page, to the end of the last whole record: in a file of
+	// the old kind, nothing vouches for the bytes of a record not yet whole.
+	start := partial.Start(st.SegSize)
+	end, _, _, err := wal.ValidEnd(st, partial.TLI, wal.Bytes{Base: start, Data: good}, start, 0)
+	require.NoError(t, err)
+	require.Equal(t, good[:end-start], got, "the partial is cut back to its last whole record before the bad page")
 	info, err := os.Stat(PartialPath(dir, partial, st.SegSize))
 	require.NoError(t, err)
 	require.Equal(t, int64(st.SegSize+EndBlockSize), info.Size(), "a partial of the old kind is pre-sized")
@@ -131,7 +183,7 @@ func TestRecover(t *testing.T) {
 	require.NoFileExists(t, PartialPath(dir, whole, st.SegSize))
 	require.Equal(t, []wal.Segment{whole}, c.Segments)
 	pos, _ := c.Position(st.SegSize)
-	require.Equal(t, wal.Position{TLI: 2, LSN: 5 << 20}, pos)
+	require.Equal(t, wal.Position{TLI: 2, LSN: 9 << 20}, pos)
 }
 
 func TestWriter(t *testing.T) {
@@ -196,9 +248,8 @@ func TestWriter(t *testing.T) {
 // the file, and checks that the partial's end is the last one made durable, that
 // recovery settles there, and that writing goes on from there to a whole segment.
 func TestWriterCrash(t *testing.T) {
-	seg := wal.Segment{TLI: 1, No: 2}
-	b := pages(seg, 128)
-	st := testID.Stream()
+	id, seg, b := sample(t)
+	st := id.Stream()
 	// write makes a partial holding two synced groups, [0, 20000) and [20000, 50000), and
 	// 10000 bytes written past them but not synced.
 	write := func(t *testing.T) (dir, path string) {
@@ -262,10 +313,14 @@ func TestWriterCrash(t *testing.T) {
 			got, err := PartialBytes(path, st.SegSize)
 			require.NoError(t, err)
 			require.Equal(t, b[:c.end], got)
-			// Recovery left one slot: a second look at the file agrees without falling back.
-			end, err := PartialEnd(path, st.SegSize)
+			// Recovery left two slots that agree: a second look at the file finds the same
+			// end, without falling back, and counts it for certain.
+			f, err = os.Open(path)
 			require.NoError(t, err)
-			require.Equal(t, c.end, end)
+			ps, err = readPartialState(f, st.SegSize)
+			f.Close()
+			require.NoError(t, err)
+			require.Equal(t, partialState{end: c.end, certain: c.end, seq: ps.seq}, ps)
 
 			require.NoError(t, w.Use(seg, false))
 			if c.end > 0 {
@@ -332,4 +387,309 @@ func TestLocks(t *testing.T) {
 	b, err := LockWriter(dir)
 	require.NoError(t, err, "the lock is free once closed")
 	b.Close()
+}
+
+// TestPublishSyncsFirst: a publish makes the segment's bytes durable while the end
+// block still says how many are held, and only then cuts the end block off. A truncate
+// first could reach the disk before the bytes (any fsync on the file system may commit
+// the new size), leaving a file that reads as an old-style partial, whole by its size,
+// with zeros where the bytes never landed.
+func TestPublishSyncsFirst(t *testing.T) {
+	dir := t.TempDir()
+	seg := wal.Segment{TLI: 1, No: 2}
+	b := pages(seg, 128)
+	w := NewWriter(dir, testID.SegSize)
+	defer w.Close()
+	require.NoError(t, w.Use(seg, true))
+	require.NoError(t, w.WriteAt(0, b[:9000]))
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.WriteAt(9000, b[9000:]))
+	synced := 0
+	w.datasync = func(f *os.File) error {
+		info, err := f.Stat()
+		require.NoError(t, err)
+		require.Equal(t, int64(testID.SegSize+EndBlockSize), info.Size(), "the end block is still there")
+		st, err := readPartialState(f, testID.SegSize)
+		require.NoError(t, err)
+		require.Equal(t, testID.SegSize, st.end, "the end slot being synced says the segment is whole")
+		synced++
+		return fdatasync(f)
+	}
+	require.NoError(t, w.Publish())
+	require.Equal(t, 1, synced, "the bytes and the end slot were fdatasynced before the truncate")
+	got, err := os.ReadFile(SegmentPath(dir, seg, testID.SegSize))
+	require.NoError(t, err)
+	require.Equal(t, b, got)
+}
+
+// TestRecoverPowerCut writes the states in which losing power can leave a partial,
+// with real WAL, and checks that recovery counts as held only bytes that reached the
+// disk: it settles at the end of the last record whose CRC holds, or earlier, and never
+// publishes a segment with bytes missing.
+func TestRecoverPowerCut(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	start := seg.Start(st.SegSize)
+	const lastWhole = 0x8FE0F0 - 0x800000 // where the segment's last whole record ends
+	zeroed := func(from, to int) []byte {
+		c := append([]byte(nil), b...)
+		clear(c[from:to])
+		return c
+	}
+	cases := []struct {
+		name    string
+		file    []byte // the partial's bytes as the disk holds them
+		presize bool   // pre-sized, with end slots vouching for claim (file if nil)
+		claim   []byte
+		atMost  uint64 // the most that may be held afterwards
+		publish bool
+	}{
+		{name: "a publish's truncate reached the disk, the bytes after the last sync did not",
+			file: zeroed(0x40000+4096, len(b)), atMost: 0x40000 + 4096},
+		{name: "a publish's truncate reached the disk, the power went before its rename",
+			// All the bytes are there, but a file of the old kind cannot say so: the
+			// record that runs on into the next segment is cut off and sent again.
+			file: b, atMost: lastWhole},
+		{name: "a block in the middle never reached the disk",
+			file: zeroed(0x60000+4096, 0x60000+8192), atMost: 0x60000 + 4096},
+		{name: "the tail of the record running on into the next segment never reached the disk",
+			file: zeroed(len(b)-4096, len(b)), atMost: lastWhole},
+		{name: "a pre-sized partial whose end slots claim bytes that never reached the disk",
+			// Counting them cannot happen: a slot's hash is of the bytes it claims, read
+			// back from the file, so a slot that landed without its bytes never holds.
+			file: zeroed(0x40000+4096, len(b)), presize: true, claim: b[:0x50000], atMost: 0},
+		{name: "a publish's sync completed before the power went",
+			file: b, presize: true, atMost: st.SegSize, publish: true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := PartialPath(dir, seg, st.SegSize)
+			if c.presize {
+				f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+				require.NoError(t, err)
+				_, err = f.WriteAt(c.file, 0)
+				require.NoError(t, err)
+				claim := c.claim
+				if claim == nil {
+					claim = c.file
+				}
+				require.NoError(t, writeEndBlock(f, st.SegSize, claim, 1))
+				require.NoError(t, f.Close())
+			} else {
+				require.NoError(t, os.WriteFile(path, c.file, 0o644))
+			}
+			sc, err := Scan(dir, st.SegSize)
+			require.NoError(t, err)
+			require.LessOrEqual(t, sc.Partials[seg.TLI].Size, c.atMost, "before recovery, Scan counts no more than reached the disk")
+			rc, err := Recover(dir, st, zerolog.Nop())
+			require.NoError(t, err)
+			if c.publish {
+				require.Equal(t, []wal.Segment{seg}, rc.Segments)
+				got, err := os.ReadFile(SegmentPath(dir, seg, st.SegSize))
+				require.NoError(t, err)
+				require.Equal(t, b, got)
+				return
+			}
+			require.Empty(t, rc.Segments, "a segment with bytes missing is not published")
+			require.NoFileExists(t, SegmentPath(dir, seg, st.SegSize))
+			p, ok := rc.Partials[seg.TLI]
+			require.True(t, ok)
+			require.LessOrEqual(t, p.Size, c.atMost, "held %d bytes, but only %d reached the disk", p.Size, c.atMost)
+			got, err := PartialBytes(path, st.SegSize)
+			require.NoError(t, err)
+			require.Equal(t, b[:p.Size], got, "what is held is what the primary wrote")
+			end, _, stop, err := wal.ValidEnd(st, seg.TLI, wal.Bytes{Base: start, Data: got}, start, 0)
+			require.NoError(t, err)
+			require.Equal(t, start+wal.LSN(p.Size), end, "held bytes end with a whole record (stopped: %s)", stop.Reason)
+			if c.atMost > 0 {
+				require.Greater(t, p.Size, c.atMost-64<<10, "recovery keeps the records before the damage")
+			}
+		})
+	}
+}
+
+// TestRecoverKeepsVouchedRecords: a pre-sized partial's end slot vouches for its bytes
+// (the hash is of what reached the disk), so records that do not check in them are
+// the ones the sidecar sent, not the mark of a crash. Recovery keeps them: cutting
+// would only have them sent again, or lose them with the primary.
+func TestRecoverKeepsVouchedRecords(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	dir := t.TempDir()
+	held := append([]byte(nil), b[:0x50000]...)
+	held[0x30000+100] ^= 1 // inside a record, not a page header
+	f, err := os.OpenFile(PartialPath(dir, seg, st.SegSize), os.O_RDWR|os.O_CREATE, 0o644)
+	require.NoError(t, err)
+	require.NoError(t, f.Truncate(int64(st.SegSize+EndBlockSize)))
+	_, err = f.WriteAt(held, 0)
+	require.NoError(t, err)
+	require.NoError(t, writeEndBlock(f, st.SegSize, held, 1))
+	require.NoError(t, f.Close())
+
+	c, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, map[uint32]Partial{seg.TLI: {Seg: seg, Size: uint64(len(held))}}, c.Partials)
+	got, err := PartialBytes(PartialPath(dir, seg, st.SegSize), st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, held, got)
+}
+
+// TestWriterSyncFails injects an EIO into an fdatasync. As PostgreSQL has held since
+// its fsync fix, a failed fdatasync leaves nothing written since the last good one
+// held (the kernel may have dropped the pages it could not write, and reports the
+// error once): the writer claims none of those bytes, now or on a retried Sync, and
+// every later call fails until the partial is recovered, which settles at the last
+// good sync.
+func TestWriterSyncFails(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	dir := t.TempDir()
+	path := PartialPath(dir, seg, st.SegSize)
+	w := NewWriter(dir, st.SegSize)
+	defer w.Wait()
+	defer w.Close()
+	require.NoError(t, w.Use(seg, true))
+	require.NoError(t, w.WriteAt(0, b[:20000]))
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.WriteAt(20000, b[20000:50000]))
+	fail := true
+	w.datasync = func(f *os.File) error {
+		if fail {
+			fail = false
+			return fmt.Errorf("fdatasync %s: %w", f.Name(), unix.EIO)
+		}
+		return fdatasync(f)
+	}
+	require.ErrorIs(t, w.Sync(), unix.EIO)
+
+	end, err := PartialEnd(path, st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, uint64(20000), end, "the bytes since the last good sync are not held")
+	require.ErrorIs(t, w.Sync(), unix.EIO, "a retried sync does not succeed")
+	end, err = PartialEnd(path, st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, uint64(20000), end, "nor does a retried sync claim them")
+	require.ErrorIs(t, w.WriteAt(50000, b[50000:60000]), unix.EIO)
+	require.ErrorIs(t, w.Check(0, b[:100]), unix.EIO)
+	require.ErrorIs(t, w.Publish(), unix.EIO)
+	require.ErrorIs(t, w.Use(wal.Segment{TLI: seg.TLI, No: seg.No + 1}, true), unix.EIO)
+	require.True(t, w.Dirty(), "what was written is not durable")
+	w.Close()
+
+	c, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, map[uint32]Partial{seg.TLI: {Seg: seg, Size: 20000}}, c.Partials)
+	w2 := NewWriter(dir, st.SegSize)
+	defer w2.Close()
+	require.NoError(t, w2.Use(seg, false))
+	require.NoError(t, w2.WriteAt(20000, b[20000:]))
+	require.NoError(t, w2.Publish())
+	w2.Wait()
+	got, err := os.ReadFile(SegmentPath(dir, seg, st.SegSize))
+	require.NoError(t, err)
+	require.Equal(t, b, got)
+}
+
+// TestScanCountsDurable: Scan is how walship status, walship check and walship standby
+// init learn how much a partial holds, without the writer lock and without syncing. The
+// writer writes an end slot before its fdatasync, so the newest slot may claim bytes
+// that are not durable yet (or never will be: see TestWriterSyncFails). Scan counts
+// only what is certain: the end of a slot that a newer one follows, for the writer
+// writes a slot only once the sync of the one before has succeeded.
+func TestScanCountsDurable(t *testing.T) {
+	id, seg, b := sample(t)
+	st := id.Stream()
+	dir := t.TempDir()
+	w := NewWriter(dir, st.SegSize)
+	defer w.Wait()
+	defer w.Close()
+	require.NoError(t, w.Use(seg, true))
+	var during []uint64 // what Scan says while each sync is under way
+	w.datasync = func(f *os.File) error {
+		c, err := Scan(dir, st.SegSize)
+		require.NoError(t, err)
+		during = append(during, c.Partials[seg.TLI].Size)
+		return fdatasync(f)
+	}
+	require.NoError(t, w.WriteAt(0, b[:20000]))
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.WriteAt(20000, b[20000:50000]))
+	require.NoError(t, w.Sync())
+	require.Equal(t, []uint64{0, 20000}, during, "while a sync is under way, only what the one before made durable counts")
+	scan := func() uint64 {
+		c, err := Scan(dir, st.SegSize)
+		require.NoError(t, err)
+		return c.Partials[seg.TLI].Size
+	}
+	require.Equal(t, uint64(20000), scan(), "readers cannot know that a sync returned")
+
+	// Settling a quiet stream's last sync makes it count; bytes written and not synced
+	// are not settled.
+	require.NoError(t, w.WriteAt(50000, b[50000:60000]))
+	require.NoError(t, w.Settle())
+	require.Equal(t, uint64(20000), scan(), "nothing is settled while bytes wait for a sync")
+	require.NoError(t, w.Sync())
+	require.NoError(t, w.Settle())
+	require.Equal(t, uint64(60000), scan(), "settled")
+	require.Equal(t, []uint64{0, 20000, 50000, 60000}, during)
+	require.NoError(t, w.Settle())
+	require.Len(t, during, 4, "settling twice syncs once")
+
+	// A writer gone without settling leaves its last sync uncounted until Recover, which
+	// settles it.
+	require.NoError(t, w.WriteAt(60000, b[60000:70000]))
+	require.NoError(t, w.Sync())
+	w.Close()
+	require.Equal(t, uint64(60000), scan())
+	c, err := Recover(dir, st, zerolog.Nop())
+	require.NoError(t, err)
+	require.Equal(t, uint64(70000), c.Partials[seg.TLI].Size)
+	require.Equal(t, uint64(70000), scan())
+
+	// A partial of the old kind, as a publish cut short by a power cut leaves it (whole
+	// by its size, its tail never written): nothing vouches for its bytes until
+	// Recover has walked its records.
+	other := t.TempDir()
+	legacy := append(append([]byte(nil), b[:0x40000]...), make([]byte, len(b)-0x40000)...)
+	require.NoError(t, os.WriteFile(PartialPath(other, seg, st.SegSize), legacy, 0o644))
+	c, err = Scan(other, st.SegSize)
+	require.NoError(t, err)
+	require.Equal(t, uint64(0), c.Partials[seg.TLI].Size, "a partial of the old kind counts nothing before Recover")
+}
+
+// TestPublishHistory: a timeline history file is parsed before it is published, as
+// recovery will read it (timeline.c: readTimeLineHistory): a malformed one is refused
+// with an error naming it, and nothing is published.
+func TestPublishHistory(t *testing.T) {
+	good := "1\t0/3000160\tno recovery target specified\n"
+	cases := []struct {
+		name, file, content, err string
+	}{
+		{name: "not a line of history", file: "00000002.history", content: "garbage\n", err: "history line 1"},
+		{name: "no switch point", file: "00000002.history", content: "1\n", err: "want a timeline and a switch point"},
+		{name: "a bad switch point", file: "00000002.history", content: "1\tnowhere\treason\n", err: "history line 1"},
+		{name: "timelines that do not ascend", file: "00000003.history", content: "2\t0/5000000\tx\n1\t0/3000160\ty\n", err: "does not ascend"},
+		{name: "its own timeline as a parent", file: "00000002.history", content: good + "2\t0/5000000\tx\n", err: "timeline 2 in the history of timeline 2"},
+		{name: "empty", file: "00000002.history", content: "", err: "no entries"},
+		{name: "not a history file's name", file: "00000002.historyx", content: good, err: "not a WAL file name"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			err := PublishOnce(dir, c.file, []byte(c.content))
+			require.ErrorContains(t, err, c.err)
+			require.ErrorContains(t, err, c.file, "the error names the file")
+			ents, err := os.ReadDir(dir)
+			require.NoError(t, err)
+			require.Empty(t, ents, "nothing published")
+		})
+	}
+	dir := t.TempDir()
+	require.NoError(t, PublishOnce(dir, "00000002.history", []byte(good)))
+	require.NoError(t, PublishOnce(dir, "00000002.history", []byte(good)), "the same again")
+	require.ErrorIs(t, PublishOnce(dir, "00000002.history", []byte("1\t0/3000168\tother\n")), ErrConflict)
+	got, err := os.ReadFile(filepath.Join(dir, "00000002.history"))
+	require.NoError(t, err)
+	require.Equal(t, good, string(got))
 }

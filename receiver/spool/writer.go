@@ -2,6 +2,7 @@ package spool
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"sync"
@@ -17,6 +18,9 @@ import (
 // segment's pre-sized partial file (see EndBlockSize): bytes become visible under the
 // segment's own name only once the segment is whole and fsynced (Publish). Its caller
 // holds LockWriter and has run Recover.
+//
+// A failed fdatasync poisons it (see fail): every later call returns the error, and the
+// caller replaces it once Recover has settled the partial at what is durable.
 type Writer struct {
 	dir     string
 	segSize uint64
@@ -26,8 +30,8 @@ type Writer struct {
 	synced  uint64         // bytes of seg durable: the end the last slot written says
 	seq     uint64         // the sequence number of the last slot written
 	digest  *xxhash.Digest // of the bytes from synced to end
-	// Syncs counts the fsyncs of written WAL (Sync and Publish), for the metrics; the
-	// caller may point it at a counter of its own.
+	// Syncs counts the fsyncs of written WAL (Sync, Publish and Settle), for the
+	// metrics; the caller may point it at a counter of its own.
 	Syncs *atomic.Uint64
 
 	spare   sync.WaitGroup // the goroutine making the next spare
@@ -37,13 +41,18 @@ type Writer struct {
 	// catch-up) that writing zeros ahead would cost more bandwidth than cheaper syncs save.
 	syncs uint64
 	bulk  bool
+	// settled says that readers that are not the writer count synced (see Settle).
+	settled bool
+	// datasync fdatasyncs the partial: fdatasync, unless a test injects failures.
+	datasync func(*os.File) error
+	err      error // set once an fdatasync failed, and returned by every call since
 }
 
 const bulkSync = 256 << 10
 
 // NewWriter returns a Writer for the spool dir of segSize-byte segments.
 func NewWriter(dir string, segSize uint64) *Writer {
-	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64), digest: xxhash.New(), slotBuf: make([]byte, slotSize)}
+	return &Writer{dir: dir, segSize: segSize, Syncs: new(atomic.Uint64), digest: xxhash.New(), slotBuf: make([]byte, slotSize), datasync: fdatasync}
 }
 
 // Use makes seg's partial file the one written, syncing the one before. create says
@@ -51,10 +60,18 @@ func NewWriter(dir string, segSize uint64) *Writer {
 // survives a crash before the first acknowledgement; a spare for the segment after it
 // is made in the background, unless the stream is a bulk one (see bulk).
 func (w *Writer) Use(seg wal.Segment, create bool) error {
+	if w.err != nil {
+		return w.err
+	}
 	if !create && w.f != nil && w.seg == seg {
 		return nil
 	}
+	// The partial left (the old timeline's, at a timeline switch) gets no later sync:
+	// settled now, its end counts for every reader.
 	if err := w.Sync(); err != nil {
+		return err
+	}
+	if err := w.Settle(); err != nil {
 		return err
 	}
 	w.Close()
@@ -86,6 +103,7 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 		return err
 	}
 	w.f, w.seg, w.end, w.synced, w.seq, w.syncs = f, seg, st.end, st.end, st.seq, 0
+	w.settled = st.certain == st.end
 	w.digest.Reset()
 	return nil
 }
@@ -93,6 +111,9 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 // Check compares held with the bytes the partial holds at offset at: a resend must
 // match what is there, and a difference is ErrConflict.
 func (w *Writer) Check(at uint64, held []byte) error {
+	if w.err != nil {
+		return w.err
+	}
 	if at+uint64(len(held)) > w.end {
 		return fmt.Errorf("segment %s: check of %d bytes at offset %d past the %d held", w.seg.Name(w.segSize), len(held), at, w.end)
 	}
@@ -109,6 +130,9 @@ func (w *Writer) Check(at uint64, held []byte) error {
 // WriteAt writes b at offset at of the partial, which must be where the bytes written
 // so far end: a segment is written from its start, in order.
 func (w *Writer) WriteAt(at uint64, b []byte) error {
+	if w.err != nil {
+		return w.err
+	}
 	if at != w.end || at+uint64(len(b)) > w.segSize {
 		return fmt.Errorf("write segment %s at offset %d (%d bytes): the partial holds %d bytes", w.seg.Name(w.segSize), at, len(b), w.end)
 	}
@@ -121,21 +145,43 @@ func (w *Writer) WriteAt(at uint64, b []byte) error {
 	return nil
 }
 
-// Publish cuts the end block off the whole partial, fsyncs it and renames it to the
-// segment's own name.
+// Publish makes the whole partial durable, cuts its end block off, fsyncs it and
+// renames it to the segment's own name.
+//
+// The sync comes before the truncate: the new size may reach the disk before the bytes
+// do (any fsync on the file system may commit it), and a file cut to the segment's size
+// reads as an old-style partial, whole by its size, whatever its blocks hold. Synced
+// first, the bytes are durable while the end slot still says how many are held; a crash
+// after leaves the partial with that slot, or cut to the segment's size with every byte
+// on the disk (Recover, which cannot tell it from an old-style partial, keeps its whole
+// records), or the segment published.
 func (w *Writer) Publish() error {
+	if w.err != nil {
+		return w.err
+	}
 	if w.end != w.segSize {
 		return fmt.Errorf("publish segment %s: only %d of %d bytes written", w.seg.Name(w.segSize), w.end, w.segSize)
 	}
-	f := w.f
-	w.f = nil
-	w.bulk = w.segSize/(w.syncs+1) >= bulkSync
-	if err := f.Truncate(int64(w.segSize)); err != nil {
-		f.Close()
+	bulk := w.segSize/(w.syncs+1) >= bulkSync // the +1 is this publish's sync
+	if err := w.Sync(); err != nil {
 		return fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
 	}
+	f := w.f
+	w.f = nil
+	w.bulk = bulk
+	// From here on, a failure leaves the segment a partial that this writer no longer
+	// holds: a new partial after it would be a second one on the timeline.
+	if err := f.Truncate(int64(w.segSize)); err != nil {
+		f.Close()
+		w.err = fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
+		return w.err
+	}
 	w.Syncs.Add(1)
-	return durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize))
+	if err := durable.Rename(f, SegmentPath(w.dir, w.seg, w.segSize)); err != nil {
+		w.err = err
+		return err
+	}
+	return nil
 }
 
 // Dirty says whether bytes were written since the last Sync.
@@ -144,6 +190,9 @@ func (w *Writer) Dirty() bool { return w.f != nil && w.end != w.synced }
 // Sync makes everything written so far durable: it writes the next end slot and
 // fdatasyncs the partial, which carries the bytes and the slot to the disk together.
 func (w *Writer) Sync() error {
+	if w.err != nil {
+		return w.err
+	}
 	if !w.Dirty() {
 		return nil
 	}
@@ -153,13 +202,64 @@ func (w *Writer) Sync() error {
 		return fmt.Errorf("write the end block of %s: %w", w.f.Name(), err)
 	}
 	w.Syncs.Add(1)
-	if err := fdatasync(w.f); err != nil {
-		return err
+	if err := w.datasync(w.f); err != nil {
+		return w.fail(err)
 	}
-	w.seq, w.synced = s.seq, s.end
+	w.seq, w.synced, w.settled = s.seq, s.end, false
 	w.syncs++
 	w.digest.Reset()
 	return nil
+}
+
+// Settle makes the end that the last Sync made durable count for readers that are not
+// the writer (Scan: walship status, check, standby init). They count a slot's end only
+// once a newer slot follows it, for the writer writes one only after the sync before it
+// succeeded (see EndBlockSize); so the last sync before a stream goes quiet would stay
+// uncounted until the next. Settle writes a slot that claims no more bytes and
+// fdatasyncs it: an overwrite of the end block, the cheapest sync there is. It does
+// nothing when there is nothing to settle, or when bytes are written and not synced
+// (Sync comes first). Called for every sync it would double them: the receiver calls it
+// once its stream has been quiet a while, and as a session ends.
+func (w *Writer) Settle() error {
+	if w.err != nil {
+		return w.err
+	}
+	if w.f == nil || w.settled || w.Dirty() {
+		return nil
+	}
+	s := endSlot{seq: w.seq + 1, prev: w.synced, end: w.synced, hash: xxhash.Sum64(nil)}
+	s.encode(w.slotBuf)
+	if _, err := w.f.WriteAt(w.slotBuf, int64(w.segSize+(s.seq%2)*slotSize)); err != nil {
+		return fmt.Errorf("write the end block of %s: %w", w.f.Name(), err)
+	}
+	w.Syncs.Add(1)
+	if err := w.datasync(w.f); err != nil {
+		return w.fail(err)
+	}
+	w.seq, w.settled = s.seq, true
+	return nil
+}
+
+// fail poisons the writer after a failed fdatasync and returns the error that every
+// later call returns. PostgreSQL PANICs on a failed fsync since 2018 (data_sync_retry,
+// after "fsyncgate"): Linux may mark the pages it could not write clean, dropping them,
+// and reports the error once, so a retried fdatasync can succeed with the bytes lost.
+// So nothing written since the last good sync is held. The end slot that claimed those
+// bytes is replaced, in the page cache, by one that claims only what that sync made
+// durable: the claim still hashes right against the cached pages, and a reader or
+// Recover in this boot would count them. (After a reboot, a claim that reached the disk
+// is checked against what did.) The replacement is not synced here: Recover fdatasyncs
+// the partial before it relies on it, and until then the disk holds the last good slot,
+// untouched, beside it.
+func (w *Writer) fail(err error) error {
+	name := w.f.Name()
+	w.err = fmt.Errorf("%w: nothing written to %s since its last good sync is held; the partial must be recovered", err, name)
+	s := endSlot{seq: w.seq + 1, prev: w.synced, end: w.synced, hash: xxhash.Sum64(nil)}
+	s.encode(w.slotBuf)
+	if _, werr := w.f.WriteAt(w.slotBuf, int64(w.segSize+(s.seq%2)*slotSize)); werr != nil {
+		w.err = errors.Join(w.err, fmt.Errorf("withdraw the end slot of %s: %w", name, werr))
+	}
+	return w.err
 }
 
 // Close closes the partial being written, without syncing it.
