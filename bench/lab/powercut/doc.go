@@ -36,8 +36,8 @@
 // any truncation before it) with probability 1/2 and each dirty page, whole, with
 // probability 1/2, so that each page holds its old content or its new, never a mix
 // (after a truncation, a page may also hold the truncation's zeros); of the namespace
-// changes, each with probability 1/2, with the earlier ones it makes durable by the
-// rule above. After a cut the mount shows at once what survived; it stays mounted and
+// changes, those made before a point drawn uniformly in the order they were made, as
+// a journalling file system commits them in order. After a cut the mount shows at once what survived; it stays mounted and
 // is used on as a file system after a reboot.
 //
 // Write errors. FailNextSync makes the next fsync of a matching file (or directory)

@@ -141,14 +141,15 @@ func (j *journal) dirSynced(id ident) {
 	}
 }
 
-// settle marks the changes that are durable, and those that extra keeps (a random
-// cut's choice), with every earlier change that they make durable in turn (see the
-// rules above). It returns them and leaves the others in the journal.
-func (j *journal) settle(extra func(*nsOp) bool) (kept []*nsOp) {
+// settle marks the changes that are durable, and those that extra keeps (the choice
+// of a random cut, by their index in the journal), with every earlier change that they
+// make durable in turn (see the rules above). It returns them and leaves the others in
+// the journal.
+func (j *journal) settle(extra func(i int) bool) (kept []*nsOp) {
 	set := make(map[ident]bool)
 	for i := len(j.ops) - 1; i >= 0; i-- {
 		op := j.ops[i]
-		op.keep = op.synced() || extra != nil && extra(op) || op.touches(set)
+		op.keep = op.synced() || extra != nil && extra(i) || op.touches(set)
 		if op.keep {
 			op.mark(set)
 		}

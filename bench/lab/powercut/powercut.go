@@ -247,8 +247,8 @@ var All = Mode{}
 
 // Random is the cut that keeps a random part of what is not durable, drawn from seed:
 // of each file, each dirty page (whole) with probability 1/2, and the new size with
-// probability 1/2; of the namespace changes, each with probability 1/2, together with
-// the earlier changes it needs (see doc.go).
+// probability 1/2; of the namespace changes not durable, those made before a point
+// drawn uniformly in the order they were made (see doc.go).
 func Random(seed uint64) Mode { return Mode{random: true, seed: seed} }
 
 func (m Mode) String() string {
@@ -313,7 +313,9 @@ func (pc *FS) Cut(m Mode) (CutReport, error) {
 	}
 	var kept []*nsOp
 	if rng != nil {
-		kept = pc.journal.settle(func(*nsOp) bool { return rng.IntN(2) == 0 })
+		// The power went at a point of the journal: the changes before it survive.
+		k := rng.IntN(len(pc.journal.ops) + 1)
+		kept = pc.journal.settle(func(i int) bool { return i < k })
 	}
 	rep.OpsKept, rep.OpsUndone = len(kept), len(pc.journal.ops)
 	if err := pc.journal.undoAll(); err != nil {
@@ -362,7 +364,7 @@ func (pc *FS) SyncAll() error {
 			pc.dropFile(k)
 		}
 	}
-	kept := pc.journal.settle(func(*nsOp) bool { return true })
+	kept := pc.journal.settle(func(int) bool { return true })
 	if err := pc.journal.commit(kept); err != nil {
 		errs = append(errs, fmt.Errorf("powercut: sync: %w", err))
 	}

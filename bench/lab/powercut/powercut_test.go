@@ -254,6 +254,29 @@ func TestCutRandomTearsWholePages(t *testing.T) {
 	require.NotEqual(t, pages, news, "a random cut kept all 64 pages")
 }
 
+// TestCutRandomKeepsAPrefixOfTheNamespaceChanges: namespace changes survive up to a
+// random point of the order they were made in, as a journalling file system commits
+// them (seed 1 draws a point strictly inside).
+func TestCutRandomKeepsAPrefixOfTheNamespaceChanges(t *testing.T) {
+	pc := mount(t)
+	const files = 20
+	for i := range files {
+		put(t, filepath.Join(pc.Dir(), fmt.Sprintf("f%02d", i)), []byte("x"), true)
+	}
+	rep, err := pc.Cut(powercut.Random(1))
+	require.NoError(t, err)
+	require.Equal(t, files, rep.OpsKept+rep.OpsUndone)
+	require.NotZero(t, rep.OpsKept, "a random cut kept no creation of 20")
+	require.NotZero(t, rep.OpsUndone, "a random cut kept all 20 creations")
+	ents, err := os.ReadDir(pc.Dir())
+	require.NoError(t, err)
+	require.Len(t, ents, rep.OpsKept)
+	for i, e := range ents {
+		require.Equal(t, fmt.Sprintf("f%02d", i), e.Name(), "survivors are not the first %d creations", rep.OpsKept)
+		require.Equal(t, "x", content(t, filepath.Join(pc.Dir(), e.Name())))
+	}
+}
+
 func TestFailNextSync(t *testing.T) {
 	pc := mount(t)
 	dir := pc.Dir()
