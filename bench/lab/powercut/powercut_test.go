@@ -417,6 +417,47 @@ func TestHelperPublish(t *testing.T) {
 	t.Fatal("still alive after the truncate")
 }
 
+// TestHookKillsBetweenWriteAndSync kills a child process in its fsync, before the
+// fsync is carried out: what it wrote is lost to a cut, what it had synced is not.
+func TestHookKillsBetweenWriteAndSync(t *testing.T) {
+	pc := mount(t)
+	dir := pc.Dir()
+	pc.On(powercut.OpFsync, "wal", powercut.Before, func(ev powercut.Event) error {
+		if err := syscall.Kill(int(ev.Pid), syscall.SIGKILL); err != nil {
+			t.Error(err)
+		}
+		return syscall.EIO // the fsync must not happen on behalf of the dying process
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestHelperWriteSync$")
+	cmd.Env = append(os.Environ(), "POWERCUT_HELPER_DIR="+dir)
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	require.ErrorAs(t, err, &exit, "the helper was not killed: %s", out)
+	require.Equal(t, syscall.SIGKILL, exit.Sys().(syscall.WaitStatus).Signal(), "%s", out)
+	require.Equal(t, "synced.unsynced", content(t, filepath.Join(dir, "wal")))
+
+	_, err = pc.Cut(powercut.All)
+	require.NoError(t, err)
+	require.Equal(t, "synced.", content(t, filepath.Join(dir, "wal")))
+}
+
+// TestHelperWriteSync is the child process of TestHookKillsBetweenWriteAndSync.
+func TestHelperWriteSync(t *testing.T) {
+	dir := os.Getenv("POWERCUT_HELPER_DIR")
+	if dir == "" {
+		t.Skip("a helper process, run by TestHookKillsBetweenWriteAndSync")
+	}
+	require.NoError(t, durable.WriteFile(filepath.Join(dir, "wal"), []byte("synced."), 0o644))
+	f, err := os.OpenFile(filepath.Join(dir, "wal"), os.O_RDWR, 0)
+	require.NoError(t, err)
+	_, err = f.WriteAt([]byte("unsynced"), 7)
+	require.NoError(t, err)
+	f.Sync()
+	t.Fatal("still alive after the fsync")
+}
+
 func TestBlockedHookDoesNotHoldUpClose(t *testing.T) {
 	mnt := t.TempDir()
 	pc, err := powercut.New(t.TempDir(), mnt)
