@@ -70,7 +70,8 @@ type Event struct {
 	Off, Len int64
 	// Datasync says an OpFsync is an fdatasync.
 	Datasync bool
-	// Pid is the process that made the call, as the kernel reported it.
+	// Pid is the thread that made the call, as the kernel reports it: kill(2) on it
+	// reaches its process.
 	Pid uint32
 	// Err is, after the call, what it returns unless the hook says otherwise.
 	Err error
@@ -84,8 +85,9 @@ type Event struct {
 // syscall.EIO: the caller dies waiting, as the kernel delivers SIGKILL only when the
 // call returns, and the call must not happen on its behalf meanwhile.
 //
-// A hook runs with no lock of the FS held: it may read and write the mount, and call
-// Cut. It may block; Close unblocks the call it stands in (which then fails with EIO)
+// A hook runs on a goroutine of its own, with no lock of the FS held: it may read and
+// write the mount, and call Cut; it must not call t.FailNow (if it does, the call
+// fails with EIO). It may block; Close unblocks the call it stands in (which then fails with EIO)
 // but not the hook itself, which should also watch whatever the test uses to stop.
 type Hook func(Event) error
 

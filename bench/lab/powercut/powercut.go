@@ -401,7 +401,12 @@ func (pc *FS) On(op Op, glob string, when When, fn Hook) (remove func()) {
 func (pc *FS) fire(ev Event) syscall.Errno {
 	for _, h := range pc.hooks.matching(ev) {
 		res := make(chan error, 1)
-		go func() { res <- h.fn(ev) }()
+		go func() {
+			// A hook that ends its goroutine (t.FailNow) fails the call with EIO.
+			err := error(syscall.EIO)
+			defer func() { res <- err }()
+			err = h.fn(ev)
+		}()
 		select {
 		case err := <-res:
 			if err != nil {
