@@ -182,6 +182,9 @@ func Check(st Status, th Thresholds, now time.Time) CheckResult {
 	}
 
 	if a := st.Archive; a != nil {
+		if n := len(a.Missing); n > 0 {
+			raise(Critical, "%d segment(s) left the spool before they were uploaded, %s the last: the archive lacks them", n, a.Missing[n-1])
+		}
 		if n := len(a.Refused); n > 0 {
 			raise(Critical, "the archive holds other bytes than the spool for %d file(s), %s the last (not overwritten)", n, a.Refused[n-1])
 		}

@@ -41,7 +41,7 @@ var (
 
 // FailureEndsRecovery says why a failing restore_command would end the recovery of the
 // server in pgdata, or "" when it would not. In archive recovery (recovery.signal
-// without standby.signal) the first failure is taken for the end of the WAL, and so it
+// without standby.signal; with both, standby mode wins) the first failure is taken for the end of the WAL, and so it
 // is in standby mode once a promotion has been asked for, which walship promote does
 // after setting its trigger in the spool (xlogrecovery.c: WaitForWALToBecomeAvailable,
 // CheckForStandbyTrigger). Any exit status from 1 to 125 counts as a failure there,
@@ -52,11 +52,17 @@ func FailureEndsRecovery(pgdata, spoolDir string) string {
 	if pgdata == "" {
 		pgdata = "."
 	}
-	if _, err := os.Stat(filepath.Join(pgdata, "PG_VERSION")); err != nil {
-		return ""
+	exists := func(name string) bool {
+		_, err := os.Stat(filepath.Join(pgdata, name))
+		return err == nil
 	}
-	if _, err := os.Stat(filepath.Join(pgdata, "standby.signal")); err != nil {
-		return "the server is in archive recovery (no standby.signal), where a failed restore ends recovery and promotes it"
+	switch {
+	case !exists("PG_VERSION"):
+		return ""
+	case !exists("standby.signal") && exists("recovery.signal"):
+		return "the server is in archive recovery (recovery.signal, no standby.signal), where a failed restore ends recovery and promotes it"
+	case !exists("standby.signal"):
+		return "" // not in recovery at all: run by hand in a data directory
 	}
 	if spoolDir == "" {
 		return ""
@@ -456,6 +462,11 @@ func cleanup(ctx context.Context, cfg RestoreConfig, segSize uint64) {
 	for _, e := range ents {
 		n := e.Name()
 		if _, err := wal.ParseSegmentName(n, segSize); err != nil || n[8:] >= cfg.RestartFile[8:] {
+			continue
+		}
+		// The receiver's archive uploader and relays may not have taken it yet.
+		if why := spool.Held(cfg.Spool, n); why != "" {
+			cfg.Logger.Debug().Str("file", n).Str("why", why).Msg("cleanup: kept")
 			continue
 		}
 		if cfg.Archive != nil {

@@ -29,7 +29,7 @@ func TestFailureEndsRecovery(t *testing.T) {
 		ends   bool
 	}{
 		{"archive recovery", dir("PG_VERSION", "recovery.signal"), plain, true},
-		{"no signal file at all", dir("PG_VERSION"), plain, true},
+		{"no signal file: not in recovery", dir("PG_VERSION"), plain, false},
 		{"standby mode", dir("PG_VERSION", "standby.signal"), plain, false},
 		{"standby mode beside recovery.signal", dir("PG_VERSION", "standby.signal", "recovery.signal"), plain, false},
 		{"standby mode, promotion under way", dir("PG_VERSION", "standby.signal"), triggered, true},

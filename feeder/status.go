@@ -319,6 +319,9 @@ func (s Status) String() string {
 		if a.FailingSince != "" {
 			up += fmt.Sprintf("; failing since %s: %s", a.FailingSince, a.LastError)
 		}
+		if n := len(a.Missing); n > 0 {
+			up += fmt.Sprintf("; %d missing, gone from the spool before upload: %s", n, strings.Join(a.Missing, ", "))
+		}
 		if n := len(a.Refused); n > 0 {
 			up += fmt.Sprintf("; %d refused for holding other bytes: %s", n, strings.Join(a.Refused, ", "))
 		}

@@ -100,6 +100,7 @@ type Tailer struct {
 
 	shipped atomic.Uint64   // LSN after the last byte sent
 	acked   atomic.Uint64   // LSN the receiver last acked as durable
+	ackTLI  atomic.Uint32   // its timeline
 	known   atomic.Bool     // acked holds the receiver's word (a welcome or an ack)
 	poke    chan<- struct{} // told of each ack without waiting, if set (ackedTo)
 
@@ -144,6 +145,11 @@ func (t *Tailer) Acked() wal.LSN { return wal.LSN(t.acked.Load()) }
 // Durable is the position the receiver last reported durable, from its welcome or its
 // acks; ok is false until it has said anything since this process started.
 func (t *Tailer) Durable() (wal.LSN, bool) { return wal.LSN(t.acked.Load()), t.known.Load() }
+
+// DurableAt is Durable with the timeline of the position.
+func (t *Tailer) DurableAt() (wal.Position, bool) {
+	return wal.Position{TLI: t.ackTLI.Load(), LSN: wal.LSN(t.acked.Load())}, t.known.Load()
+}
 
 // Receiver is the receiver's address.
 func (t *Tailer) Receiver() string { return t.cfg.To }
@@ -293,6 +299,7 @@ func (t *Tailer) session(ctx context.Context) error {
 	// The receiver holds everything before from: its spool's end, or for an empty spool
 	// the point where it starts.
 	t.shipped.Store(uint64(from))
+	t.ackTLI.Store(hello.TLI)
 	t.ack(from)
 	t.known.Store(true)
 	t.setState(true, nil)
@@ -418,6 +425,7 @@ func (t *Tailer) readAcks(c *transport.Conn, ends chan<- wal.LSN) error {
 		}
 		switch f := f.(type) {
 		case *transport.Ack:
+			t.ackTLI.Store(f.TLI)
 			t.ack(f.LSN)
 			if t.poke != nil {
 				select {

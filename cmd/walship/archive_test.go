@@ -142,6 +142,7 @@ func TestArchiveUpload(t *testing.T) {
 	a := waitArchiveState(t, ctx, r, "nothing pending", func(a *spool.ArchiveState) bool { return a.Pending == 0 && a.Newest != "" })
 	require.Equal(t, url, a.URL)
 	require.GreaterOrEqual(t, a.Newest, published[len(published)-1], "%+v", a)
+	require.GreaterOrEqual(t, a.Through, published[len(published)-1], "every segment uploaded: cleanup may remove them (%+v)", a)
 	require.Empty(t, a.FailingSince)
 	rc, line := check(t, "--spool", r.spool, "--free-warn", "0", "--free-crit", "0")
 	require.Equal(t, 0, rc, line)
@@ -155,6 +156,10 @@ func TestArchiveUpload(t *testing.T) {
 	a = waitArchiveState(t, ctx, r, "uploads failing", func(a *spool.ArchiveState) bool { return a.FailingSince != "" })
 	require.Contains(t, a.LastError, "connect")
 	require.Positive(t, a.Pending)
+	_, c := spoolPosition(t, r.spool)
+	newest := c.Segments[len(c.Segments)-1].Name(1 << 20)
+	require.Less(t, a.Through, newest, "cleanup keeps the segments not uploaded (%+v)", a)
+	require.NotEmpty(t, spool.Held(r.spool, newest))
 	line = waitAlertLine(t, ctx, alerts, "archive|critical|")
 	require.Contains(t, line, "uploads to the archive "+url+" have failed for ")
 	rc, line = check(t, "--spool", r.spool, "--free-warn", "0", "--free-crit", "0", "--archive-failing-crit", "1ns")
@@ -228,7 +233,7 @@ func TestArchiveUpload(t *testing.T) {
 	nextSeg, err := wal.ParseSegmentName(next, 1<<20)
 	require.NoError(t, err)
 	after := wal.Segment{TLI: 1, No: nextSeg.No + 1}.Name(1 << 20)
-	_, c := spoolPosition(t, lacking)
+	_, c = spoolPosition(t, lacking)
 	log, err = exec.CommandContext(ctx, walshipBin, "restore", "--cleanup", "--spool", lacking, "--archive-url", url, "--archive-path-style", "--pgdata", r.primary.Data,
 		c.Segments[0].Name(1<<20), filepath.Join(t.TempDir(), "RECOVERYXLOG"), after).CombinedOutput()
 	require.NoError(t, err, "%s", log)
@@ -295,6 +300,24 @@ func TestArchiveUpload(t *testing.T) {
 	report, rc = archiveCmd("expire", "--keep", "0")
 	require.Equal(t, 2, rc, report)
 	require.Contains(t, report, "give one of --keep, --before and --older-than")
+
+	// A segment taken from the spool before its upload (the archive's server down, and
+	// the file removed by hand): the uploader says the archive lacks it, for good, and
+	// walship check is CRITICAL.
+	s3.Kill()
+	fillSegments(t, ctx, r.primary, 2)
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+	waitArchiveState(t, ctx, r, "uploads failing", func(a *spool.ArchiveState) bool { return a.FailingSince != "" && a.Pending > 0 })
+	_, c = spoolPosition(t, r.spool)
+	gone := c.Segments[len(c.Segments)-1].Name(1 << 20)
+	require.NoError(t, os.Remove(filepath.Join(r.spool, gone)))
+	require.NoError(t, s3.Start(ctx))
+	a = waitArchiveState(t, ctx, r, "the missing segment", func(a *spool.ArchiveState) bool { return len(a.Missing) > 0 })
+	require.Equal(t, []string{gone}, a.Missing)
+	rc, line = check(t, "--spool", r.spool, "--free-warn", "0", "--free-crit", "0")
+	require.Equal(t, 2, rc, line)
+	require.Contains(t, line, "left the spool before they were uploaded, "+gone+" the last")
+	require.Contains(t, runOK(t, "status", "--spool", r.spool), "1 missing, gone from the spool before upload: "+gone)
 
 	// A receiver started again without an archive: status shows none.
 	require.NoError(t, r.receiver.Stop(ctx))

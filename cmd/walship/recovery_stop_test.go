@@ -254,3 +254,75 @@ func TestArchiveRecoveryStopsOnError(t *testing.T) {
 	}), "standby log:\n%s", sb.Log())
 	require.Equal(t, "true", mustQuery(t, ctx, sb, "SELECT pg_is_in_recovery()::text"), "still a standby")
 }
+
+// TestCleanupKeepsWhatConsumersNeed: restore --cleanup removes a published segment
+// older than %r only once the receiver's archive uploader has taken it (every segment
+// through ArchiveState.Through, none the archive refused) and each relay's receiver
+// has it (RelayHolds). Before, it removed every segment older than %r: the uploader
+// then skipped what was gone, leaving a gap in the archive for good, and a relay whose
+// receiver was behind failed for ever.
+func TestCleanupKeepsWhatConsumersNeed(t *testing.T) {
+	ctx := testContext(t, time.Minute)
+	_, standbyMode, _ := recoveryDirs(t)
+	name := func(no uint64) string { return wal.Segment{TLI: 1, No: no}.Name(1 << 20) }
+	st := wal.Stream{SysID: 7, SegSize: 1 << 20, BlockSize: 8192, Magic: 0xD110}
+	b := waltest.New(st, 1, 1)
+	for b.Pos() < 6<<20+100000 {
+		b.Record(waltest.RmHeap, 0, 3000)
+	}
+	b.Switch()
+	setup := func() string {
+		dir := t.TempDir()
+		require.NoError(t, spool.Bind(dir, spool.Identity{SysID: st.SysID, SegSize: st.SegSize, BlockSize: st.BlockSize, Magic: st.Magic, ServerVersion: 150000}))
+		for no := uint64(1); no <= 6; no++ {
+			require.NoError(t, os.WriteFile(filepath.Join(dir, name(no)), b.Segment(no), 0o600))
+		}
+		return dir
+	}
+	left := func(dir string) []string {
+		var out []string
+		for no := uint64(1); no <= 6; no++ {
+			if _, err := os.Stat(filepath.Join(dir, name(no))); err == nil {
+				out = append(out, name(no))
+			}
+		}
+		return out
+	}
+	cleanup := func(dir string) {
+		target := filepath.Join(t.TempDir(), "RECOVERYXLOG")
+		res := restoreIn(t, ctx, standbyMode, "restore", "--cleanup", "--spool", dir, name(6), target, name(6))
+		require.Equal(t, 0, res.code, res.stderr)
+	}
+
+	// No consumer: everything before %r goes.
+	dir := setup()
+	cleanup(dir)
+	require.Equal(t, []string{name(6)}, left(dir))
+
+	// The uploader has taken segments 1 to 3, and the archive refused 2.
+	dir = setup()
+	require.NoError(t, spool.WriteArchiveState(dir, spool.ArchiveState{URL: "s3://b/p", Through: name(3), Refused: []string{name(2)}}))
+	cleanup(dir)
+	require.Equal(t, []string{name(2), name(4), name(5), name(6)}, left(dir))
+
+	// An uploader that has taken nothing yet holds everything.
+	dir = setup()
+	require.NoError(t, spool.WriteArchiveState(dir, spool.ArchiveState{URL: "s3://b/p"}))
+	cleanup(dir)
+	require.Len(t, left(dir), 6)
+
+	// Two relays: one whose receiver needs segment 4 on, one not heard from yet.
+	dir = setup()
+	require.NoError(t, spool.WriteRelayHolds(dir, spool.RelayHolds{Needs: map[string]string{"a:1": name(4)}}))
+	cleanup(dir)
+	require.Equal(t, []string{name(4), name(5), name(6)}, left(dir))
+	require.NoError(t, spool.WriteRelayHolds(dir, spool.RelayHolds{Needs: map[string]string{"a:1": name(5), "b:1": ""}}))
+	cleanup(dir)
+	require.Equal(t, []string{name(4), name(5), name(6)}, left(dir))
+
+	// A record that cannot be read keeps everything.
+	dir = setup()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, spool.RelaysFile), []byte("{"), 0o600))
+	cleanup(dir)
+	require.Len(t, left(dir), 6)
+}

@@ -274,6 +274,17 @@ func TestRelayChain(t *testing.T) {
 	n := a.checkIdentical(ctx)
 	m := dr.checkIdentical(ctx)
 	require.Equal(t, n, m, "the relayed spool has the same segments")
+	// a's spool records what the relay's receiver still needs: the segment being
+	// written, so that restore --cleanup keeps it and what follows.
+	pos, _ := spoolPosition(t, dr.spool)
+	seg, _ := wal.SegmentOf(pos.TLI, pos.LSN, 1<<20)
+	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "a's spool to record the relay's need", func() (bool, error) {
+		h, ok, err := spool.ReadRelayHolds(a.spool)
+		return ok && h.Needs[dr.addr] == seg.Name(1<<20), err
+	}))
+	require.NotEmpty(t, spool.Held(a.spool, seg.Name(1<<20)))
+	_, ca := spoolPosition(t, a.spool)
+	require.Empty(t, spool.Held(a.spool, ca.Segments[0].Name(1<<20)), "what the relay's receiver has may go")
 
 	sb := dr.standbyVia(ctx, false, a) // the copy through a: a relay's sidecar takes no base backup
 	// The relay is up: the dr node's spool holds what a's holds.

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -15,6 +17,7 @@ import (
 	"github.com/walship/walship/receiver/archive"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail"
+	"github.com/walship/walship/tail/wal"
 	"github.com/walship/walship/transport"
 )
 
@@ -288,6 +291,7 @@ WALSHIP_ALERT_CONDITION; its failures are logged. Every change is logged as well
 		}()
 		defer func() { <-done }()
 	}
+	go holdForRelays(ctx, *spoolDir, relays, log)
 	defer runTailers(ctx, relays, "relay_to", log, alerts)()
 	defer cancel() // before the wait: the relays end with the receiver
 	if err := r.Run(ctx); err != nil {
@@ -389,4 +393,47 @@ func (m *multiFlag) Set(v string) error {
 	}
 	*m = append(*m, v)
 	return nil
+}
+
+// holdForRelays records in the spool, for restore --cleanup (spool.Held), the oldest
+// segment that each relay's receiver may still need: at once, then each second if it
+// changed, until ctx ends. A relay not heard from yet keeps what an earlier run
+// recorded for it, or holds everything.
+func holdForRelays(ctx context.Context, dir string, relays []*tail.Tailer, log zerolog.Logger) {
+	if len(relays) == 0 {
+		if err := spool.ClearRelayHolds(dir); err != nil {
+			log.Warn().Err(err).Msg("cannot remove an earlier run's relay holds")
+		}
+		return
+	}
+	before, _, err := spool.ReadRelayHolds(dir)
+	if err != nil {
+		log.Warn().Err(err).Msg("an earlier run's relay holds cannot be read; holding everything until each relay is heard from")
+	}
+	var last map[string]string
+	for {
+		needs := map[string]string{}
+		id, haveID, _ := spool.ReadIdentity(dir)
+		for _, t := range relays {
+			pos, known := t.DurableAt()
+			if known && haveID && pos.TLI != 0 {
+				seg, _ := wal.SegmentOf(pos.TLI, pos.LSN, id.SegSize)
+				needs[t.Receiver()] = seg.Name(id.SegSize)
+			} else {
+				needs[t.Receiver()] = before.Needs[t.Receiver()]
+			}
+		}
+		if !maps.Equal(needs, last) {
+			if err := spool.WriteRelayHolds(dir, spool.RelayHolds{Needs: needs}); err != nil {
+				log.Warn().Err(err).Msg("cannot record what the relays still need; restore --cleanup keeps what the last record says")
+			} else {
+				last = needs
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+	}
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -64,6 +65,7 @@ func (u *Uploader) State() (st spool.ArchiveState, failingSince time.Time) {
 	defer u.mu.Unlock()
 	st = u.state
 	st.Refused = append([]string(nil), u.state.Refused...)
+	st.Missing = append([]string(nil), u.state.Missing...)
 	return st, u.failingSince
 }
 
@@ -77,6 +79,7 @@ func (u *Uploader) update(force bool, change func(*spool.ArchiveState)) {
 	u.state.URL = u.Archive.String()
 	st := u.state
 	st.Refused = append([]string(nil), u.state.Refused...)
+	st.Missing = append([]string(nil), u.state.Missing...)
 	if reflect.DeepEqual(st, u.savedState) || !force && time.Since(u.saved) < saveEvery {
 		u.mu.Unlock()
 		return
@@ -111,6 +114,9 @@ func (u *Uploader) Run(ctx context.Context) error {
 		stop := context.AfterFunc(ctx, w.Interrupt)
 		defer stop()
 	}
+	// Recorded at once, before the archive is listed: an earlier run's state, of this
+	// archive or another, no longer says what restore --cleanup may remove.
+	u.update(true, func(st *spool.ArchiveState) {})
 	var have map[string]bool // what the archive holds, once listed
 	refused := map[string]bool{}
 	backoff := time.Duration(0)
@@ -228,11 +234,34 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 			todo = append(todo, name)
 		}
 	}
-	u.update(false, func(st *spool.ArchiveState) { st.Pending = len(todo) })
+	// Through: the segments that, with all before them, the archive holds or refused.
+	// restore --cleanup removes none after it (spool.Held).
+	through := ""
+	for _, s := range segs {
+		name := s.Name(id.SegSize)
+		if !have[name] && !refused[name] {
+			break
+		}
+		through = name
+	}
+	u.update(false, func(st *spool.ArchiveState) { st.Pending, st.Through = len(todo), max(st.Through, through) })
 	for i, name := range todo {
 		b, err := u.read(filepath.Join(u.Spool, name))
 		if errors.Is(err, os.ErrNotExist) {
-			continue // removed by restore --cleanup meanwhile
+			// Taken from the spool before it was uploaded (by hand, or by a cleanup
+			// that did not ask spool.Held): the archive lacks it for good. Said, kept
+			// in the state for walship status and check, and passed, so that the
+			// uploads go on.
+			err := fmt.Errorf("archive: %s left the spool before it was uploaded: the archive lacks it", name)
+			u.Logger.Error().Err(err).Msg("archive: a gap in the archive")
+			u.update(true, func(st *spool.ArchiveState) {
+				if !slices.Contains(st.Missing, name) {
+					st.Missing = append(st.Missing, name)
+				}
+			})
+			u.fail(err)
+			refused[name] = true // not looked for again
+			continue
 		}
 		if err != nil {
 			return err
@@ -240,7 +269,12 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 		if err := u.put(ctx, name, b, have, refused); err != nil {
 			return err
 		}
-		u.update(false, func(st *spool.ArchiveState) { st.Pending = len(todo) - i - 1 })
+		u.update(false, func(st *spool.ArchiveState) {
+			st.Pending = len(todo) - i - 1
+			if _, err := wal.ParseSegmentName(name, id.SegSize); err == nil {
+				st.Through = max(st.Through, name)
+			}
+		})
 	}
 	if err := u.promotedPartial(ctx, id, have, refused); err != nil {
 		return err

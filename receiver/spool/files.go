@@ -37,6 +37,9 @@ const (
 	// ArchiveFile records how the running receiver's uploads to its archive stand, for
 	// walship status and walship check.
 	ArchiveFile = "walship.archive"
+	// RelaysFile records, for each relay of the running receiver (--relay-to), the
+	// oldest segment its downstream receiver may still need (RelayHolds).
+	RelaysFile = "walship.relays"
 	// LiveDir holds a record for each live standby (LiveState): what walship restore
 	// --live last handed it of the segment being received. A directory of its own, so
 	// that the records, rewritten at each hand-out, wake no watcher of the spool.

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"time"
 
@@ -168,6 +169,13 @@ type ArchiveState struct {
 	// success was. LastError is the last failure's.
 	FailingSince string `json:"failing_since,omitempty"`
 	LastError    string `json:"last_error,omitempty"`
+	// Through is the newest segment that the archive holds (or refused) together with
+	// every segment before it in the spool: restore --cleanup removes none after it.
+	// "" before the uploader has seen one.
+	Through string `json:"uploaded_through,omitempty"`
+	// Missing names the segments that left the spool before they were uploaded: the
+	// archive lacks them for good.
+	Missing []string `json:"missing,omitempty"`
 }
 
 // WriteArchiveState publishes the state of the uploads.
@@ -282,3 +290,53 @@ func PublishOnce(dir, name string, content []byte) error {
 }
 
 func now() string { return time.Now().UTC().Format(time.RFC3339Nano) }
+
+// RelayHolds is the content of RelaysFile: for each relay of the receiver, by the
+// address of the receiver it ships to, the oldest segment that receiver may still need
+// (where its acknowledged position is), or "" while that is not known yet (nothing is
+// removed for it then).
+type RelayHolds struct {
+	Needs map[string]string `json:"needs"`
+}
+
+// WriteRelayHolds publishes the relays' holds.
+func WriteRelayHolds(dir string, h RelayHolds) error { return writeJSON(dir, RelaysFile, h) }
+
+// ReadRelayHolds reads the relays' holds; ok is false when there are none.
+func ReadRelayHolds(dir string) (h RelayHolds, ok bool, err error) {
+	ok, err = readJSON(dir, RelaysFile, "relay holds", &h)
+	return h, ok, err
+}
+
+// ClearRelayHolds removes the relays' holds, durably: a receiver without relays holds
+// nothing for the ones an earlier run had.
+func ClearRelayHolds(dir string) error { return removeMark(dir, RelaysFile, "relay holds") }
+
+// Held says why the published segment name must stay in the spool for a consumer that
+// has not taken it yet, or "" if none needs it: the archive uploader (ArchiveState:
+// every segment after Through, and those the archive refused) and the receiver's relays
+// (RelayHolds). What they record only moves forward, so a record read late keeps more,
+// never less. A record that cannot be read keeps everything.
+func Held(dir, name string) string {
+	a, ok, err := ReadArchiveState(dir)
+	switch {
+	case err != nil:
+		return "the archive uploader's state cannot be read: " + err.Error()
+	case ok && (a.Through == "" || name > a.Through):
+		return "not uploaded to the archive yet"
+	case ok && slices.Contains(a.Refused, name):
+		return "the archive holds other bytes under its name"
+	}
+	h, ok, err := ReadRelayHolds(dir)
+	if err != nil {
+		return "the relays' holds cannot be read: " + err.Error()
+	}
+	if ok {
+		for to, need := range h.Needs {
+			if need == "" || name >= need {
+				return "not shipped yet by the relay to " + to
+			}
+		}
+	}
+	return ""
+}
