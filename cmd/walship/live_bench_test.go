@@ -103,16 +103,17 @@ func BenchmarkLiveHandOut(b *testing.B) {
 				b.Fatal(err)
 			}
 			w := spool.NewWriter(dir, id.SegSize)
-			if err := w.Use(seg, true); err == nil {
+			err := w.Use(seg, true)
+			if err == nil {
 				err = w.WriteAt(0, data[:mib<<20])
-				if err == nil {
-					err = w.Sync()
-				}
+			}
+			if err == nil {
+				err = w.Sync()
 			}
 			w.Close()
-			w.Wait()
+			w.Wait() // the spare made in the background, before b.TempDir removes dir
 			if err != nil {
-				b.Fatal(err)
+				b.Fatalf("write %d MiB into the partial of %s: %v", mib, name, err)
 			}
 			target := filepath.Join(out, "RECOVERYXLOG")
 			handOut := func(want int) *exec.Cmd {
