@@ -77,7 +77,7 @@ func WriteFrom(path string, fill func(io.Writer) error, perm os.FileMode) (err e
 	defer func() {
 		if err != nil {
 			// err says what failed; the temporary file is no part of anything, and a
-			// leftover of it is removed with the others by its prefix.
+			// leftover of it carries TempPrefix, by which a scan can remove it.
 			_ = f.Close()
 			_ = os.Remove(f.Name())
 		}
