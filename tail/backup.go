@@ -64,8 +64,8 @@ func (t *Tailer) serveControl(ctx context.Context, c *transport.Conn) {
 		}
 		if err != nil {
 			t.log.Warn().Err(err).Msg(what + " failed")
-			if err := bc.Send(&transport.BackupError{Message: err.Error()}); err != nil {
-				t.log.Warn().Err(err).Msg("could not tell the receiver why the " + what + " failed")
+			if serr := bc.Send(&transport.BackupError{Message: err.Error()}); serr != nil {
+				t.log.Warn().Err(serr).Msg("could not tell the receiver why the " + what + " failed")
 			}
 		} else {
 			t.log.Info().Dur("took", time.Since(start)).Msg(what + " done")
