@@ -34,9 +34,17 @@ TRIALS ?= 20
 crash-trials:
 	WALSHIP_CRASH_TRIALS=$(TRIALS) $(GO) test -count=1 -timeout 60m -run '^TestCrashTrials$$' -v ./cmd/walship
 
+# The linters, at pinned versions, run with `go run pkg@version`: nothing to install
+# beforehand, and no dependency of the module. errcheck's exclusions, each with its
+# reason, are in .errcheck-excludes.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+ERRCHECK ?= github.com/kisielk/errcheck@v1.30.0
+
 lint:
 	@unformatted=$$(gofmt -l .); if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+	$(GO) run $(ERRCHECK) -exclude .errcheck-excludes ./...
 
 # Run each fuzz target for a while (FUZZTIME=30s by default); `make test` runs their seeds.
 FUZZTIME ?= 30s

@@ -254,7 +254,7 @@ func freeze(ctx context.Context, dir string, id spool.Identity, log zerolog.Logg
 	if err != nil {
 		return spool.Trigger{}, fmt.Errorf("promote: freeze the spool: wait for the receiver to stop writing: %w", err)
 	}
-	defer lock.Close()
+	defer func() { _ = lock.Close() }() // releases the lock; nothing is written to the lock file
 	if trig, err = frozenTail(dir, id, log); err != nil {
 		return spool.Trigger{}, fmt.Errorf("promote: %w", err)
 	}
@@ -411,7 +411,7 @@ func frozenEnd(dir string, id spool.Identity, trig spool.Trigger) (wal.LSN, erro
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	b := make([]byte, trig.Bytes)
 	if _, err := io.ReadFull(f, b); err != nil {
 		return 0, fmt.Errorf("frozen partial %s: %w", trig.Segment, err)

@@ -309,7 +309,7 @@ func restorePartial(cfg RestoreConfig, id spool.Identity, trig spool.Trigger) er
 	if err != nil {
 		return fmt.Errorf("restore %s from the frozen partial: %w", cfg.File, err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	b := make([]byte, id.SegSize)
 	if _, err := io.ReadFull(f, b[:trig.Bytes]); err != nil {
 		return fmt.Errorf("restore %s: %w: frozen partial %s is shorter than the %d bytes frozen: %w", cfg.File, ErrCorrupt, path, trig.Bytes, err)

@@ -255,7 +255,9 @@ func readSpool(dir string, st *Status) (pos wal.Position, known bool, lastWAL ti
 func (s Status) String() string {
 	var b strings.Builder
 	w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-	row := func(k string, v any) { fmt.Fprintf(w, "%s\t%v\n", k, v) }
+	// The tabwriter writes to a strings.Builder, which never fails: neither do its
+	// writes nor its Flush.
+	row := func(k string, v any) { _, _ = fmt.Fprintf(w, "%s\t%v\n", k, v) }
 	row("spool", s.Spool)
 	if s.SystemID == 0 {
 		row("cluster", "none yet: no sidecar has streamed into it")
@@ -346,6 +348,6 @@ func (s Status) String() string {
 	if s.SlotRetained != nil {
 		row("slot", fmt.Sprintf("%s holds back %d bytes of WAL on the primary", s.Slot, *s.SlotRetained))
 	}
-	w.Flush()
+	_ = w.Flush()
 	return b.String()
 }

@@ -74,8 +74,11 @@ func Switchover(ctx context.Context, cfg PromoteConfig) (SwitchoverReport, error
 	stop := context.AfterFunc(ctx, func() { uc.Close() })
 	defer stop()
 	cc := transport.NewControlConn(uc)
-	if err := cc.Send(&transport.SwitchoverRequest{}); err == nil {
-		err = cc.Flush()
+	if err := cc.Send(&transport.SwitchoverRequest{}); err != nil {
+		return rep, fmt.Errorf("switchover: send the request to stop the primary: %w", err)
+	}
+	if err := cc.Flush(); err != nil {
+		return rep, fmt.Errorf("switchover: send the request to stop the primary: %w", err)
 	}
 	m, err := cc.Recv()
 	if err != nil {
@@ -111,11 +114,27 @@ func Switchover(ctx context.Context, cfg PromoteConfig) (SwitchoverReport, error
 		return rep, fmt.Errorf("switchover: the primary was asked to shut down, but the sidecar's end-of-WAL mark did not come (%w), so the standby was not promoted. "+
 			"Do not run walship promote now: it would go on without the primary's last WAL. See the sidecar's log; start the primary again (the sidecar resumes its session) and retry", err)
 	}
-	if flush, err := wal.ParseLSN(rep.Flush); err == nil && mark.LSN < flush {
-		return rep, fmt.Errorf("switchover: the end-of-WAL mark says %s, before the flush position %s read before the shutdown; the standby was not promoted: see the sidecar's log", mark.Position, rep.Flush)
+	if err := checkDrained(mark, rep.Flush); err != nil {
+		return rep, err
 	}
 	rep.Promote, err = Promote(ctx, cfg)
 	return rep, err
+}
+
+// checkDrained is the check that must pass before a switchover promotes the standby:
+// the sidecar's end-of-WAL mark must be at or past flush, the primary's flush position
+// that the sidecar reported before the shutdown. A flush position that does not parse
+// fails the check: without it, nothing says that the mark holds every commit the
+// primary acknowledged.
+func checkDrained(mark spool.EndMark, flush string) error {
+	lsn, err := wal.ParseLSN(flush)
+	if err != nil {
+		return fmt.Errorf("switchover: the sidecar reported a flush position that does not parse (%w), so the end-of-WAL mark (%s) cannot be checked against it; the standby was not promoted: see the sidecar's log", err, mark.Position)
+	}
+	if mark.LSN < lsn {
+		return fmt.Errorf("switchover: the end-of-WAL mark says %s, before the flush position %s read before the shutdown; the standby was not promoted: see the sidecar's log", mark.Position, flush)
+	}
+	return nil
 }
 
 // checkStandby checks that the standby runs, is in recovery and belongs to the spool's

@@ -100,7 +100,7 @@ func verifyFile(path string) (Verdict, error) {
 		return Verdict{}, fmt.Errorf("verify: %w", err)
 	}
 	_, err = io.ReadFull(f, head)
-	f.Close()
+	_ = f.Close() // read only: the read error is the one that counts
 	if err != nil {
 		return Verdict{File: base, Bytes: info.Size(), At: 0, Reason: "shorter than a long page header"}, nil
 	}

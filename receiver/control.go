@@ -77,16 +77,12 @@ func (r *Receiver) passControl(ctx context.Context, uc *net.UnixConn) {
 	defer uc.Close()
 	c := r.conn.Load()
 	if c == nil {
-		bc := transport.NewControlConn(uc)
-		bc.Send(&transport.BackupError{Message: "no sidecar is connected to the receiver of " + r.cfg.Spool + ": start walship tail beside the primary"})
-		bc.Flush()
+		r.refuseControl(uc, "no sidecar is connected to the receiver of "+r.cfg.Spool+": start walship tail beside the primary")
 		return
 	}
 	st, err := c.OpenControl(ctx)
 	if err != nil {
-		bc := transport.NewControlConn(uc)
-		bc.Send(&transport.BackupError{Message: err.Error()})
-		bc.Flush()
+		r.refuseControl(uc, err.Error())
 		return
 	}
 	r.log.Info().Msg("passing a control stream (a base backup or a switchover) through to the sidecar")
@@ -100,14 +96,28 @@ func (r *Receiver) passControl(ctx context.Context, uc *net.UnixConn) {
 			st.CancelWrite(0)
 			return
 		}
-		st.Close()
+		if err := st.Close(); err != nil {
+			r.log.Warn().Err(err).Msg("could not end the control stream to the sidecar")
+		}
 	}()
 	if _, err := io.Copy(uc, st); err != nil {
 		r.log.Warn().Err(err).Msg("base backup stream ended early")
 		st.CancelRead(0)
 		uc.Close()
-	} else {
-		uc.CloseWrite()
+	} else if err := uc.CloseWrite(); err != nil {
+		r.log.Warn().Err(err).Msg("could not end the control stream to its client")
 	}
 	<-done
+}
+
+// refuseControl tells a control client why its stream cannot be passed on.
+func (r *Receiver) refuseControl(uc net.Conn, msg string) {
+	bc := transport.NewControlConn(uc)
+	err := bc.Send(&transport.BackupError{Message: msg})
+	if err == nil {
+		err = bc.Flush()
+	}
+	if err != nil {
+		r.log.Warn().Err(err).Str("refusal", msg).Msg("could not tell a control client why its stream was refused")
+	}
 }

@@ -176,7 +176,7 @@ func New(cfg Config) (*Receiver, error) {
 	}
 	ln, err := transport.Listen(cfg.Listen, cfg.TLS)
 	if err != nil {
-		lock.Close()
+		_ = lock.Close() // releases the lock; the listen error is the one returned
 		return nil, err
 	}
 	r := &Receiver{cfg: cfg, log: cfg.Logger, ln: ln, lock: lock}
@@ -192,7 +192,7 @@ func New(cfg Config) (*Receiver, error) {
 	}
 	if err != nil {
 		ln.Close()
-		lock.Close()
+		_ = lock.Close() // releases the lock; the error above is the one returned
 		return nil, err
 	}
 	return r, nil
@@ -203,7 +203,7 @@ func (r *Receiver) Addr() net.Addr { return r.ln.Addr() }
 
 // Run accepts sessions until ctx is done, then closes the listener and the spool.
 func (r *Receiver) Run(ctx context.Context) error {
-	defer r.lock.Close()
+	defer func() { _ = r.lock.Close() }() // releases the lock; nothing is written to the lock file
 	defer r.ln.Close()
 	r.setPeer("", r.log)
 	r.log.Info().Str("listen", r.ln.Addr().String()).Str("spool", r.cfg.Spool).Msg("receiver ready")
@@ -290,7 +290,9 @@ func (r *Receiver) serve(ctx context.Context, c *transport.Conn, log zerolog.Log
 		r.stateMu.Lock()
 		r.lastRefusal = err.Error()
 		r.stateMu.Unlock()
-		c.Refuse(err.Error(), rf.fatal())
+		if rerr := c.Refuse(err.Error(), rf.fatal()); rerr != nil {
+			log.Debug().Err(rerr).Msg("the refused session did not close cleanly")
+		}
 	}
 	return err
 }
@@ -423,7 +425,7 @@ func (r *Receiver) admit(c *transport.Conn, log zerolog.Logger) (*session, error
 	}
 	contents, err := startWriting(dir, id, log)
 	if err != nil {
-		wlock.Close()
+		_ = wlock.Close() // releases the lock; the refusal is the error returned
 		return nil, refuse(err)
 	}
 	s := &session{dir: dir, c: c, log: log, wlock: wlock, rb: NewRebuild(id.Stream(), contents), w: spool.NewWriter(dir, id.SegSize), r: r}
@@ -478,9 +480,13 @@ func (s *session) close() {
 			s.log.Warn().Err(err).Msg("cannot settle the last sync of the partial segment; walship status counts it once the spool is recovered")
 		}
 	}
-	s.w.Close()
+	// What was acknowledged was synced before: a close that fails loses none of it, and
+	// the next session's Recover settles the partial from its end block.
+	if err := s.w.Close(); err != nil {
+		s.log.Warn().Err(err).Msg("the partial segment did not close cleanly at the end of the session")
+	}
 	s.w.Wait()
-	s.wlock.Close()
+	_ = s.wlock.Close() // releases the lock; nothing is written to the lock file
 }
 
 // How often a session looks for the freeze marker: freezeCheck when it polls, and

@@ -64,12 +64,18 @@ func (t *Tailer) serveControl(ctx context.Context, c *transport.Conn) {
 		}
 		if err != nil {
 			t.log.Warn().Err(err).Msg(what + " failed")
-			bc.Send(&transport.BackupError{Message: err.Error()})
+			if serr := bc.Send(&transport.BackupError{Message: err.Error()}); serr != nil {
+				t.log.Warn().Err(serr).Msg("could not tell the receiver why the " + what + " failed")
+			}
 		} else {
 			t.log.Info().Dur("took", time.Since(start)).Msg(what + " done")
 		}
-		bc.Flush()
-		transport.CloseStream(st)
+		if err := bc.Flush(); err != nil {
+			t.log.Warn().Err(err).Msg("could not send the last messages of the " + what)
+		}
+		if err := transport.CloseStream(st); err != nil {
+			t.log.Warn().Err(err).Msg("could not end the stream of the " + what)
+		}
 	}
 }
 
@@ -325,7 +331,7 @@ func sendFile(bc *transport.ControlConn, f backupFile, have *transport.BackupHav
 	if err != nil {
 		return 0, 0, err
 	}
-	defer fh.Close()
+	defer func() { _ = fh.Close() }() // read only
 	info, err := fh.Stat()
 	if err != nil {
 		return 0, 0, err

@@ -292,7 +292,7 @@ func checkWALDir(pgwal string, srv Server, tli uint32, flush wal.LSN) error {
 	if err != nil {
 		return fmt.Errorf("open the primary's current segment (is --pgdata right?): %w", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	head := make([]byte, wal.LongHeaderSize)
 	if _, err := io.ReadFull(f, head); err != nil {
 		return fmt.Errorf("read %s: %w", name, err)
@@ -348,7 +348,7 @@ func openArchived(path string, segSize uint64) (*os.File, error) {
 		err = fmt.Errorf("archived segment %s holds %d bytes, want %d", path, info.Size(), segSize)
 	}
 	if err != nil {
-		f.Close()
+		_ = f.Close() // read only; the error returned is the one above
 		return nil, err
 	}
 	return f, nil

@@ -119,7 +119,7 @@ func (s *shipper) open(seg wal.Segment) error {
 
 func (s *shipper) close() {
 	if s.f != nil {
-		s.f.Close()
+		_ = s.f.Close() // read only: a segment of pg_wal, of the archive or of a spool
 		s.f = nil
 	}
 }

@@ -2,7 +2,6 @@ package tail
 
 import (
 	"bytes"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -53,7 +52,7 @@ func TestShipSwitchShapes(t *testing.T) {
 	for _, page := range []wal.LSN{mb + 3*bs, 2*mb - bs} {
 		for off := wal.LSN(8152); off <= 8184; off += 8 {
 			at := page + off
-			t.Run(fmt.Sprintf("%s", at), func(t *testing.T) {
+			t.Run(at.String(), func(t *testing.T) {
 				b := waltest.New(st, 1, 1)
 				b.Record(waltest.RmHeap, 0, 100)
 				b.FillTo(at)

@@ -159,7 +159,7 @@ func NewControlConn(rw io.ReadWriter) *ControlConn {
 // *SwitchoverStopped or *BackupError. Messages wait in a buffer until Flush.
 func (c *ControlConn) Send(m any) error {
 	var kind byte
-	switch m.(type) {
+	switch m := m.(type) {
 	case *BackupHave:
 		kind = kindBackupHave
 	case *BackupRequest:
@@ -179,15 +179,16 @@ func (c *ControlConn) Send(m any) error {
 	case *SwitchoverStopped:
 		kind = kindStopped
 	case *BackupBlock:
-		b := m.(*BackupBlock)
 		c.hdr[0] = kindBackupBlock
-		binary.LittleEndian.PutUint32(c.hdr[1:], uint32(8+len(b.Data)))
+		binary.LittleEndian.PutUint32(c.hdr[1:], uint32(8+len(m.Data)))
 		var off [8]byte
-		binary.LittleEndian.PutUint64(off[:], uint64(b.Offset))
-		c.w.Write(c.hdr[:])
-		c.w.Write(off[:])
-		_, err := c.w.Write(b.Data)
-		return err
+		binary.LittleEndian.PutUint64(off[:], uint64(m.Offset))
+		for _, b := range [][]byte{c.hdr[:], off[:], m.Data} {
+			if _, err := c.w.Write(b); err != nil {
+				return err
+			}
+		}
+		return nil
 	default:
 		return fmt.Errorf("backup message of type %T", m)
 	}
@@ -197,7 +198,9 @@ func (c *ControlConn) Send(m any) error {
 	}
 	c.hdr[0] = kind
 	binary.LittleEndian.PutUint32(c.hdr[1:], uint32(len(body)))
-	c.w.Write(c.hdr[:])
+	if _, err := c.w.Write(c.hdr[:]); err != nil {
+		return err
+	}
 	_, err = c.w.Write(body)
 	return err
 }
@@ -278,8 +281,10 @@ func (c *Conn) AcceptControl(ctx context.Context) (*quic.Stream, error) {
 }
 
 // CloseStream ends a control stream: the write side is closed (the peer reads the end
-// after what was sent) and reading is given up.
-func CloseStream(st *quic.Stream) {
-	st.Close()
+// after what was sent) and reading is given up. Its error is the close's: the peer may
+// not read the end.
+func CloseStream(st *quic.Stream) error {
+	err := st.Close()
 	st.CancelRead(0)
+	return err
 }

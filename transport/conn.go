@@ -113,7 +113,9 @@ func (c *Conn) Context() context.Context { return c.qc.Context() }
 func (c *Conn) Close(reason string) error {
 	var err error
 	c.closeOnce.Do(func() {
-		c.st.Close()
+		// The connection's close ends the stream in any case: its own close only lets
+		// what was written go out first, where the network allows.
+		_ = c.st.Close()
 		err = c.qc.CloseWithError(0, reason)
 	})
 	return err
@@ -123,8 +125,9 @@ func (c *Conn) Close(reason string) error {
 func (c *Conn) Refuse(reason string, fatal bool) error {
 	_ = c.Send(&Refuse{Fatal: fatal, Reason: reason})
 	// Give the frame a moment to leave before the connection close overtakes it;
-	// CloseWithError discards unsent stream data.
-	c.st.Close()
+	// CloseWithError discards unsent stream data. The refusal is a courtesy to the
+	// peer, sent as well as it can be: the session ends below whatever these say.
+	_ = c.st.Close()
 	select {
 	case <-c.qc.Context().Done():
 	case <-time.After(200 * time.Millisecond):
@@ -198,9 +201,7 @@ func (l *Listener) Addr() net.Addr { return l.ln.Addr() }
 
 // Close stops listening and closes every session.
 func (l *Listener) Close() error {
-	err := l.ln.Close()
-	l.tr.Close()
-	return err
+	return errors.Join(l.ln.Close(), l.tr.Close())
 }
 
 // Accept waits for a sidecar's connection and its stream. A peer whose TLS handshake

@@ -133,7 +133,7 @@ func fetchBuild(ctx context.Context, cache string, b npmBuild) error {
 	if err != nil {
 		return err
 	}
-	defer lock.Close()
+	defer func() { _ = lock.Close() }() // releases the lock; the directory was opened read only
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
 		return err
 	}
@@ -153,7 +153,7 @@ func fetchBuild(ctx context.Context, cache string, b npmBuild) error {
 	if err != nil {
 		return err
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }() // read only
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("GET %s: %s", url, resp.Status)
 	}
@@ -169,14 +169,18 @@ func fetchBuild(ctx context.Context, cache string, b npmBuild) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(tmp)
+	// Gone once renamed; after a failure, a leftover only takes space in the cache.
+	defer func() { _ = os.RemoveAll(tmp) }()
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return err
 	}
 	if err := unpackNative(tgz, tmp); err != nil {
 		return err
 	}
-	os.RemoveAll(dir) // a tree left half-made is not there: initdb was missing from it
+	// A tree left half-made is not there: initdb was missing from it.
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove the half-made %s: %w", dir, err)
+	}
 	return os.Rename(tmp, dir)
 }
 
@@ -247,7 +251,9 @@ func unpackNative(tgz []byte, dir string) error {
 			return fmt.Errorf("pg-symlinks.json: link %s -> %s outside one directory of native/", l.Target, l.Source)
 		}
 		target := filepath.Join(dir, filepath.FromSlash(dst))
-		os.Remove(target)
+		if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
 		if err := os.Symlink(path.Base(src), target); err != nil {
 			return err
 		}

@@ -101,12 +101,12 @@ func NewCluster(ctx context.Context, opt Options) (*Cluster, error) {
 	c := &Cluster{Base: base, Data: filepath.Join(base, "data"), BinDir: bin, LogFile: filepath.Join(base, "server.log")}
 	if os.Geteuid() == 0 {
 		if c.owner, err = user.Lookup("postgres"); err != nil {
-			os.RemoveAll(base)
+			_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 			return nil, fmt.Errorf("running as root, the server must run as the postgres user: %w", err)
 		}
 	}
 	if err := c.Own(base); err != nil {
-		os.RemoveAll(base)
+		_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 		return nil, err
 	}
 	args := []string{"-D", c.Data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"}
@@ -114,11 +114,11 @@ func NewCluster(ctx context.Context, opt Options) (*Cluster, error) {
 		args = append(args, "--wal-segsize", strconv.Itoa(opt.SegSizeMB))
 	}
 	if out, err := c.run(ctx, "initdb", args...); err != nil {
-		os.RemoveAll(base)
+		_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 		return nil, fmt.Errorf("initdb: %w\n%s", err, out)
 	}
 	if c.Port, err = FreePort(); err != nil {
-		os.RemoveAll(base)
+		_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 		return nil, err
 	}
 	conf := map[string]string{
@@ -137,7 +137,7 @@ func NewCluster(ctx context.Context, opt Options) (*Cluster, error) {
 		conf[k] = v
 	}
 	if err := c.appendConf(conf); err != nil {
-		os.RemoveAll(base)
+		_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 		return nil, err
 	}
 	return c, nil
@@ -158,9 +158,11 @@ func (c *Cluster) appendConf(conf map[string]string) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	_, err = f.WriteString(b.String())
-	return err
+	if _, err := f.WriteString(b.String()); err != nil {
+		_ = f.Close() // the write's error is the one returned
+		return err
+	}
+	return f.Close()
 }
 
 // FreePort returns a TCP port on 127.0.0.1 that was free a moment ago. It is taken
@@ -178,7 +180,9 @@ func freePort(listen func(addr string) (io.Closer, error)) (int, error) {
 		port := 10000 + rand.IntN(22000)
 		var l io.Closer
 		if l, err = listen("127.0.0.1:" + strconv.Itoa(port)); err == nil {
-			l.Close()
+			if err = l.Close(); err != nil {
+				continue // the port may still be held: try another
+			}
 			return port, nil
 		}
 	}
@@ -265,12 +269,17 @@ func (c *Cluster) Kill() error {
 
 // Close stops the server at once if it runs and removes the cluster's directory.
 func (c *Cluster) Close() error {
+	var stopErr error
 	if pid, err := c.PostmasterPID(); err == nil && syscall.Kill(pid, 0) == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-		c.run(ctx, "pg_ctl", "-D", c.Data, "-m", "immediate", "-w", "stop")
+		// pg_ctl fails on a postmaster that died meanwhile (one killed a moment ago):
+		// only one still running is an error.
+		if out, err := c.run(ctx, "pg_ctl", "-D", c.Data, "-m", "immediate", "-w", "stop"); err != nil && syscall.Kill(pid, 0) == nil {
+			stopErr = fmt.Errorf("stop the server in %s: %w\n%s", c.Data, err, out)
+		}
 		cancel()
 	}
-	return os.RemoveAll(c.Base)
+	return errors.Join(stopErr, os.RemoveAll(c.Base))
 }
 
 // Log returns the server log, for error messages.
@@ -326,11 +335,11 @@ func (c *Cluster) BaseBackup(ctx context.Context, walMethod string) (*Cluster, e
 	out, err := c.run(ctx, "pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(c.Port), "-U", "postgres",
 		"-D", s.Data, "-X", walMethod, "-c", "fast", "--no-sync")
 	if err != nil {
-		os.RemoveAll(s.Base)
+		_ = os.RemoveAll(s.Base) // the error returned says what failed; a leftover is only space
 		return nil, fmt.Errorf("pg_basebackup: %w\n%s", err, out)
 	}
 	if err := s.Adopt(); err != nil {
-		os.RemoveAll(s.Base)
+		_ = os.RemoveAll(s.Base) // the error returned says what failed; a leftover is only space
 		return nil, err
 	}
 	return s, nil
@@ -346,11 +355,11 @@ func (c *Cluster) Empty() (*Cluster, error) {
 	}
 	s := &Cluster{Base: base, Data: filepath.Join(base, "data"), BinDir: c.BinDir, LogFile: filepath.Join(base, "server.log"), owner: c.owner}
 	if err := s.Own(base); err != nil {
-		os.RemoveAll(base)
+		_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 		return nil, err
 	}
 	if s.Port, err = FreePort(); err != nil {
-		os.RemoveAll(base)
+		_ = os.RemoveAll(base) // the error returned says what failed; a leftover is only space
 		return nil, err
 	}
 	return s, nil

@@ -49,7 +49,7 @@ func StartLoad(ctx context.Context, dsn string, clients, rowBytes int) (*Load, e
 	for i := 0; i < clients; i++ {
 		conn, err := pgx.Connect(ctx, dsn)
 		if err != nil {
-			l.Stop()
+			_ = l.Stop() // the clients started so far end; the connect error is the one returned
 			return nil, err
 		}
 		l.wg.Add(1)

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -55,7 +56,7 @@ func StartProcEnv(name, logFile, bin string, env []string, args ...string) (*Pro
 	}
 	info, err := f.Stat()
 	if err != nil {
-		f.Close()
+		_ = f.Close() // nothing was written through it
 		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
@@ -65,7 +66,7 @@ func StartProcEnv(name, logFile, bin string, env []string, args ...string) (*Pro
 	}
 	cmd.Stdout, cmd.Stderr = f, f
 	if err := cmd.Start(); err != nil {
-		f.Close()
+		_ = f.Close() // nothing was written through it
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	p := &Proc{Name: name, LogFile: logFile, logFrom: info.Size(), cmd: cmd, done: make(chan struct{})}
@@ -77,7 +78,7 @@ func StartProcEnv(name, logFile, bin string, env []string, args ...string) (*Pro
 	running.Unlock()
 	go func() {
 		err := cmd.Wait()
-		f.Close()
+		_ = f.Close() // the process wrote its log through its own descriptor: this one wrote nothing
 		p.mu.Lock()
 		p.err = err
 		p.mu.Unlock()
@@ -109,13 +110,16 @@ func (p *Proc) Err() error {
 
 // Kill sends SIGKILL and waits for the exit.
 func (p *Proc) Kill() {
-	p.cmd.Process.Signal(syscall.SIGKILL)
+	// The signal fails only for a process that was waited for: p.done is closed then.
+	_ = p.cmd.Process.Signal(syscall.SIGKILL)
 	<-p.done
 }
 
 // Stop sends SIGTERM and waits for the exit, killing the process if ctx ends first.
 func (p *Proc) Stop(ctx context.Context) error {
-	p.cmd.Process.Signal(syscall.SIGTERM)
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("stop %s: %w", p.Name, err)
+	}
 	select {
 	case <-p.done:
 		return nil

@@ -93,7 +93,8 @@ func (p *Proxy) fromClients() {
 		if err != nil {
 			continue
 		}
-		p.send(buf[:n], func(b []byte) { up.Write(b) })
+		// A datagram that cannot be sent is lost, as the network may lose any: QUIC resends.
+		p.send(buf[:n], func(b []byte) { _, _ = up.Write(b) })
 	}
 }
 
@@ -122,7 +123,8 @@ func (p *Proxy) upstream(from *net.UDPAddr) (*net.UDPConn, error) {
 			if err != nil {
 				return
 			}
-			p.send(buf[:n], func(b []byte) { p.ln.WriteToUDP(b, from) })
+			// A datagram that cannot be sent is lost, as the network may lose any.
+			p.send(buf[:n], func(b []byte) { _, _ = p.ln.WriteToUDP(b, from) })
 		}
 	}()
 	return c, nil

@@ -42,7 +42,7 @@ func VersityGWBin(ctx context.Context) (string, error) {
 			return "", err
 		}
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }() // a leftover of a failure only takes space
 	cmd := exec.CommandContext(ctx, "go", "install", VersityGWModule+"@"+VersityGWVersion)
 	cmd.Env = append(os.Environ(), "GOBIN="+tmp, "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {

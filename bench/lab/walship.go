@@ -169,7 +169,7 @@ func metricValues(addr string, names ...string) (map[string]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer resp.Body.Close()
+	defer func() { _ = resp.Body.Close() }() // read only
 	if resp.StatusCode != http.StatusOK {
 		return nil, fmt.Errorf("GET %s/metrics: %s", addr, resp.Status)
 	}
@@ -237,11 +237,11 @@ func (c *Cluster) Standby(ctx context.Context, restoreCommand string) (*Cluster,
 		"archive_mode":                "off",
 		"wal_retrieve_retry_interval": "'100ms'",
 	}); err != nil {
-		sb.Close()
+		_ = sb.Close() // the error returned says what failed; this only cleans up
 		return nil, err
 	}
 	if err := sb.WriteFile("standby.signal", nil); err != nil {
-		sb.Close()
+		_ = sb.Close() // the error returned says what failed; this only cleans up
 		return nil, err
 	}
 	return sb, nil
@@ -275,7 +275,7 @@ func (w *Walship) StandbyInit(ctx context.Context, primary *Cluster, restoreComm
 		return nil, err
 	}
 	fail := func(err error) (*Cluster, error) {
-		sb.Close()
+		_ = sb.Close() // the error returned says what failed; this only cleans up
 		return nil, err
 	}
 	if err := os.Mkdir(sb.Data, 0o700); err != nil {

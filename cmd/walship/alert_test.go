@@ -103,7 +103,7 @@ func TestAlerts(t *testing.T) {
 	res, err := http.Get("http://" + r.sideMetrics + "/metrics")
 	require.NoError(t, err)
 	body, err := io.ReadAll(res.Body)
-	res.Body.Close()
+	require.NoError(t, res.Body.Close())
 	require.NoError(t, err)
 	require.Contains(t, string(body), "walship_sidecar_lag_seconds")
 	conf := filepath.Join(r.dir, "walship.conf")

@@ -164,7 +164,7 @@ func readConfig(path string) ([]setting, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--config: %w", err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	var out []setting
 	seen := map[[2]string]int{}
 	section := ""

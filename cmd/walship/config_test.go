@@ -74,8 +74,8 @@ spool = '/from/status''s # section'
 	require.False(t, json)
 
 	// WALSHIP_CONFIG names the file when --config does not.
-	os.Unsetenv("WALSHIP_SPOOL")
-	os.Unsetenv("WALSHIP_STATUS_SPOOL")
+	require.NoError(t, os.Unsetenv("WALSHIP_SPOOL"))
+	require.NoError(t, os.Unsetenv("WALSHIP_STATUS_SPOOL"))
 	t.Setenv("WALSHIP_CONFIG", conf)
 	fs, sp, _, _, _ := configFlags(t, "tail")
 	require.Equal(t, -1, parseWithArgs(fs, nil))

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -35,7 +36,10 @@ func TestMain(m *testing.M) {
 		os.Exit(2)
 	}
 	// Everything must be reachable by the postgres user the lab runs servers as.
-	os.Chmod(dir, 0o755)
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintf(os.Stderr, "make the walship build reachable by the servers' user: %v\n", err)
+		os.Exit(2)
+	}
 	code := m.Run()
 	// Every walship the tests run in the background is a lab.Proc, and each must end
 	// with the test that started it: one still running now has leaked.
@@ -47,7 +51,9 @@ func TestMain(m *testing.M) {
 		}
 		code = 1
 	}
-	os.RemoveAll(dir)
+	if err := os.RemoveAll(dir); err != nil {
+		fmt.Fprintf(os.Stderr, "remove the walship build: %v\n", err)
+	}
 	os.Exit(code)
 }
 
@@ -114,9 +120,9 @@ func newRigMajor(t *testing.T, ctx context.Context, segMB, major int) *rig {
 			}
 		}
 		if r.primary != nil {
-			r.primary.Close()
+			assert.NoError(t, r.primary.Close(), "stop the primary and remove its files")
 		}
-		os.RemoveAll(dir)
+		assert.NoError(t, os.RemoveAll(dir))
 	})
 	require.NoError(t, os.Mkdir(r.archive, 0o755))
 	r.primary, err = lab.NewCluster(ctx, lab.Options{SegSizeMB: segMB, Major: major, Settings: map[string]string{
@@ -320,7 +326,7 @@ func (r *rig) checkIdentical(ctx context.Context) int {
 		require.NoError(t, err)
 		f, err := os.Open(filepath.Join(r.primary.Data, "pg_wal", name))
 		require.NoError(t, err)
-		defer f.Close()
+		defer func() { _ = f.Close() }() // read only
 		want := make([]byte, len(got))
 		_, err = f.ReadAt(want, 0)
 		require.NoError(t, err)
@@ -358,7 +364,9 @@ func TestStreamUnderLoad(t *testing.T) {
 
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 4, 400)
 	require.NoError(t, err)
-	defer load.Stop()
+	// Only for a test that fails on the way: the test checks the load's error where it
+	// stops it.
+	defer func() { _ = load.Stop() }()
 	require.NoError(t, lab.Wait(ctx, 100*time.Millisecond, fmt.Sprintf("%d segments published under load", loadSegments), func() (bool, error) {
 		_, c := spoolPosition(t, r.spool)
 		return len(c.Segments) >= loadSegments, nil

@@ -102,7 +102,7 @@ func crashAndPromote(t *testing.T, ctx context.Context, r *rig, sb *lab.Cluster,
 		r.sidecar.Kill()
 	}
 	require.NoError(t, r.primary.Kill())
-	load.Stop() // the client's error is expected: its server died
+	_ = load.Stop() // the client's error is expected: its server died
 	acks := load.Acks()
 	require.NotEmpty(t, acks)
 	if how.afterKill != nil {

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -70,7 +71,9 @@ func TestRestarts(t *testing.T) {
 	r := streamingRig(t, ctx, 1)
 	load, err := lab.StartLoad(ctx, r.primary.DSN(), 2, 400)
 	require.NoError(t, err)
-	defer load.Stop()
+	// Only for a test that fails on the way: the test checks the load's error where it
+	// stops it.
+	defer func() { _ = load.Stop() }()
 	r.waitSpoolGrows(ctx, 3<<20)
 
 	r.receiver.Kill()
@@ -252,7 +255,7 @@ func TestRefusals(t *testing.T) {
 	t.Run("sidecar of another cluster", func(t *testing.T) {
 		other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
 		require.NoError(t, err)
-		defer other.Close()
+		defer func() { assert.NoError(t, other.Close(), "stop the other cluster and remove its files") }()
 		require.NoError(t, other.Start(ctx))
 		p := r.startSidecar(ctx, other)
 		select {

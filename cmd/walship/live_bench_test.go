@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,7 +35,11 @@ func BenchmarkLiveHandOut(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer c.Close()
+	defer func() {
+		if err := c.Close(); err != nil {
+			b.Errorf("stop the cluster and remove its files: %v", err)
+		}
+	}()
 	if err := c.Start(ctx); err != nil {
 		b.Fatal(err)
 	}
@@ -103,16 +109,19 @@ func BenchmarkLiveHandOut(b *testing.B) {
 				b.Fatal(err)
 			}
 			w := spool.NewWriter(dir, id.SegSize)
-			if err := w.Use(seg, true); err == nil {
+			err := w.Use(seg, true)
+			if err == nil {
 				err = w.WriteAt(0, data[:mib<<20])
-				if err == nil {
-					err = w.Sync()
-				}
 			}
-			w.Close()
-			w.Wait()
+			if err == nil {
+				err = w.Sync()
+			}
+			if cerr := w.Close(); err == nil {
+				err = cerr
+			}
+			w.Wait() // the spare made in the background, before b.TempDir removes dir
 			if err != nil {
-				b.Fatal(err)
+				b.Fatalf("write %d MiB into the partial of %s: %v", mib, name, err)
 			}
 			target := filepath.Join(out, "RECOVERYXLOG")
 			handOut := func(want int) *exec.Cmd {
@@ -145,7 +154,9 @@ func BenchmarkLiveHandOut(b *testing.B) {
 						}
 					}
 				}
-				os.Remove(target)
+				if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					b.Fatal(err)
+				}
 				b.StartTimer()
 				cmd := handOut(want)
 				cpu += cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()

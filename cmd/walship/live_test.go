@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -285,7 +286,7 @@ func grow(t *testing.T, dir string, seg wal.Segment, data []byte) {
 	require.NoError(t, err)
 	w := spool.NewWriter(dir, 1<<20)
 	defer w.Wait()
-	defer w.Close()
+	defer func() { assert.NoError(t, w.Close()) }()
 	require.NoError(t, w.Use(seg, true))
 	require.NoError(t, w.WriteAt(end, data[end:]))
 	require.NoError(t, w.Sync())

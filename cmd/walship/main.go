@@ -216,12 +216,14 @@ func profileFlag(fs *flag.FlagSet) func() (stop func(), err error) {
 			return nil, fmt.Errorf("--cpu-profile: %w", err)
 		}
 		if err := pprof.StartCPUProfile(f); err != nil {
-			f.Close()
+			_ = f.Close() // nothing was written to it; the error returned is the profile's
 			return nil, fmt.Errorf("--cpu-profile: %w", err)
 		}
 		return func() {
 			pprof.StopCPUProfile()
-			f.Close()
+			if err := f.Close(); err != nil {
+				fmt.Fprintf(os.Stderr, "walship: --cpu-profile: the profile may be incomplete: %v\n", err)
+			}
 		}, nil
 	}
 }

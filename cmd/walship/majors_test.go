@@ -52,7 +52,7 @@ func TestMajors(t *testing.T) {
 			require.NoError(t, err)
 			require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "100 commits", func() (bool, error) { return load.Count() >= 100, nil }))
 			out, err := exec.CommandContext(ctx, walshipBin, "switchover", "--spool", r.spool, "--dsn", sb.DSN()).CombinedOutput()
-			load.Stop() // its errors are expected: the server stopped
+			_ = load.Stop() // its errors are expected: the server stopped
 			require.NoError(t, err, "walship switchover:\n%s", out)
 			t.Logf("walship switchover: %s", strings.TrimSpace(string(out)))
 			require.Contains(t, string(out), "promoted: timeline 2,")
@@ -61,8 +61,8 @@ func TestMajors(t *testing.T) {
 			require.Empty(t, loss.Lost, "lost in the switchover")
 
 			old := r.primary
-			r.sidecar.Stop(ctx)
-			r.receiver.Stop(ctx)
+			require.NoError(t, r.sidecar.Stop(ctx))
+			require.NoError(t, r.receiver.Stop(ctx))
 			next := r.follow(ctx, "back", old, sb)
 
 			// A kill -9 of the new primary, and the old one promoted again.

@@ -67,7 +67,9 @@ func serveMetrics(ctx context.Context, ln net.Listener, log zerolog.Logger, reg 
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
-		srv.Shutdown(sctx)
+		if err := srv.Shutdown(sctx); err != nil {
+			log.Warn().Err(err).Msg("metrics server: a scrape was still running at the shutdown")
+		}
 	}()
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -199,7 +200,7 @@ func TestRestoreCommand(t *testing.T) {
 	t.Run("spool of another cluster", func(t *testing.T) {
 		other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
 		require.NoError(t, err)
-		defer other.Close()
+		defer func() { assert.NoError(t, other.Close(), "remove the other cluster's files") }()
 		res := restoreCmd(t, ctx, "--spool", r.spool, "--pgdata", other.Data, first, target)
 		require.Equal(t, 3, res.code, res.stderr)
 		require.Contains(t, res.stderr, "another cluster")

@@ -226,7 +226,11 @@ func TestDiskFull(t *testing.T) {
 	require.NoError(t, os.Mkdir(mnt, 0o755))
 	out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", mnt).CombinedOutput()
 	require.NoError(t, err, "mount a small tmpfs: %s", out)
-	t.Cleanup(func() { exec.Command("umount", "-l", mnt).Run() })
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", "-l", mnt).CombinedOutput(); err != nil {
+			t.Errorf("unmount the small tmpfs: %v: %s", err, out)
+		}
+	})
 	filler := filepath.Join(mnt, "filler")
 	require.NoError(t, os.WriteFile(filler, make([]byte, 6<<20), 0o644))
 	r.spool = filepath.Join(mnt, "spool")

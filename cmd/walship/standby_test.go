@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -79,7 +80,7 @@ func emptyStandby(t *testing.T, r *rig) *lab.Cluster {
 		if t.Failed() {
 			t.Logf("--- standby log:\n%s", lastBytes(sb.Log(), 6000))
 		}
-		sb.Close()
+		assert.NoError(t, sb.Close(), "stop the standby and remove its files")
 	})
 	require.NoError(t, os.Mkdir(sb.Data, 0o700))
 	require.NoError(t, sb.Own(sb.Data))
@@ -239,7 +240,7 @@ func TestStandbyInitRefusals(t *testing.T) {
 
 	other, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
 	require.NoError(t, err)
-	t.Cleanup(func() { other.Close() })
+	t.Cleanup(func() { assert.NoError(t, other.Close(), "remove the other cluster's files") })
 	stuff := filepath.Join(r.dir, "stuff")
 	require.NoError(t, os.Mkdir(stuff, 0o700))
 	require.NoError(t, os.WriteFile(filepath.Join(stuff, "notes.txt"), []byte("mine"), 0o600))
@@ -273,7 +274,7 @@ func TestStandbyInitRefusals(t *testing.T) {
 	require.ErrorIs(t, err, fs.ErrNotExist, "nothing was written into the running server's directory")
 
 	// Without a receiver on the spool.
-	r.receiver.Stop(ctx)
+	require.NoError(t, r.receiver.Stop(ctx))
 	dir := emptyStandby(t, r).Data
 	out, err = r.standbyInit(ctx, dir)
 	require.Error(t, err)

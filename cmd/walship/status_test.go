@@ -98,7 +98,7 @@ func TestStatus(t *testing.T) {
 	require.Contains(t, line, "free on the spool's file system (below 100%)")
 
 	// The sidecar gone: the receiver runs, no sidecar.
-	r.sidecar.Stop(ctx)
+	require.NoError(t, r.sidecar.Stop(ctx))
 	require.NoError(t, lab.Wait(ctx, 20*time.Millisecond, "the receiver to see the sidecar gone", func() (bool, error) {
 		return !status(t, "--spool", r.spool).SidecarConnected, nil
 	}))
@@ -136,7 +136,7 @@ func TestStatus(t *testing.T) {
 	require.NotContains(t, line, "NotToBeSeen42")
 
 	// The receiver stopped: neither.
-	r.receiver.Stop(ctx)
+	require.NoError(t, r.receiver.Stop(ctx))
 	st = status(t, "--spool", r.spool)
 	require.False(t, st.ReceiverRunning)
 	require.False(t, st.SidecarConnected)

@@ -159,7 +159,9 @@ change is logged as well.`)
 		keeperDone = make(chan struct{})
 		go func() {
 			defer close(keeperDone)
-			keeper.Run(kctx)
+			if err := keeper.Run(kctx); err != nil {
+				log.Error().Err(err).Msg("replication slot keeper stopped")
+			}
 		}()
 	}
 	// Each receiver runs on its own; one that stops for good (another cluster's spool)

@@ -33,7 +33,7 @@ func TestSwitchover(t *testing.T) {
 	out, err := exec.CommandContext(ctx, walshipBin, "switchover", "--spool", r.spool, "--dsn", sb.DSN()).CombinedOutput()
 	stopped := time.Now()
 	require.NoError(t, err, "walship switchover:\n%s", out)
-	load.Stop() // its errors are expected: the server stopped
+	_ = load.Stop() // its errors are expected: the server stopped
 	t.Logf("walship switchover: %s", strings.TrimSpace(string(out)))
 	require.Contains(t, string(out), `its control file says "shut down"`)
 	require.Contains(t, string(out), "promoted: timeline 2")
@@ -160,7 +160,7 @@ func TestSwitchoverAndBack(t *testing.T) {
 		require.NoError(t, err)
 		require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "100 commits", func() (bool, error) { return load.Count() >= 100, nil }))
 		out, err := exec.CommandContext(ctx, walshipBin, "switchover", "--spool", cur.spool, "--dsn", standby.DSN()).CombinedOutput()
-		load.Stop() // its errors are expected: the server stopped
+		_ = load.Stop() // its errors are expected: the server stopped
 		require.NoError(t, err, "swap %d: walship switchover:\n%s", swap, out)
 		t.Logf("swap %d: %s", swap, strings.TrimSpace(string(out)))
 		require.Contains(t, string(out), "promoted: timeline "+strconv.Itoa(swap+1))
@@ -169,8 +169,8 @@ func TestSwitchoverAndBack(t *testing.T) {
 
 		// The old primary rejoins: a receiver with an empty spool beside it, the start
 		// mark, then the new primary's sidecar.
-		cur.sidecar.Stop(ctx)
-		cur.receiver.Stop(ctx)
+		require.NoError(t, cur.sidecar.Stop(ctx))
+		require.NoError(t, cur.receiver.Stop(ctx))
 		next := cur.follow(ctx, "swap"+strconv.Itoa(swap), primary, standby)
 		primary, standby, cur = standby, primary, next
 	}
@@ -207,7 +207,7 @@ func TestRejoinRefusedAfterCrash(t *testing.T) {
 	out, err := exec.CommandContext(ctx, walshipBin, "promote", "--spool", r.spool, "--dsn", sb.DSN(), "--timeout", "90s").CombinedOutput()
 	require.NoError(t, err, "walship promote:\n%s", out)
 	require.Contains(t, string(out), "no end-of-WAL mark")
-	r.receiver.Stop(ctx)
+	require.NoError(t, r.receiver.Stop(ctx))
 
 	next := r.sibling("rejoin")
 	next.primary = sb

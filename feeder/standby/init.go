@@ -307,7 +307,7 @@ func sums(p string) (*transport.BackupHave, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	h := &transport.BackupHave{}
 	buf := make([]byte, transport.BlockSize)
 	for {
@@ -594,7 +594,7 @@ func (b *builder) finishFile() error {
 		err = cerr
 	}
 	if b.from != nil {
-		b.from.Close()
+		_ = b.from.Close() // read only
 	}
 	b.f, b.from = nil, nil
 	return err
@@ -765,7 +765,7 @@ func syncPath(p string) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only: the fsync is what counts, and its error is returned
 	return f.Sync()
 }
 
@@ -843,7 +843,10 @@ func (r *root) swap() error {
 			aside := r.final + ".walship-old"
 			if err = os.Rename(r.final, aside); err == nil {
 				if err = os.Rename(r.tmp(), r.final); err != nil {
-					os.Rename(aside, r.final)
+					// Put the old copy back; if that fails too, say where it is.
+					if rerr := os.Rename(aside, r.final); rerr != nil {
+						err = fmt.Errorf("%w; and the earlier copy could not be put back: it is at %s (%w)", err, aside, rerr)
+					}
 				} else {
 					err = os.Rename(aside, r.tmp())
 				}
@@ -891,22 +894,24 @@ func lockBeside(dir string) (unlock func(), err error) {
 		return nil, err
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		f.Close()
+		_ = f.Close() // read only; the lock's error is the one returned
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return nil, fmt.Errorf("another walship standby init or rejoin is at work in %s: wait for it to end", parent)
 		}
 		return nil, fmt.Errorf("lock %s: %w", parent, err)
 	}
-	return func() { f.Close() }, nil
+	return func() { _ = f.Close() }, nil // releases the lock; the directory was opened read only
 }
 
 // cleanUp removes the new trees of a copy that did not take its place.
 func (b *builder) cleanUp() {
+	// The copy did not take its place (an error says why): the file being written is
+	// no part of anything, and its tree is removed below.
 	if b.f != nil {
-		b.f.Close()
+		_ = b.f.Close()
 	}
 	if b.from != nil {
-		b.from.Close()
+		_ = b.from.Close() // read only
 	}
 	if b.swapd {
 		return
@@ -917,7 +922,9 @@ func (b *builder) cleanUp() {
 	}
 	for _, r := range roots {
 		if r.made {
-			os.RemoveAll(r.tmp())
+			if err := os.RemoveAll(r.tmp()); err != nil {
+				b.o.Log.Warn().Err(err).Str("dir", r.tmp()).Msg("could not remove the unfinished copy; remove it by hand")
+			}
 		}
 	}
 }

@@ -232,7 +232,7 @@ func (a *Archive) Get(ctx context.Context, name string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("archive %s: download %s: %w", a.url, name, err)
 	}
-	defer out.Body.Close()
+	defer func() { _ = out.Body.Close() }() // read only
 	b, err := io.ReadAll(out.Body)
 	if err != nil {
 		return nil, fmt.Errorf("archive %s: download %s: %w", a.url, name, err)

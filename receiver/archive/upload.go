@@ -122,7 +122,9 @@ func (u *Uploader) Run(ctx context.Context) error {
 	backoff := time.Duration(0)
 	for ctx.Err() == nil {
 		if w != nil {
-			w.Drain()
+			if err := w.Drain(); err != nil && ctx.Err() == nil {
+				return fmt.Errorf("archive: watch the spool: %w", err)
+			}
 		}
 		var err error
 		if have == nil {
@@ -289,7 +291,7 @@ func (u *Uploader) read(path string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	st, err := f.Stat()
 	if err != nil {
 		return nil, err
@@ -348,7 +350,7 @@ func (u *Uploader) promotedPartial(ctx context.Context, id spool.Identity, have,
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	b := make([]byte, id.SegSize)
 	if _, err := io.ReadFull(f, b[:trig.Bytes]); err != nil {
 		return fmt.Errorf("archive: frozen partial %s: %w", name, err)

@@ -76,8 +76,10 @@ func WriteFrom(path string, fill func(io.Writer) error, perm os.FileMode) (err e
 	}
 	defer func() {
 		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
+			// err says what failed; the temporary file is no part of anything, and a
+			// leftover of it carries TempPrefix, by which a scan can remove it.
+			_ = f.Close()
+			_ = os.Remove(f.Name())
 		}
 	}()
 	if err = f.Chmod(perm); err != nil {
@@ -93,7 +95,7 @@ func WriteFrom(path string, fill func(io.Writer) error, perm os.FileMode) (err e
 // the directory. f must live in path's directory. f is closed whatever happens.
 func Rename(f *os.File, path string) error {
 	if err := f.Sync(); err != nil {
-		f.Close()
+		_ = f.Close() // the fsync failed: that is the error, and the file is not published
 		return fmt.Errorf("publish %s: fsync: %w", path, err)
 	}
 	if err := f.Close(); err != nil {
@@ -111,7 +113,7 @@ func SyncDir(dir string) error {
 	if err != nil {
 		return fmt.Errorf("fsync directory %s: %w", dir, err)
 	}
-	defer d.Close()
+	defer func() { _ = d.Close() }() // read only: the fsync is what counts, and its error is checked
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("fsync directory %s: %w", dir, err)
 	}

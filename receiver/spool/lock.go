@@ -19,7 +19,7 @@ func lock(dir, name, who string) (*os.File, error) {
 		return nil, fmt.Errorf("lock spool %s: %w", dir, err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		f.Close()
+		_ = f.Close() // nothing was written to it, and the error that counts is the lock's
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			return nil, fmt.Errorf("lock spool %s: %w (%s)", dir, ErrLocked, who)
 		}
@@ -49,7 +49,7 @@ func ReceiverRunning(dir string) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	err = syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB)
 	if errors.Is(err, syscall.EWOULDBLOCK) {
 		return true, nil

@@ -192,7 +192,7 @@ func PartialBytes(path string, segSize uint64) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	st, err := readPartialState(f, segSize)
 	if err != nil {
 		return nil, err
@@ -213,7 +213,8 @@ func SyncPartial(path string) error {
 	if err != nil {
 		return err
 	}
-	defer f.Close()
+	// Opened read only: the fdatasync is what counts, and its error is returned.
+	defer func() { _ = f.Close() }()
 	return fdatasync(f)
 }
 
@@ -225,7 +226,7 @@ func PartialEnd(path string, segSize uint64) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	st, err := readPartialState(f, segSize)
 	return st.end, err
 }
@@ -310,8 +311,10 @@ func preSized(dir string, segSize uint64, write bool) (*os.File, error) {
 		err = f.Sync()
 	}
 	if err != nil {
-		f.Close()
-		os.Remove(f.Name())
+		// err says what failed; the temporary file is no part of the spool, and Recover
+		// removes a leftover of it by its prefix.
+		_ = f.Close()
+		_ = os.Remove(f.Name())
 		return nil, fmt.Errorf("pre-size a partial segment: %w", err)
 	}
 	return f, nil
@@ -329,9 +332,12 @@ func makeSpare(dir string, segSize uint64) error {
 	if err != nil {
 		return err
 	}
-	f.Close()
+	if err := f.Close(); err != nil {
+		_ = os.Remove(f.Name()) // a spare that may not hold its zeros is no spare
+		return fmt.Errorf("pre-size a partial segment: close: %w", err)
+	}
 	if err := os.Rename(f.Name(), path); err != nil {
-		os.Remove(f.Name())
+		_ = os.Remove(f.Name()) // the rename's error is the one returned
 		return err
 	}
 	return nil
@@ -347,9 +353,13 @@ func createPartial(dir, path string, segSize uint64, zeros bool) (*os.File, erro
 		if f, err = preSized(dir, segSize, zeros); err != nil {
 			return nil, err
 		}
-		f.Close()
-		if err = os.Rename(f.Name(), path); err != nil {
-			os.Remove(f.Name())
+		if err = f.Close(); err != nil {
+			err = fmt.Errorf("pre-size a partial segment: close: %w", err)
+		} else {
+			err = os.Rename(f.Name(), path)
+		}
+		if err != nil {
+			_ = os.Remove(f.Name()) // err, returned below, says what failed
 		}
 	}
 	if err != nil {
@@ -365,7 +375,7 @@ func createPartial(dir, path string, segSize uint64, zeros bool) (*os.File, erro
 	// A spare of another segment size (the spool was rebound? it cannot be) would not
 	// do; check rather than trust.
 	if info, err := f.Stat(); err != nil || uint64(info.Size()) != segSize+EndBlockSize {
-		f.Close()
+		_ = f.Close() // nothing was written through it
 		return nil, fmt.Errorf("create partial segment %s: the pre-sized file has the wrong size", path)
 	}
 	return f, nil

@@ -60,7 +60,7 @@ func RecoverIdle(dir string, id Identity, log zerolog.Logger) (Contents, error) 
 	if err != nil {
 		return Contents{}, err
 	}
-	defer wlock.Close()
+	defer func() { _ = wlock.Close() }() // releases the lock; nothing is written to the lock file
 	frozen, err := Frozen(dir)
 	if err != nil {
 		return Contents{}, err
@@ -78,8 +78,11 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 		return false, err
 	}
 	defer func() {
-		if f != nil {
-			f.Close()
+		if f == nil { // given to durable.Rename, which closed it
+			return
+		}
+		if cerr := f.Close(); cerr != nil && err == nil {
+			err = fmt.Errorf("close %s: %w", path, cerr)
 		}
 	}()
 	// A writer that died (its process, not the host) between an end slot and its

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
@@ -191,7 +192,7 @@ func TestWriter(t *testing.T) {
 	seg := wal.Segment{TLI: 1, No: 2}
 	b := pages(seg, 128)
 	w := NewWriter(dir, testID.SegSize)
-	defer w.Close()
+	defer func() { assert.NoError(t, w.Close()) }()
 	require.NoError(t, w.Use(seg, true))
 	require.NoError(t, w.WriteAt(0, b[:9000]))
 	require.NoError(t, w.Sync())
@@ -261,7 +262,7 @@ func TestWriterCrash(t *testing.T) {
 		require.NoError(t, w.WriteAt(20000, b[20000:50000]))
 		require.NoError(t, w.Sync())
 		require.NoError(t, w.WriteAt(50000, b[50000:60000]))
-		w.Close()
+		require.NoError(t, w.Close())
 		w.Wait()
 		return dir, PartialPath(dir, seg, st.SegSize)
 	}
@@ -297,13 +298,13 @@ func TestWriterCrash(t *testing.T) {
 			require.NoError(t, err)
 			c.crash(t, f)
 			ps, err := readPartialState(f, st.SegSize)
-			f.Close()
+			require.NoError(t, f.Close())
 			require.NoError(t, err)
 			require.Equal(t, c.end, ps.end, "the end")
 			require.Equal(t, c.fell, ps.fellBack, "fell back to the slot before")
 
 			w := NewWriter(dir, st.SegSize)
-			defer w.Close()
+			defer func() { assert.NoError(t, w.Close()) }()
 			if c.fell {
 				require.ErrorContains(t, w.Use(seg, false), "has not been recovered", "a writer refuses a partial that recovery has not settled")
 			}
@@ -386,7 +387,7 @@ func TestLocks(t *testing.T) {
 	require.NoError(t, a.Close())
 	b, err := LockWriter(dir)
 	require.NoError(t, err, "the lock is free once closed")
-	b.Close()
+	require.NoError(t, b.Close())
 }
 
 // TestPublishSyncsFirst: a publish makes the segment's bytes durable while the end

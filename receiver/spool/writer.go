@@ -74,7 +74,9 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 	if err := w.Settle(); err != nil {
 		return err
 	}
-	w.Close()
+	if err := w.Close(); err != nil {
+		return err
+	}
 	path := PartialPath(w.dir, seg, w.segSize)
 	var f *os.File
 	var err error
@@ -85,7 +87,9 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 			w.spare.Add(1)
 			go func() {
 				defer w.spare.Done()
-				makeSpare(w.dir, w.segSize) // best effort: without it, the next partial is made when needed
+				// Best effort: without a spare, the next partial is made when needed, and
+				// its error, if the cause lasts, is returned by the Use that makes it.
+				_ = makeSpare(w.dir, w.segSize)
 			}()
 		}
 	} else {
@@ -99,7 +103,7 @@ func (w *Writer) Use(seg wal.Segment, create bool) error {
 		err = fmt.Errorf("partial segment %s has not been recovered", path)
 	}
 	if err != nil {
-		f.Close()
+		_ = f.Close() // nothing was written through it
 		return err
 	}
 	w.f, w.seg, w.end, w.synced, w.seq, w.syncs = f, seg, st.end, st.end, st.seq, 0
@@ -172,7 +176,7 @@ func (w *Writer) Publish() error {
 	// From here on, a failure leaves the segment a partial that this writer no longer
 	// holds: a new partial after it would be a second one on the timeline.
 	if err := f.Truncate(int64(w.segSize)); err != nil {
-		f.Close()
+		_ = f.Close() // the truncate's error is the one returned; the partial stays unpublished
 		w.err = fmt.Errorf("publish segment %s: %w", w.seg.Name(w.segSize), err)
 		return w.err
 	}
@@ -262,12 +266,19 @@ func (w *Writer) fail(err error) error {
 	return w.err
 }
 
-// Close closes the partial being written, without syncing it.
-func (w *Writer) Close() {
-	if w.f != nil {
-		w.f.Close()
-		w.f = nil
+// Close closes the partial being written, without syncing it: what was not synced is
+// not durable whatever Close says, but an error of the close (a write-back that failed,
+// on some file systems) is returned for the caller to act on or report.
+func (w *Writer) Close() error {
+	if w.f == nil {
+		return nil
 	}
+	f := w.f
+	w.f = nil
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("close partial segment %s: %w", w.seg.Name(w.segSize), err)
+	}
+	return nil
 }
 
 // Wait waits for the spare being made in the background, if any.

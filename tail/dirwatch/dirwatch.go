@@ -40,7 +40,7 @@ func New(dir string, what Events) (*Watch, error) {
 		return nil, fmt.Errorf("inotify: %w", err)
 	}
 	if _, err := unix.InotifyAddWatch(fd, dir, uint32(what)); err != nil {
-		unix.Close(fd)
+		_ = unix.Close(fd) // a descriptor that watches nothing: the watch's error is the one returned
 		return nil, fmt.Errorf("inotify watch on %s: %w", dir, err)
 	}
 	// A non-blocking descriptor goes to the runtime's poller: Read waits without a thread.
@@ -85,7 +85,12 @@ func (w *Watch) Wait(d time.Duration) (bool, error) {
 }
 
 // Interrupt ends a Wait at once.
-func (w *Watch) Interrupt() { w.f.SetReadDeadline(time.Now()) }
+func (w *Watch) Interrupt() {
+	// The deadline fails only on a watch that is closed, or one whose descriptor the
+	// poller refused: Wait sets a deadline too, and fails the same way, so no Wait is
+	// left to end then.
+	_ = w.f.SetReadDeadline(time.Now())
+}
 
 // Close ends the watch.
 func (w *Watch) Close() error { return w.f.Close() }

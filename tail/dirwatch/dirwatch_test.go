@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -25,7 +26,7 @@ func TestWatch(t *testing.T) {
 
 	f, err := os.OpenFile(seg, os.O_WRONLY, 0)
 	require.NoError(t, err)
-	defer f.Close()
+	defer func() { assert.NoError(t, f.Close()) }()
 	_, err = f.WriteAt([]byte("wal"), 100)
 	require.NoError(t, err)
 	woke, err = w.Wait(10 * time.Second)

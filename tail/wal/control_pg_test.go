@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -21,13 +22,13 @@ func TestReadControl(t *testing.T) {
 	defer cancel()
 	c, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
 	require.NoError(t, err)
-	defer c.Close()
+	defer func() { assert.NoError(t, c.Close(), "stop the cluster and remove its files") }()
 	require.NoError(t, c.Start(ctx))
 	require.NoError(t, c.Exec(ctx, "CHECKPOINT"))
 	// A standby, stopped: its control file sets a minimum recovery point.
 	sb, err := c.BaseBackup(ctx, "stream")
 	require.NoError(t, err)
-	defer sb.Close()
+	defer func() { assert.NoError(t, sb.Close(), "stop the standby and remove its files") }()
 	require.NoError(t, sb.WriteFile("standby.signal", nil))
 	require.NoError(t, sb.Start(ctx))
 	require.NoError(t, c.Exec(ctx, "CREATE TABLE t AS SELECT generate_series(1, 10000) AS n"))

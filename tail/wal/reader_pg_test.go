@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/walship/walship/bench/lab"
@@ -59,7 +60,7 @@ func captureWAL(t *testing.T) *pgWAL {
 	defer cancel()
 	c, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1, Settings: map[string]string{"min_wal_size": "32MB", "max_wal_size": "64MB"}})
 	require.NoError(t, err)
-	defer c.Close()
+	defer func() { assert.NoError(t, c.Close(), "stop the cluster and remove its files") }()
 	require.NoError(t, c.Start(ctx))
 	conn, err := c.Connect(ctx)
 	require.NoError(t, err)
@@ -264,7 +265,9 @@ func TestReaderCorruption(t *testing.T) {
 func TestMain(m *testing.M) {
 	code := m.Run()
 	if captured != nil {
-		os.RemoveAll(captured.dir)
+		if err := os.RemoveAll(captured.dir); err != nil {
+			fmt.Fprintf(os.Stderr, "remove the captured WAL: %v\n", err)
+		}
 	}
 	os.Exit(code)
 }

@@ -54,7 +54,7 @@ func loadSamples(t testing.TB) []sample {
 			zr, err := gzip.NewReader(f)
 			require.NoError(t, err)
 			seg, err := io.ReadAll(zr)
-			f.Close()
+			_ = f.Close() // read only
 			require.NoError(t, err)
 			require.Len(t, seg, int(m.SegSize), name)
 			if i == 0 {

@@ -2,7 +2,6 @@ package wal_test
 
 import (
 	"errors"
-	"fmt"
 	"io"
 	"testing"
 
@@ -68,7 +67,7 @@ func switchPlacements() []wal.LSN {
 // the page that holds the record's end, with and without the page before it.
 func TestSplitSwitch(t *testing.T) {
 	for _, at := range switchPlacements() {
-		t.Run(fmt.Sprintf("%s", at), func(t *testing.T) {
+		t.Run(at.String(), func(t *testing.T) {
 			b := waltest.New(shapeStream, 1, 1)
 			b.Record(waltest.RmHeap, 0, 100)
 			b.FillTo(at)

@@ -43,6 +43,14 @@ func main() {
 	}
 }
 
+// cleanup reports a teardown step that failed: the comparison stands, but something
+// may be left behind.
+func cleanup(what string, err error) {
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ab: %s: %v\n", what, err)
+	}
+}
+
 func run(binA, binB, argsA, argsB string, rounds int, runFor time.Duration, scale int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rounds)*(runFor+time.Minute)+5*time.Minute)
 	defer cancel()
@@ -50,7 +58,7 @@ func run(binA, binB, argsA, argsB string, rounds int, runFor time.Duration, scal
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	defer func() { cleanup("remove the primary", c.Close()) }()
 	if err := c.Start(ctx); err != nil {
 		return err
 	}
@@ -58,7 +66,7 @@ func run(binA, binB, argsA, argsB string, rounds int, runFor time.Duration, scal
 	defer func() {
 		for _, w := range pairs {
 			w.Kill()
-			os.RemoveAll(w.Dir)
+			cleanup("remove "+w.Dir, os.RemoveAll(w.Dir))
 		}
 	}()
 	for _, cfg := range []struct{ bin, args string }{{binA, argsA}, {binB, argsB}} {
@@ -68,7 +76,7 @@ func run(binA, binB, argsA, argsB string, rounds int, runFor time.Duration, scal
 		}
 		w, err := lab.NewWalship(cfg.bin, dir)
 		if err != nil {
-			os.RemoveAll(dir)
+			cleanup("remove "+dir, os.RemoveAll(dir))
 			return err
 		}
 		pairs = append(pairs, w)

@@ -35,7 +35,7 @@ func archiveUpload(ctx context.Context, c config, r *results) error {
 		if err != nil {
 			return err
 		}
-		defer os.RemoveAll(dir)
+		defer func() { cleanup("remove the S3 server's directory", os.RemoveAll(dir)) }()
 		s3, err := lab.StartS3(ctx, dir, "wal")
 		if err != nil {
 			return err

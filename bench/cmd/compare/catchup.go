@@ -154,7 +154,7 @@ var ddRE = regexp.MustCompile(`copied, ([0-9.]+) s`)
 // machine's own limit for the same bytes, in MB/s.
 func ddReference(ctx context.Context, dir string, mib int) (float64, error) {
 	f := filepath.Join(dir, "dd.tmp")
-	defer os.Remove(f)
+	defer func() { cleanup("remove dd's file", os.Remove(f)) }()
 	out, err := exec.CommandContext(ctx, "dd", "if=/dev/zero", "of="+f, "bs=1M", fmt.Sprintf("count=%d", mib), "conv=fdatasync").CombinedOutput()
 	if err != nil {
 		return 0, fmt.Errorf("dd: %v\n%s", err, out)

@@ -60,7 +60,7 @@ func crashTrial(ctx context.Context, c config, ship failoverShipper) (trial, err
 	if err != nil {
 		return trial{}, err
 	}
-	defer sb.Close()
+	defer func() { cleanup("remove the standby", sb.Close()) }()
 	load, err := lab.StartLoad(ctx, n.primary.DSN(), 1, 100)
 	if err != nil {
 		return trial{}, err
@@ -69,10 +69,10 @@ func crashTrial(ctx context.Context, c config, ship failoverShipper) (trial, err
 	killAt := time.Now()
 	ship.crash()
 	if err := n.primary.Kill(); err != nil {
-		load.Stop()
+		_ = load.Stop() // the kill's error is the one returned
 		return trial{}, err
 	}
-	load.Stop() // its error is expected: the server died
+	_ = load.Stop() // its error is expected: the server died
 	acks := load.Acks()
 	if err := ship.promote(ctx, n, sb); err != nil {
 		return trial{}, err

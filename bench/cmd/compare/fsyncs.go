@@ -91,8 +91,9 @@ func startSyncCount(pid int, out string) (*syncCount, error) {
 	}
 	ackR, ackW, err := os.Pipe()
 	if err != nil {
-		ctlR.Close()
-		ctlW.Close()
+		// Pipes that nothing used: the error returned is the one above.
+		_ = ctlR.Close()
+		_ = ctlW.Close()
 		return nil, err
 	}
 	s := &syncCount{pid: pid, ctl: ctlW, ackF: ackR, ack: bufio.NewReader(ackR), out: out, done: make(chan struct{})}
@@ -102,14 +103,21 @@ func startSyncCount(pid int, out string) (*syncCount, error) {
 	s.cmd.ExtraFiles = []*os.File{ctlR, ackW}
 	s.cmd.Stdout, s.cmd.Stderr = &s.stderr, &s.stderr
 	err = s.cmd.Start()
-	ctlR.Close()
-	ackW.Close()
+	// perf's ends of the pipes, now its own (or nobody's): closing ours cannot fail
+	// on what perf does with them.
+	_ = ctlR.Close()
+	_ = ackW.Close()
 	if err != nil {
-		ctlW.Close()
-		ackR.Close()
+		_ = ctlW.Close()
+		_ = ackR.Close()
 		return nil, fmt.Errorf("start perf stat: %w", err)
 	}
-	go func() { s.cmd.Wait(); close(s.done) }()
+	go func() {
+		// perf's exit status says nothing that its output and its acks do not: what
+		// it printed is kept in s.stderr for the errors.
+		_ = s.cmd.Wait()
+		close(s.done)
+	}()
 	return s, nil
 }
 
@@ -122,7 +130,9 @@ func (s *syncCount) command(cmd string) error {
 	if _, err := s.ctl.WriteString(cmd + "\n"); err != nil {
 		return s.failed(cmd, err)
 	}
-	s.ackF.SetReadDeadline(time.Now().Add(perfAckTimeout))
+	if err := s.ackF.SetReadDeadline(time.Now().Add(perfAckTimeout)); err != nil {
+		return s.failed(cmd, err)
+	}
 	for {
 		// perf writes "ack\n" and its terminating NUL: the next ack starts with it.
 		line, err := s.ack.ReadString('\n')
@@ -171,7 +181,9 @@ func (s *syncCount) stop() syncs {
 		return syncs{why: err.Error()}
 	}
 	off := time.Now()
-	s.cmd.Process.Signal(os.Interrupt) // perf writes its counts as it ends
+	if err := s.cmd.Process.Signal(os.Interrupt); err != nil { // perf writes its counts as it ends
+		return syncs{why: fmt.Sprintf("perf stat -p %d: SIGINT: %v", s.pid, err)}
+	}
 	select {
 	case <-s.done:
 	case <-time.After(10 * time.Second):
@@ -190,11 +202,13 @@ func (s *syncCount) kill() {
 		select {
 		case <-s.done:
 		default:
-			s.cmd.Process.Kill()
+			// It fails only for a process already waited for: s.done is closed then.
+			_ = s.cmd.Process.Kill()
 			<-s.done
 		}
-		s.ctl.Close()
-		s.ackF.Close()
+		// Pipes to a perf that has exited: nothing is left to go through them.
+		_ = s.ctl.Close()
+		_ = s.ackF.Close()
 	})
 }
 

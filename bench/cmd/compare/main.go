@@ -81,6 +81,14 @@ func main() {
 	}
 }
 
+// cleanup reports a teardown step that failed: it changes no result, but a server or
+// a directory it leaves behind may weigh on the rounds after it.
+func cleanup(what string, err error) {
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "compare: %s: %v\n", what, err)
+	}
+}
+
 func run(c config) error {
 	bin, err := filepath.Abs(c.bin)
 	if err != nil {

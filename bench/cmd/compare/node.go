@@ -41,7 +41,7 @@ func newNode(ctx context.Context, c config, ship shipper) (*node, error) {
 	conf := map[string]string{"max_wal_size": "4GB", "checkpoint_timeout": "15min"}
 	n.primary, err = lab.NewCluster(ctx, lab.Options{Settings: merge(conf, ship.settings(n))})
 	if err != nil {
-		os.RemoveAll(dir)
+		cleanup("remove "+dir, os.RemoveAll(dir))
 		return nil, err
 	}
 	for _, d := range serverDirs {
@@ -74,9 +74,9 @@ func (n *node) close() {
 	}
 	n.ship.stop()
 	if n.primary != nil {
-		n.primary.Close()
+		cleanup("remove the primary", n.primary.Close())
 	}
-	os.RemoveAll(n.dir)
+	cleanup("remove "+n.dir, os.RemoveAll(n.dir))
 }
 
 // query runs a query returning one text value on the node's connection to the primary.

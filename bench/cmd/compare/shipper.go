@@ -256,10 +256,15 @@ func (r *pgReceivewal) start(ctx context.Context, n *node) error {
 	}
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
-		log.Close()
+		_ = log.Close() // nothing was written through it
 		return err
 	}
-	go func() { cmd.Wait(); log.Close() }()
+	go func() {
+		// Its exit status is not used: it ends when stop kills it or its server dies,
+		// and what it said is in its log, written through its own descriptor.
+		_ = cmd.Wait()
+		_ = log.Close()
+	}()
 	r.cmd = cmd
 	if r.spawned != nil {
 		r.spawned(cmd.Process.Pid)
@@ -272,8 +277,10 @@ func (r *pgReceivewal) start(ctx context.Context, n *node) error {
 
 func (r *pgReceivewal) stop() {
 	if r.cmd != nil && r.cmd.Process != nil {
-		r.cmd.Process.Kill()
-		r.cmd.Process.Wait()
+		// A process that has exited already needs neither; the goroutine of start
+		// waits for it too.
+		_ = r.cmd.Process.Kill()
+		_, _ = r.cmd.Process.Wait()
 		r.cmd = nil
 	}
 }

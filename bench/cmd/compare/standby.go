@@ -106,7 +106,7 @@ func standbyTrial(ctx context.Context, c config, ship failoverShipper) (standbyR
 	if err != nil {
 		return standbyRun{}, err
 	}
-	defer sb.Close()
+	defer func() { cleanup("remove the standby", sb.Close()) }()
 	var conn *pgx.Conn
 	if err := lab.Wait(ctx, 20*time.Millisecond, "the hot standby to accept connections", func() (bool, error) {
 		conn, err = sb.Connect(ctx)
@@ -122,7 +122,7 @@ func standbyTrial(ctx context.Context, c config, ship failoverShipper) (standbyR
 	}
 	samples, err := sampleReplay(ctx, n, conn, standbyFor)
 	if err != nil {
-		load.Stop()
+		_ = load.Stop() // the error returned is the one above
 		return standbyRun{}, err
 	}
 	sr := standbyRun{kind: ship.name()}
@@ -130,11 +130,11 @@ func standbyTrial(ctx context.Context, c config, ship failoverShipper) (standbyR
 
 	ship.crash()
 	if err := n.primary.Kill(); err != nil {
-		load.Stop()
+		_ = load.Stop() // the error returned is the one above
 		return standbyRun{}, err
 	}
 	killAt := time.Now()
-	load.Stop() // its error is expected: the server died
+	_ = load.Stop() // its error is expected: the server died
 	acks := load.Acks()
 	conn.Close(context.Background())
 	start := time.Now()
@@ -174,7 +174,7 @@ func startStandby(ctx context.Context, n *node, ship failoverShipper) (*lab.Clus
 		err = sb.Start(ctx)
 	}
 	if err != nil {
-		sb.Close()
+		cleanup("remove the standby", sb.Close())
 		return nil, err
 	}
 	return sb, nil

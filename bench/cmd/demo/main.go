@@ -37,6 +37,14 @@ func main() {
 	}
 }
 
+// cleanup reports a teardown step that failed: the demo's result stands, but something
+// may be left behind.
+func cleanup(what string, err error) {
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demo: %s: %v\n", what, err)
+	}
+}
+
 type demo struct {
 	bin, dir, archive string
 	primary           *lab.Cluster
@@ -56,11 +64,13 @@ func run(bin string, dur time.Duration, keep bool) error {
 	if err != nil {
 		return err
 	}
-	os.Chmod(dir, 0o755) // the servers run as postgres when this runs as root
 	if keep {
 		fmt.Printf("keeping %s\n", dir)
 	} else {
-		defer os.RemoveAll(dir)
+		defer func() { cleanup("remove "+dir, os.RemoveAll(dir)) }()
+	}
+	if err := os.Chmod(dir, 0o755); err != nil { // the servers run as postgres when this runs as root
+		return err
 	}
 	d := &demo{bin: bin, dir: dir, archive: filepath.Join(dir, "archive")}
 	if err := os.Mkdir(d.archive, 0o755); err != nil {
@@ -76,7 +86,7 @@ func run(bin string, dur time.Duration, keep bool) error {
 	if err != nil {
 		return err
 	}
-	defer d.primary.Close()
+	defer func() { cleanup("remove the primary", d.primary.Close()) }()
 	if err := d.primary.Own(d.archive); err != nil {
 		return err
 	}
@@ -100,13 +110,13 @@ func run(bin string, dur time.Duration, keep bool) error {
 	if err != nil {
 		return err
 	}
-	defer a.Close()
+	defer func() { cleanup("remove standby A", a.Close()) }()
 	step("standby B: the same kind of copy, restore_command = 'cp <archive>/%f %p' (plain archive shipping)")
 	b, err := d.ws.StandbyInit(ctx, d.primary, fmt.Sprintf("cp %s/%%f %%p", d.archive))
 	if err != nil {
 		return err
 	}
-	defer b.Close()
+	defer func() { cleanup("remove standby B", b.Close()) }()
 	// Both backups end in the segment being written; publish and archive it, so that
 	// both standbys can reach consistency, then start them.
 	if err := d.primary.Exec(ctx, "SELECT pg_switch_wal()"); err != nil {
@@ -128,18 +138,18 @@ func run(bin string, dur time.Duration, keep bool) error {
 	for time.Since(start) < dur {
 		select {
 		case <-ctx.Done():
-			load.Stop()
+			_ = load.Stop() // the error returned is the one above
 			return ctx.Err()
 		case <-time.After(time.Second):
 		}
 		flush, err := d.primary.FlushLSN(ctx)
 		if err != nil {
-			load.Stop()
+			_ = load.Stop() // the error returned is the one above
 			return err
 		}
 		pos, err := d.ws.Durable()
 		if err != nil {
-			load.Stop()
+			_ = load.Stop() // the error returned is the one above
 			return err
 		}
 		fmt.Printf("%7.0fs  %10d  %14s  %14s  %10d B\n", time.Since(start).Seconds(), load.Count(), flush, pos, max(int64(flush)-int64(pos), 0))
@@ -150,7 +160,7 @@ func run(bin string, dur time.Duration, keep bool) error {
 	if err := d.primary.Kill(); err != nil {
 		return err
 	}
-	load.Stop() // its error is expected: the server died
+	_ = load.Stop() // its error is expected: the server died
 	acks := load.Acks()
 
 	step("walship promote --spool ... on standby A")

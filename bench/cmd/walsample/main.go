@@ -49,14 +49,20 @@ func main() {
 }
 
 func run(bindir, out string) error {
-	os.Setenv(lab.BinDirEnv, bindir)
+	if err := os.Setenv(lab.BinDirEnv, bindir); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	c, err := lab.NewCluster(ctx, lab.Options{SegSizeMB: 1})
 	if err != nil {
 		return err
 	}
-	defer c.Close()
+	defer func() {
+		if err := c.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "walsample: remove the cluster:", err)
+		}
+	}()
 	if err := c.Start(ctx); err != nil {
 		return err
 	}
@@ -133,16 +139,14 @@ func writeGzip(path string, b []byte) error {
 		return err
 	}
 	zw, err := gzip.NewWriterLevel(f, gzip.BestCompression)
+	if err == nil {
+		_, err = zw.Write(b)
+	}
+	if err == nil {
+		err = zw.Close()
+	}
 	if err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := zw.Write(b); err != nil {
-		f.Close()
-		return err
-	}
-	if err := zw.Close(); err != nil {
-		f.Close()
+		_ = f.Close() // the error returned is the one above; the sample is not whole
 		return err
 	}
 	return f.Close()
