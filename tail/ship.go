@@ -93,7 +93,7 @@ func (src segmentSource) ReadAt(p []byte, lsn wal.LSN) (int, error) {
 		if err != nil {
 			return 0, err
 		}
-		defer other.Close()
+		defer func() { _ = other.Close() }() // read only
 		f = other
 	}
 	n := min(uint64(len(p)), segSize-off)

@@ -240,7 +240,7 @@ func DurableEnd(path string, segSize uint64) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	st, err := readPartialState(f, segSize)
 	return st.certain, err
 }

@@ -65,7 +65,7 @@ func sample(t testing.TB) (Identity, wal.Segment, []byte) {
 	require.NoError(t, err)
 	f, err := os.Open(filepath.Join(dir, name+".gz"))
 	require.NoError(t, err)
-	defer f.Close()
+	defer func() { require.NoError(t, f.Close()) }()
 	zr, err := gzip.NewReader(f)
 	require.NoError(t, err)
 	b, err := io.ReadAll(zr)
@@ -319,7 +319,7 @@ func TestWriterCrash(t *testing.T) {
 			f, err = os.Open(path)
 			require.NoError(t, err)
 			ps, err = readPartialState(f, st.SegSize)
-			f.Close()
+			require.NoError(t, f.Close())
 			require.NoError(t, err)
 			require.Equal(t, partialState{end: c.end, certain: c.end, seq: ps.seq}, ps)
 
@@ -400,7 +400,7 @@ func TestPublishSyncsFirst(t *testing.T) {
 	seg := wal.Segment{TLI: 1, No: 2}
 	b := pages(seg, 128)
 	w := NewWriter(dir, testID.SegSize)
-	defer w.Close()
+	defer func() { _ = w.Close() }() // closed already, or the test has failed
 	require.NoError(t, w.Use(seg, true))
 	require.NoError(t, w.WriteAt(0, b[:9000]))
 	require.NoError(t, w.Sync())
@@ -549,7 +549,7 @@ func TestWriterSyncFails(t *testing.T) {
 	path := PartialPath(dir, seg, st.SegSize)
 	w := NewWriter(dir, st.SegSize)
 	defer w.Wait()
-	defer w.Close()
+	defer func() { _ = w.Close() }() // closed already, or the test has failed
 	require.NoError(t, w.Use(seg, true))
 	require.NoError(t, w.WriteAt(0, b[:20000]))
 	require.NoError(t, w.Sync())
@@ -576,13 +576,13 @@ func TestWriterSyncFails(t *testing.T) {
 	require.ErrorIs(t, w.Publish(), unix.EIO)
 	require.ErrorIs(t, w.Use(wal.Segment{TLI: seg.TLI, No: seg.No + 1}, true), unix.EIO)
 	require.True(t, w.Dirty(), "what was written is not durable")
-	w.Close()
+	require.NoError(t, w.Close())
 
 	c, err := Recover(dir, st, zerolog.Nop())
 	require.NoError(t, err)
 	require.Equal(t, map[uint32]Partial{seg.TLI: {Seg: seg, Size: 20000}}, c.Partials)
 	w2 := NewWriter(dir, st.SegSize)
-	defer w2.Close()
+	defer func() { _ = w2.Close() }() // closed already, or the test has failed
 	require.NoError(t, w2.Use(seg, false))
 	require.NoError(t, w2.WriteAt(20000, b[20000:]))
 	require.NoError(t, w2.Publish())
@@ -604,7 +604,7 @@ func TestScanCountsDurable(t *testing.T) {
 	dir := t.TempDir()
 	w := NewWriter(dir, st.SegSize)
 	defer w.Wait()
-	defer w.Close()
+	defer func() { _ = w.Close() }() // closed already, or the test has failed
 	require.NoError(t, w.Use(seg, true))
 	var during []uint64 // what Scan says while each sync is under way
 	w.datasync = func(f *os.File) error {
@@ -641,7 +641,7 @@ func TestScanCountsDurable(t *testing.T) {
 	// settles it.
 	require.NoError(t, w.WriteAt(60000, b[60000:70000]))
 	require.NoError(t, w.Sync())
-	w.Close()
+	require.NoError(t, w.Close())
 	require.Equal(t, uint64(60000), scan())
 	c, err := Recover(dir, st, zerolog.Nop())
 	require.NoError(t, err)
