@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log"
 	"os"
 	"syscall"
 	"time"
@@ -125,12 +126,27 @@ func (pc *FS) atticName() string {
 }
 
 // own gives what the caller of ctx made to the caller, as a disk file system would.
-func own(ctx context.Context, fd int, name string) {
+func own(ctx context.Context, fd int, name string) error {
 	c, ok := fuse.FromContext(ctx)
 	if !ok || os.Geteuid() != 0 || c.Uid == 0 && c.Gid == 0 {
-		return
+		return nil
 	}
-	unix.Fchownat(fd, name, int(c.Uid), int(c.Gid), unix.AT_SYMLINK_NOFOLLOW|unix.AT_EMPTY_PATH)
+	return unix.Fchownat(fd, name, int(c.Uid), int(c.Gid), unix.AT_SYMLINK_NOFOLLOW|unix.AT_EMPTY_PATH)
+}
+
+// unmake removes name, which a create, mkdir, mknod or symlink in n made in the backing
+// directory before it failed, not journalled yet: the call fails whole, as on a disk.
+// Its caller returns the error that made it fail; if name cannot be removed, it is
+// logged, as it stays in the backing directory outside the journal (a cut keeps it).
+// pc.nsmu is held.
+func (n *node) unmake(name string, dir bool) {
+	flags := 0
+	if dir {
+		flags = unix.AT_REMOVEDIR
+	}
+	if err := unix.Unlinkat(n.dirfd(), name, flags); err != nil {
+		log.Printf("powercut: %s, made by a call that failed, stays in the backing directory, not journalled: %v", joinPath(n.path(), name), err)
+	}
 }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
@@ -151,15 +167,15 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 func (n *node) adopt(ctx context.Context, name string, f *os.File, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	child, id, err := n.pc.newNode(f)
 	if err != nil {
-		f.Close()
+		_ = f.Close() // O_PATH: no data goes through it
 		return nil, fs.ToErrno(err)
 	}
 	if errno := child.getattr(&out.Attr); errno != 0 {
-		f.Close()
+		_ = f.Close() // O_PATH: no data goes through it
 		return nil, errno
 	}
 	if c := n.GetChild(name); c != nil && c.StableAttr() == id {
-		f.Close()
+		_ = f.Close() // O_PATH: no data goes through it
 		return c, 0
 	}
 	// If go-fuse knows the inode under another name, it keeps that node and drops
@@ -273,7 +289,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	}
 	if flags&unix.O_TRUNC != 0 && acc != unix.O_RDONLY {
 		if errno := n.pc.truncate(ctx, n, 0); errno != 0 {
-			f.Close()
+			_ = f.Close() // nothing was written through it; the truncate's errno is returned
 			return nil, 0, errno
 		}
 	}
@@ -310,7 +326,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 		fh, fl, errno := ch.Operations().(*node).Open(ctx, flags&^(unix.O_CREAT|unix.O_EXCL))
 		if errno = n.pc.after(ev, errno); errno != 0 {
 			if h, ok := fh.(*handle); ok {
-				h.Release(ctx)
+				_ = h.Release(ctx) // always 0; the errno returned is the create's
 			}
 			return nil, nil, 0, errno
 		}
@@ -318,7 +334,7 @@ func (n *node) Create(ctx context.Context, name string, flags uint32, mode uint3
 	}
 	if errno := n.pc.after(ev, fs.ToErrno(err)); errno != 0 {
 		if h != nil {
-			h.Release(ctx)
+			_ = h.Release(ctx) // always 0; the errno returned is the create's
 		}
 		return nil, nil, 0, errno
 	}
@@ -336,11 +352,18 @@ func (n *node) create(ctx context.Context, name string, flags, mode uint32, out 
 		return nil, nil, err
 	}
 	f := os.NewFile(uintptr(fd), name)
-	unix.Fchmod(fd, mode&0o7777) // exactly the mode asked for: the kernel applied the umask
-	own(ctx, fd, "")
+	err = unix.Fchmod(fd, mode&0o7777) // exactly the mode asked for: the kernel applied the umask
+	if err == nil {
+		err = own(ctx, fd, "")
+	}
+	if err != nil {
+		_ = f.Close() // nothing was written through it; err is the one returned
+		n.unmake(name, false)
+		return nil, nil, err
+	}
 	child, errno := n.made(ctx, nsCreate, name, out)
 	if errno != 0 {
-		f.Close()
+		_ = f.Close() // nothing was written through it; errno is the one returned
 		return nil, nil, errno
 	}
 	return child, n.pc.handle(child.Operations().(*node), f, flags), nil
@@ -376,7 +399,10 @@ func (n *node) mk(ctx context.Context, kind nsKind, name string, out *fuse.Entry
 		if err := make(); err != nil {
 			return nil, fs.ToErrno(err)
 		}
-		own(ctx, n.dirfd(), name)
+		if err := own(ctx, n.dirfd(), name); err != nil {
+			n.unmake(name, kind == nsMkdir)
+			return nil, fs.ToErrno(err)
+		}
 		return n.made(ctx, kind, name, out)
 	}()
 	if errno := n.pc.after(ev, errno); errno != 0 {
@@ -464,7 +490,7 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 		op.dirs = []*dirRef{d}
 		op.attic = n.pc.atticName()
 		if err := unix.Renameat(n.dirfd(), name, int(n.pc.journal.attic.Fd()), op.attic); err != nil {
-			d.f.Close()
+			_ = d.f.Close() // O_PATH: no data goes through it
 			return err
 		}
 		n.pc.record(op)
@@ -481,7 +507,7 @@ func empty(dirfd int, name string) error {
 		return err
 	}
 	f := os.NewFile(uintptr(fd), name)
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	names, err := f.Readdirnames(1)
 	if err != nil && err != io.EOF {
 		return err
@@ -521,7 +547,7 @@ func (n *node) rename(name string, np *node, newName string, flags uint32) error
 	if np.key.ident != n.key.ident {
 		d2, err := np.dirRef()
 		if err != nil {
-			d.f.Close()
+			_ = d.f.Close() // O_PATH: no data goes through it
 			return err
 		}
 		op.dirs = append(op.dirs, d2)
@@ -582,7 +608,11 @@ func (pc *FS) renameBacking(op *nsOp, from, to int, flags uint32) error {
 			return err
 		}
 		if err := unix.Renameat2(from, name, to, newName, unix.RENAME_NOREPLACE); err != nil {
-			unix.Renameat(attic, op.attic, to, newName)
+			// The rename's error is the one returned. A directory that cannot be put
+			// back is lost from the namespace, and with the attic at Close: say so.
+			if perr := unix.Renameat(attic, op.attic, to, newName); perr != nil {
+				log.Printf("powercut: rename onto %s failed (%v), and the directory it replaced cannot be put back from the attic (%s): %v", newName, err, op.attic, perr)
+			}
 			return err
 		}
 		return nil
@@ -595,7 +625,9 @@ func (pc *FS) renameBacking(op *nsOp, from, to int, flags uint32) error {
 			return err
 		}
 		if err := unix.Renameat(from, name, to, newName); err != nil {
-			unix.Unlinkat(attic, op.attic, 0)
+			// The rename's error is the one returned. A link left in the attic is an
+			// extra name of a file that keeps its own, gone with the attic at Close.
+			_ = unix.Unlinkat(attic, op.attic, 0)
 			return err
 		}
 		return nil
@@ -632,10 +664,10 @@ func (pc *FS) fsyncFile(ctx context.Context, n *node, datasync bool) syscall.Err
 		}
 	} else if v != nil {
 		_, err := pc.writeBack(v)
-		errno = fs.ToErrno(err)
 		if v.clean() {
-			pc.dropFile(n.key)
+			err = errors.Join(err, pc.dropFile(n.key))
 		}
+		errno = fs.ToErrno(err)
 	}
 	pc.mu.Unlock()
 	return pc.after(ev, errno)
@@ -671,7 +703,7 @@ func (n *node) Readdir(ctx context.Context) (fs.DirStream, syscall.Errno) {
 		return nil, fs.ToErrno(err)
 	}
 	names, err := f.Readdirnames(-1)
-	f.Close()
+	_ = f.Close() // read only
 	if err != nil {
 		return nil, fs.ToErrno(err)
 	}
@@ -756,7 +788,9 @@ func (h *handle) Write(ctx context.Context, data []byte, off int64) (uint32, sys
 func (h *handle) Flush(ctx context.Context) syscall.Errno { return 0 }
 
 func (h *handle) Release(ctx context.Context) syscall.Errno {
-	h.f.Close()
+	// Nothing is written through h.f: writes go to the cache, and a write-back goes
+	// through the file FS.file opens, whose Close dropFile checks.
+	_ = h.f.Close()
 	pc := h.n.pc
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
@@ -769,7 +803,9 @@ func (h *handle) Release(ctx context.Context) syscall.Errno {
 	if v := pc.files[k]; v != nil {
 		var st unix.Stat_t
 		if unix.Fstat(int(v.b.(*os.File).Fd()), &st) == nil && st.Nlink == 0 {
-			pc.dropFile(k)
+			// No name is left to it, not even in the attic: nothing of it can be
+			// read again, whatever its Close says.
+			_ = pc.dropFile(k)
 		}
 	}
 	return 0

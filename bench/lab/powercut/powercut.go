@@ -100,13 +100,14 @@ func New(backing, dir string) (*FS, error) {
 	var root *node
 	defer func() {
 		if pc.server == nil {
+			// New failed, and its error is the one returned.
 			if root != nil {
-				root.fd.Close()
+				_ = root.fd.Close() // O_PATH: no data goes through it
 			}
 			if pc.journal.attic != nil {
-				pc.journal.attic.Close()
+				_ = pc.journal.attic.Close() // O_PATH: no data goes through it
 			}
-			os.Remove(attic)
+			_ = os.Remove(attic) // empty; the next New on backing removes it anyway
 		}
 	}()
 	if pc.journal.attic, err = openPath(unix.AT_FDCWD, attic); err != nil {
@@ -117,7 +118,7 @@ func New(backing, dir string) (*FS, error) {
 		return nil, fmt.Errorf("powercut: open %s: %w", backing, err)
 	}
 	if root, _, err = pc.newNode(rootFd); err != nil {
-		rootFd.Close()
+		_ = rootFd.Close() // O_PATH: no data goes through it
 		return nil, fmt.Errorf("powercut: %s: %w", backing, err)
 	}
 	pc.rootDev = root.key.dev
@@ -160,7 +161,7 @@ func usable() error {
 	if err != nil {
 		return fmt.Errorf("powercut: %w: %w", ErrUnavailable, err)
 	}
-	f.Close()
+	_ = f.Close() // opened only to see that it can be: nothing was written through it
 	return nil
 }
 
@@ -224,9 +225,12 @@ func (pc *FS) Close() error {
 		}
 		pc.mu.Lock()
 		for k := range pc.files {
-			pc.dropFile(k) // what is left is lost pages
+			// What is left has lost pages; SyncAll may just have written its other pages back.
+			if err := pc.dropFile(k); err != nil {
+				errs = append(errs, fmt.Errorf("powercut: %w", err))
+			}
 		}
-		pc.journal.attic.Close()
+		_ = pc.journal.attic.Close() // O_PATH: no data goes through it
 		pc.mu.Unlock()
 		if err := os.RemoveAll(pc.journal.atticPath); err != nil {
 			errs = append(errs, fmt.Errorf("powercut: %w", err))
@@ -309,7 +313,9 @@ func (pc *FS) Cut(m Mode) (CutReport, error) {
 		} else {
 			rep.PagesDropped += len(v.pages) - countLost(v)
 		}
-		pc.dropFile(k)
+		if err := pc.dropFile(k); err != nil {
+			errs = append(errs, fmt.Errorf("powercut: cut: %w", err))
+		}
 	}
 	var kept []*nsOp
 	if rng != nil {
@@ -361,7 +367,9 @@ func (pc *FS) SyncAll() error {
 			errs = append(errs, fmt.Errorf("powercut: sync: %w", err))
 		}
 		if v.clean() {
-			pc.dropFile(k)
+			if err := pc.dropFile(k); err != nil {
+				errs = append(errs, fmt.Errorf("powercut: sync: %w", err))
+			}
 		}
 	}
 	kept := pc.journal.settle(func(int) bool { return true })
@@ -459,7 +467,7 @@ func (pc *FS) file(n *node) (*vfile, error) {
 	}
 	st, err := f.Stat()
 	if err != nil {
-		f.Close()
+		_ = f.Close() // nothing was written through it; the Stat's error is returned
 		return nil, err
 	}
 	v := newVfile(f, st.Size())
@@ -484,12 +492,19 @@ func (pc *FS) writeBack(v *vfile) (int, error) {
 	return n, unix.UtimesNanoAt(unix.AT_FDCWD, procPath(f), ts, 0)
 }
 
-// dropFile forgets the volatile state of a file. pc.mu is held.
-func (pc *FS) dropFile(k fileKey) {
-	if v := pc.files[k]; v != nil {
-		v.b.(*os.File).Close()
-		delete(pc.files, k)
+// dropFile forgets the volatile state of a file and closes its backing file. That file
+// is the one write-backs go through, so its Close is checked: it can report a write the
+// backing file system did not keep. pc.mu is held.
+func (pc *FS) dropFile(k fileKey) error {
+	v := pc.files[k]
+	if v == nil {
+		return nil
 	}
+	delete(pc.files, k)
+	if err := v.b.(*os.File).Close(); err != nil {
+		return fmt.Errorf("close the backing file of inode %d: %w", k.ino, err)
+	}
+	return nil
 }
 
 // procPath is a path that opens what f is open on, even when it has no name left.

@@ -34,7 +34,7 @@ func mounted(t *testing.T, dir string) bool {
 	t.Helper()
 	f, err := os.Open("/proc/self/mountinfo")
 	require.NoError(t, err)
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		// Field 5 is the mount point (octal escapes aside; test directories have none).
@@ -287,7 +287,7 @@ func TestFailNextSync(t *testing.T) {
 	pc.FailNextSync("f", 0)
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	require.NoError(t, err)
-	defer f.Close()
+	t.Cleanup(func() { assert.NoError(t, f.Close()) })
 	_, err = f.WriteAt([]byte("new"), 0)
 	require.NoError(t, err)
 	err = f.Sync()
@@ -343,7 +343,7 @@ func TestHooksFireAtTheirMoment(t *testing.T) {
 
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	require.NoError(t, err)
-	defer f.Close()
+	t.Cleanup(func() { assert.NoError(t, f.Close()) })
 	_, err = f.WriteAt([]byte("wal"), 0)
 	require.NoError(t, err)
 	require.NoError(t, unix.Fdatasync(int(f.Fd())))
@@ -454,8 +454,8 @@ func TestHelperWriteSync(t *testing.T) {
 	require.NoError(t, err)
 	_, err = f.WriteAt([]byte("unsynced"), 7)
 	require.NoError(t, err)
-	f.Sync()
-	t.Fatal("still alive after the fsync")
+	err = f.Sync()
+	t.Fatalf("still alive after the fsync (which returned %v)", err)
 }
 
 func TestBlockedHookDoesNotHoldUpClose(t *testing.T) {
@@ -478,7 +478,9 @@ func TestBlockedHookDoesNotHoldUpClose(t *testing.T) {
 		f, err := os.Create(filepath.Join(mnt, "f"))
 		if err == nil {
 			_, err = f.Write([]byte("x"))
-			f.Close()
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
 		}
 		wrote <- err
 	}()
@@ -504,13 +506,14 @@ func TestCloseWithAFileOpenLeavesNoMount(t *testing.T) {
 	require.NoError(t, err)
 	f, err := os.Create(filepath.Join(mnt, "open"))
 	require.NoError(t, err)
-	defer f.Close()
+	defer func() { _ = f.Close() }() // closed already, or the test has failed
 	err = pc.Close()
 	require.Error(t, err, "Close with a file open")
 	t.Log(err)
 	require.False(t, mounted(t, mnt), "%s is still mounted", mnt)
 	_, err = f.Write([]byte("x"))
 	require.Error(t, err, "a write after the connection was aborted")
+	require.Error(t, f.Close(), "a close after the connection was aborted")
 }
 
 func TestCloseMakesEverythingDurable(t *testing.T) {
@@ -550,11 +553,14 @@ func TestFilesOfTheReceiverKind(t *testing.T) {
 	l, err := net.Listen("unix", filepath.Join(dir, "ctl.sock"))
 	require.NoError(t, err)
 	defer l.Close()
+	served := make(chan error, 1)
 	go func() {
-		if c, err := l.Accept(); err == nil {
-			c.Write([]byte("hi"))
+		c, err := l.Accept()
+		if err == nil {
+			_, err = c.Write([]byte("hi"))
 			c.Close()
 		}
+		served <- err
 	}()
 	c, err := net.Dial("unix", filepath.Join(dir, "ctl.sock"))
 	require.NoError(t, err)
@@ -562,15 +568,16 @@ func TestFilesOfTheReceiverKind(t *testing.T) {
 	_, err = c.Read(b)
 	require.NoError(t, err)
 	require.Equal(t, "hi", string(b))
+	require.NoError(t, <-served)
 	c.Close()
 	// An exclusive flock, as the spool's locks.
 	lf, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o644)
 	require.NoError(t, err)
-	defer lf.Close()
+	t.Cleanup(func() { assert.NoError(t, lf.Close()) })
 	require.NoError(t, syscall.Flock(int(lf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB))
 	lf2, err := os.Open(filepath.Join(dir, "lock"))
 	require.NoError(t, err)
-	defer lf2.Close()
+	t.Cleanup(func() { assert.NoError(t, lf2.Close()) })
 	require.ErrorIs(t, syscall.Flock(int(lf2.Fd()), syscall.LOCK_EX|syscall.LOCK_NB), syscall.EWOULDBLOCK)
 
 	_, err = pc.Cut(powercut.All)
