@@ -29,6 +29,15 @@ type PromoteConfig struct {
 	PGData string
 	// Timeout bounds the whole promotion. Zero means one minute.
 	Timeout time.Duration
+	// DrainWait is how long, at most, to wait for a sidecar to connect and drain when
+	// none is connected although a receiver runs: a sidecar reconnecting (the receiver
+	// restarted, the network came back) may still hold the primary's last WAL.
+	// Counted from the end of the receiver's last session. Zero means
+	// DefaultDrainWait.
+	DrainWait time.Duration
+	// Force goes on without waiting for a sidecar that is not connected: for a primary
+	// whose host is known to be lost.
+	Force bool
 	// Logger receives progress. The zero value logs nothing.
 	Logger zerolog.Logger
 }
@@ -45,7 +54,13 @@ type Report struct {
 	PartialStart wal.LSN // the LSN of the partial segment's first byte
 	Drained      bool    // the sidecar had recorded its end-of-WAL mark
 	DrainEnd     string  // where the mark says the primary's WAL ends
+	// NoDrain says why there was no end-of-WAL mark to wait for.
+	NoDrain string
 }
+
+// DefaultDrainWait is PromoteConfig.DrainWait's default: three times the sidecar's
+// longest pause between two attempts to reach its receiver (tail: maxBackoff).
+const DefaultDrainWait = 15 * time.Second
 
 func (r Report) String() string {
 	var b strings.Builder
@@ -56,7 +71,11 @@ func (r Report) String() string {
 	if r.Drained {
 		fmt.Fprintf(&b, "; the sidecar drained the primary's WAL to %s", r.DrainEnd)
 	} else if !r.AlreadyDone {
-		b.WriteString("; no end-of-WAL mark (no sidecar was connected), so the spool's WAL as it was")
+		why := r.NoDrain
+		if why == "" {
+			why = "no sidecar was connected"
+		}
+		fmt.Fprintf(&b, "; no end-of-WAL mark (%s), so the spool's WAL as it was: what the primary flushed after %s, if anything, is not on this server", why, r.End)
 	}
 	if r.Segment != "" {
 		fmt.Fprintf(&b, "; %d of the %d bytes of the partial segment %s came from the spool's tail", r.FromPartial, r.FrozenBytes, r.Segment)
@@ -127,7 +146,10 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 		if !inRecovery {
 			return Report{}, errors.New("promote: the server is not in recovery and this spool was never promoted: nothing to do")
 		}
-		if rep.Drained, rep.DrainEnd, err = awaitDrain(ctx, cfg.Spool, log); err != nil {
+		if cfg.DrainWait == 0 {
+			cfg.DrainWait = DefaultDrainWait
+		}
+		if rep.Drained, rep.DrainEnd, rep.NoDrain, err = awaitDrain(ctx, cfg.Spool, cfg.DrainWait, cfg.Force, log); err != nil {
 			return Report{}, err
 		}
 		if trig, err = freeze(ctx, cfg.Spool, id, log, func(ctx context.Context, trig spool.Trigger) error {
@@ -195,8 +217,15 @@ func Promote(ctx context.Context, cfg PromoteConfig) (Report, error) {
 // record its end-of-WAL mark (it drains the primary's pg_wal once the server is gone)
 // or for the session to end. A session holds the writer lock; a mark left by a session
 // that has ended counts too.
-func awaitDrain(ctx context.Context, dir string, log zerolog.Logger) (drained bool, end string, err error) {
-	waiting := false
+//
+// Without a session, a sidecar may still hold WAL that only the dead primary's pg_wal
+// has: one whose session was lost (the receiver restarted, the network failed) drains
+// once it reaches the receiver again. So, while a receiver runs, it waits up to wait
+// after the receiver's last session ended for one to start; force skips that wait. It
+// returns why it went on without a mark, for the report.
+func awaitDrain(ctx context.Context, dir string, wait time.Duration, force bool, log zerolog.Logger) (drained bool, end, noDrain string, err error) {
+	waiting, idle := false, false
+	started := time.Now()
 	err = waitFor(ctx, 10*time.Millisecond, func() (bool, error) {
 		m, ok, err := spool.ReadEnd(dir)
 		if err != nil || ok {
@@ -215,13 +244,44 @@ func awaitDrain(ctx context.Context, dir string, log zerolog.Logger) (drained bo
 		if err != nil {
 			return false, err
 		}
-		return true, lock.Close()
+		if err := lock.Close(); err != nil {
+			return false, err
+		}
+		running, err := spool.ReceiverRunning(dir)
+		switch {
+		case err != nil:
+			return false, err
+		case force:
+			noDrain = "--force: no sidecar was waited for"
+			return true, nil
+		case !running:
+			noDrain = "no receiver runs on the spool, so no sidecar can drain into it"
+			return true, nil
+		}
+		// Since when the receiver has had no session: a sidecar reconnecting is
+		// given wait from then.
+		since := started
+		if s, ok, err := spool.ReadSession(dir); err == nil && ok && !s.Connected {
+			if t, err := time.Parse(time.RFC3339Nano, s.Since); err == nil && t.Before(since) {
+				since = t
+			}
+		}
+		if time.Since(since) >= wait {
+			noDrain = fmt.Sprintf("no sidecar connected within %s", wait)
+			return true, nil
+		}
+		if !idle {
+			log.Warn().Dur("for", wait-time.Since(since)).Msg("no sidecar is connected; waiting for one to connect and drain the primary's WAL " +
+				"(give --force if the primary's host is lost)")
+			idle = true
+		}
+		return false, nil
 	})
 	if errors.Is(err, context.DeadlineExceeded) {
-		return false, "", fmt.Errorf("promote: a sidecar is still streaming into %s and sent no end-of-WAL mark: "+
+		return false, "", "", fmt.Errorf("promote: a sidecar is still streaming into %s and sent no end-of-WAL mark: "+
 			"is the primary still running? Stop it first; the sidecar then drains its WAL and promote goes on (nothing was changed)", dir)
 	}
-	return drained, end, err
+	return drained, end, noDrain, err
 }
 
 // freeze stops the receivers, writes the trigger and runs start, the request to the

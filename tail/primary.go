@@ -114,6 +114,9 @@ type primary struct {
 	// lest the session end first and take the message with it.
 	stopped atomic.Pointer[chan struct{}]
 
+	// gone says that this session began with the server gone (gone): it only drains.
+	gone bool
+
 	watch     *dirwatch.Watch // nil: poll while idle
 	armed     bool            // the watch's stale events are drained and the position read since
 	stopWatch func() bool
@@ -121,8 +124,12 @@ type primary struct {
 }
 
 func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN, error) {
+	p.gone = false
 	pg, err := connect(ctx, p.cfg.DSN, AppTail)
 	if err != nil {
+		if hello, end, empty, ok := p.beginGone(err); ok {
+			return hello, end, empty, nil
+		}
 		return nil, 0, 0, fmt.Errorf("connect to the primary: %w", err)
 	}
 	p.pg = pg
@@ -168,6 +175,34 @@ func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN
 
 func (p *primary) walDir() string { return filepath.Join(p.pgdata, "pg_wal") }
 
+// beginGone begins a session that only drains, when the server cannot be reached and
+// its processes are all gone, for a sidecar that knows the server from an earlier
+// session. The server may have died while the sidecar had no session with the
+// receiver (the receiver restarting, the network down): its last WAL is then only in
+// its pg_wal, and the sidecar drains it once the receiver can be reached again, which
+// is what walship promote waits for. The session opens as the earlier ones did; its
+// first read of the position fails (errGone), and the drain follows (serverLost).
+func (p *primary) beginGone(cause error) (hello *transport.Hello, end, empty wal.LSN, ok bool) {
+	if p.cfg.NoDrain || p.srv.SysID == 0 {
+		return nil, 0, 0, false
+	}
+	gone, why, err := serverState(p.pgdata)
+	if err != nil || !gone {
+		return nil, 0, 0, false
+	}
+	p.log.Warn().Err(cause).Str("why", why).Stringer("last_flush", p.last.Flush).
+		Msg("the server is gone; opening a session with the receiver to drain its WAL")
+	p.gone = true
+	srv := p.srv
+	hello = &transport.Hello{Version: transport.Version, SysID: srv.SysID, SegSize: uint32(srv.SegSize),
+		BlockSize: uint32(srv.BlockSize), Magic: srv.Magic, TLI: p.tli, ServerVersion: uint32(srv.VersionNum)}
+	flushSeg, _ := wal.SegmentOf(p.tli, p.last.Flush, srv.SegSize)
+	return hello, p.last.Flush, flushSeg.Start(srv.SegSize), true
+}
+
+// errGone is the position of a session that began with the server gone.
+var errGone = errors.New("the server is gone")
+
 // waitPrimary waits while the server is a standby, so that a sidecar can be started
 // beside a standby ahead of its promotion.
 func (p *primary) waitPrimary(ctx context.Context) error {
@@ -209,6 +244,9 @@ func (p *primary) files() segmentFiles {
 // polling; a write after the drain wakes the wait. So the wait misses no flush, and
 // wakeCheck is only a safety net.
 func (p *primary) wait(ctx context.Context, s *stream, moved time.Time) (bool, error) {
+	if p.gone {
+		return false, s.ended() // straight to the drain
+	}
 	still := idleAfter
 	if p.watch != nil {
 		still = lingerAfter
@@ -245,6 +283,9 @@ func (p *primary) interrupt() {
 }
 
 func (p *primary) position(ctx context.Context) (wal.LSN, error) {
+	if p.gone {
+		return 0, errGone
+	}
 	pos, err := p.srv.Positions(ctx, p.pg)
 	if err != nil {
 		return 0, err

@@ -156,14 +156,19 @@ removes only the spool segments the archive holds with the same checksum.`)
 }
 
 func runPromote(args []string) int {
-	fs := newFlags("promote", "--spool DIR [--pgdata DIR | --dsn DSN] [--timeout DURATION]", `
+	fs := newFlags("promote", "--spool DIR [--pgdata DIR | --dsn DSN] [--timeout DURATION] [--force | --drain-wait DURATION]", `
 Fail over to the standby with everything the spool holds, the partial tail included:
 
   0. if a sidecar is connected, wait for it to drain: once the primary's server is gone
      (stopped, or killed and all its processes exited) the sidecar sends every valid
      record left in pg_wal and an end-of-WAL mark. A sidecar that is still streaming
      means a running primary: promote then gives up at --timeout and changes nothing.
-     Without a sidecar (its host is lost too) it goes on with what the spool holds;
+     With no sidecar connected while the receiver runs, it waits up to --drain-wait
+     (15s) after the receiver's last session ended: a sidecar that lost its session
+     (the receiver restarted, the network failed) reconnects and drains the WAL only
+     the dead primary's pg_wal holds. Then, or at once with --force (the primary's
+     host is lost), or when no receiver runs, it goes on with what the spool holds and
+     says so;
   1. freeze the spool: the receiver stops writing it (running or dead, now or later);
   2. set the trigger, so that the next restore of the in-progress segment gets the
      frozen partial, zero-padded;
@@ -174,10 +179,16 @@ Fail over to the standby with everything the spool holds, the partial tail inclu
 
 Running it twice is harmless. If the standby cannot be promoted, it says why and
 leaves the spool as it was.`)
+	force := fs.Bool("force", false, "go on at once without a sidecar's drain when none is connected: for a primary whose host is lost")
+	drainWait := fs.Duration("drain-wait", feeder.DefaultDrainWait, "with a receiver running and no sidecar connected, how long after its last session ended to wait for a sidecar to connect and drain")
 	cfg, rc := standbyFlags(fs, args, time.Minute)
 	if rc >= 0 {
 		return rc
 	}
+	if *drainWait <= 0 {
+		return usageError(fs, "--drain-wait %s: want a positive duration", *drainWait)
+	}
+	cfg.Force, cfg.DrainWait = *force, *drainWait
 	ctx, stop := signalContext()
 	defer stop()
 	rep, err := feeder.Promote(ctx, cfg)

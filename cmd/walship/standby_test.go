@@ -357,3 +357,47 @@ func TestStandbyInitFlags(t *testing.T) {
 	out = []byte(runOK(t, "standby", "init", "--help"))
 	require.Contains(t, string(out), "-tablespace-mapping value")
 }
+
+// TestStandbyInitSessionLost: a base backup is tied to the sidecar's session, on the
+// primary's own connection (the non-exclusive backup API ends with it). The sidecar
+// killed in the middle of one, standby init fails and says why, the directory is left
+// as it was (empty here), and run again once the sidecar is back it makes the copy:
+// nothing is lost by a backup that does not survive its session, it is taken again.
+// (What ended sessions during backups in CI, a switch record split across pages at the
+// switch pg_backup_start forces, no longer does: TestSwitchPlacements.)
+func TestStandbyInitSessionLost(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	r := streamingRig(t, ctx, 1)
+	createLoadTable(t, ctx, r.primary)
+	// Enough to copy that the kill lands in the middle: tens of MB at a few MB/s here.
+	require.NoError(t, r.primary.Exec(ctx, "INSERT INTO "+lab.LoadTable+" (client, payload) SELECT 1, repeat(md5(g::text), 30) FROM generate_series(1, 60000) g"))
+	sb := emptyStandby(t, r)
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := r.standbyInit(ctx, sb.Data)
+		done <- result{out, err}
+	}()
+	require.NoError(t, r.sidecar.WaitLog(ctx, "base backup"), "the backup starts")
+	r.sidecar.Kill()
+	res := <-done
+	require.Error(t, res.err, "standby init must fail when the session ends: %s", res.out)
+	t.Logf("standby init, the sidecar killed: %s", strings.TrimSpace(res.out))
+	ents, err := os.ReadDir(sb.Data)
+	require.NoError(t, err)
+	require.Empty(t, ents, "the directory is left as it was")
+
+	r.startSidecar(ctx, r.primary)
+	r.waitStreaming(ctx)
+	r.initOK(ctx, sb.Data)
+	adoptStandby(t, ctx, sb)
+	require.NoError(t, r.primary.Exec(ctx, "SELECT pg_switch_wal()"))
+	flush := flushLSN(t, ctx, r.primary)
+	r.waitSpoolAt(ctx, flush)
+	waitReplayed(t, ctx, sb, flush-1)
+	want := mustQuery(t, ctx, r.primary, "SELECT count(*) FROM "+lab.LoadTable)
+	require.Equal(t, want, mustQuery(t, ctx, sb, "SELECT count(*) FROM "+lab.LoadTable))
+}

@@ -220,7 +220,11 @@ func (w *walship) crash() {
 }
 
 func (w *walship) promote(ctx context.Context, n *node, sb *lab.Cluster) error {
-	out, err := exec.CommandContext(ctx, n.c.bin, "promote", "--spool", w.ws.Spool, "--dsn", sb.DSN(), "--timeout", "2m").CombinedOutput()
+	args := []string{"promote", "--spool", w.ws.Spool, "--dsn", sb.DSN(), "--timeout", "2m"}
+	if w.hostLost {
+		args = append(args, "--force") // as a DBA whose primary's host is lost runs it
+	}
+	out, err := exec.CommandContext(ctx, n.c.bin, args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("walship promote: %v\n%s", err, out)
 	}
