@@ -259,8 +259,9 @@ func watchReceiver(ctx context.Context, a *alerter, r *receiver.Receiver, u *arc
 }
 
 // watchUploads reports the uploads to the archive: critical once they have failed for
-// longer than after, and while the archive holds other bytes than the spool under a
-// name (it is not overwritten; walship archive verify tells more).
+// longer than after, while the archive holds other bytes than the spool under a name
+// (it is not overwritten; walship archive verify tells more), and once a segment left
+// the spool before it was uploaded.
 func watchUploads(a *alerter, u *archive.Uploader, after time.Duration) {
 	st, failingSince := u.State()
 	switch {
@@ -268,6 +269,9 @@ func watchUploads(a *alerter, u *archive.Uploader, after time.Duration) {
 		a.Alert("archive", alertOK, "uploads to the archive "+st.URL+" succeed")
 	case time.Since(failingSince) > after:
 		a.Alert("archive", alertCritical, fmt.Sprintf("uploads to the archive %s have failed for %s: %s", st.URL, roundAge(time.Since(failingSince)), st.LastError))
+	}
+	if n := len(st.Missing); n > 0 {
+		a.Alert("archive gap", alertCritical, fmt.Sprintf("%d segment(s) left the spool before they were uploaded to the archive %s, %s the last: the archive lacks them", n, st.URL, st.Missing[n-1]))
 	}
 	if n := len(st.Refused); n > 0 {
 		a.Alert("archive conflict", alertCritical, fmt.Sprintf("the archive %s holds other bytes than the spool under %d name(s), %s the last; they are not overwritten (see walship archive verify)", st.URL, n, st.Refused[n-1]))

@@ -318,6 +318,8 @@ func TestArchiveUpload(t *testing.T) {
 	require.Equal(t, 2, rc, line)
 	require.Contains(t, line, "left the spool before they were uploaded, "+gone+" the last")
 	require.Contains(t, runOK(t, "status", "--spool", r.spool), "1 missing, gone from the spool before upload: "+gone)
+	line = waitAlertLine(t, ctx, alerts, "archive gap|critical|")
+	require.Contains(t, line, "1 segment(s) left the spool before they were uploaded")
 
 	// A receiver started again without an archive: status shows none.
 	require.NoError(t, r.receiver.Stop(ctx))
