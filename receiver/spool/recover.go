@@ -121,12 +121,19 @@ func recoverPartial(path string, seg wal.Segment, stream wal.Stream, log zerolog
 	// the segment before fills them.
 	whole := min(uint64(end-start), good)
 	switch {
+	case st.legacy && good == stream.SegSize && errors.Is(stop.Err, io.EOF):
+		// Whole by its size, and its records chain to its end, the last one running on
+		// into the next segment as restore accepts a published segment's: a publish cut
+		// short between its truncate and its rename. Publish syncs every byte before it
+		// truncates, so they are on the disk; cutting the last record off would take
+		// the spool back behind a position it acknowledged.
 	case st.legacy && whole < good:
 		// A file of the old kind says how much it holds by its size alone, and a publish
-		// cut short by a crash can leave it whole by its size with blocks that never
-		// landed, most likely the last ones. Nothing vouches for its bytes but its
-		// records: it holds its whole records only, and the sidecar sends the rest again
-		// (a record not yet whole cannot be checked until the rest arrives).
+		// of an earlier walship, which truncated before it synced, could leave it whole by
+		// its size with blocks that never landed, most likely the last ones. Nothing
+		// vouches for its bytes but its records: it holds its whole records only, and the
+		// sidecar sends the rest again (a record not yet whole cannot be checked until the
+		// rest arrives).
 		good = whole
 		log.Warn().Str("file", path).Str("stop", stop.Reason).Uint64("kept_bytes", good).Msg("cutting a partial segment of the old kind back to its last whole record")
 	case !st.legacy && !errors.Is(stop.Err, io.EOF):
