@@ -1,0 +1,375 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/stretchr/testify/require"
+
+	"github.com/walship/walship/bench/lab"
+	"github.com/walship/walship/bench/lab/powercut"
+	"github.com/walship/walship/receiver/spool"
+	"github.com/walship/walship/tail/wal"
+)
+
+// The power-loss tests put the spool on a power-cut file system (bench/lab/powercut)
+// and cut the standby host's power under the receiver: kill -9 the receiver, drop what
+// its file system had not made durable, start it again on what survived. What must
+// hold after each cut:
+//
+//   - every position the receiver acknowledged is still in the spool after recovery,
+//     before the sidecar has sent anything again: checked on a copy of the spool as the
+//     cut left it, recovered as the receiver recovers it, and by the restarted
+//     receiver's welcome;
+//   - what recovery keeps is the primary's WAL, byte for byte: no partial claims a
+//     byte that did not survive, no published segment holds one, and the segments
+//     follow each other without a hole;
+//   - the stream resumes, and the spool ends an exact copy of the primary's WAL.
+
+// powerRig is a rig whose spool is the root of a power-cut mount.
+type powerRig struct {
+	*rig
+	fs      *powercut.FS
+	segSize uint64
+	// checked holds the published segments already compared with the primary's.
+	checked map[string]bool
+}
+
+// newPowerRig mounts a power-cut file system, points the rig's spool at it, and starts
+// the receiver and the sidecar streaming. The mount is made first, so that its cleanup
+// (an unmount, which needs every process on it gone) runs after the rig's.
+func newPowerRig(t *testing.T, ctx context.Context) *powerRig {
+	t.Helper()
+	pc := powercut.Mount(t, "")
+	// The standby's restore_command reads the spool as the postgres user: the
+	// directories above the mount point must let it through, and the mount's root (the
+	// backing directory's mode) too.
+	for d := pc.Dir(); d != filepath.Dir(d) && strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
+		require.NoError(t, os.Chmod(d, 0o755))
+	}
+	r := newRig(t, ctx, 1)
+	r.spool = pc.Dir()
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	r.waitStreaming(ctx)
+	id, ok, err := spool.ReadIdentity(r.spool)
+	require.NoError(t, err)
+	require.True(t, ok, "the spool is bound once the sidecar streams")
+	return &powerRig{rig: r, fs: pc, segSize: id.SegSize, checked: map[string]bool{}}
+}
+
+// acked is the position the sidecar last heard the receiver acknowledge as durable.
+func (p *powerRig) acked() wal.LSN {
+	p.t.Helper()
+	m, err := lab.Metrics(p.sideMetrics)
+	require.NoError(p.t, err)
+	return wal.LSN(m[fmt.Sprintf("walship_sidecar_acked_lsn{receiver=%q}", p.addr)])
+}
+
+// waitAcked waits until the sidecar has heard the receiver acknowledge lsn.
+func (p *powerRig) waitAcked(ctx context.Context, lsn wal.LSN) {
+	p.t.Helper()
+	require.NoError(p.t, lab.Wait(ctx, 10*time.Millisecond, "the receiver to acknowledge "+lsn.String(), func() (bool, error) {
+		return p.acked() >= lsn, nil
+	}))
+}
+
+// claimedEnd is where the bytes that the spool's newest partial claims in the page
+// cache end, durable or not (its newest end slot whose hash holds): of what a cut may
+// take away, the bytes a sync was claiming (those written after the last slot are not
+// counted). Zero without a partial.
+func (p *powerRig) claimedEnd() wal.LSN {
+	p.t.Helper()
+	c, err := spool.Scan(p.spool, p.segSize)
+	require.NoError(p.t, err)
+	var end wal.LSN
+	for _, part := range c.Partials {
+		n, err := spool.PartialEnd(spool.PartialPath(p.spool, part.Seg, p.segSize), p.segSize)
+		require.NoError(p.t, err)
+		end = max(end, part.Seg.Start(p.segSize)+wal.LSN(n))
+	}
+	return end
+}
+
+// cut is a power cut of the standby host: the receiver is dead (the caller killed it
+// and it has exited); what the file system had not made durable goes as mode says.
+// It returns what the sidecar last heard acknowledged, read once the receiver is gone:
+// every ack it ever sent has arrived, or never will.
+func (p *powerRig) cut(mode powercut.Mode) (wal.LSN, powercut.CutReport) {
+	p.t.Helper()
+	require.False(p.t, p.receiver.Running(), "the receiver must be dead before the cut")
+	rep, err := p.fs.Cut(mode)
+	require.NoError(p.t, err, "cut %s", mode)
+	return p.acked(), rep
+}
+
+// recovered is a copy of the spool as a cut left it, recovered as the receiver recovers
+// a spool before its first session.
+type recovered struct {
+	dir string
+	c   spool.Contents
+	pos wal.Position
+	log string // what Recover said
+}
+
+// recoverCopy copies the spool as it is now (no process may write it) and runs
+// spool.Recover on the copy, under its writer lock as a session does. The copy shows
+// what the restarted receiver will find, without the sidecar resending anything.
+func (p *powerRig) recoverCopy() recovered {
+	t := p.t
+	t.Helper()
+	dir := copySpool(t, p.spool)
+	id, ok, err := spool.ReadIdentity(dir)
+	require.NoError(t, err)
+	require.True(t, ok, "the spool lost its identity")
+	lock, err := spool.LockWriter(dir)
+	require.NoError(t, err)
+	defer lock.Close()
+	var log bytes.Buffer
+	c, err := spool.Recover(dir, id.Stream(), zerolog.New(&log))
+	require.NoError(t, err, "recover the spool as the cut left it:\n%s", log.String())
+	pos, _ := c.Position(id.SegSize)
+	return recovered{dir: dir, c: c, pos: pos, log: log.String()}
+}
+
+// primaryWAL is the first n bytes of segment name as the primary wrote them: from its
+// pg_wal, or once archived and removed from there, from the archive. (pg_wal is read
+// first: the archive_command copies into the archive in place. A segment being
+// recycled keeps its bytes until the server reaches its new name, long after.)
+func (p *powerRig) primaryWAL(name string, n uint64) []byte {
+	t := p.t
+	t.Helper()
+	for _, path := range []string{filepath.Join(p.primary.Data, "pg_wal", name), filepath.Join(p.archive, name)} {
+		f, err := os.Open(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		require.NoError(t, err)
+		defer f.Close()
+		b := make([]byte, n)
+		_, err = f.ReadAt(b, 0)
+		require.NoError(t, err, "read %d bytes of the primary's %s", n, path)
+		return b
+	}
+	require.Failf(t, "no primary segment", "segment %s is neither in the primary's pg_wal nor archived", name)
+	return nil
+}
+
+// checkRecovered checks a recovered copy against the primary and against acked, what
+// the receiver acknowledged before the cut: the copy's WAL reaches acked; its published
+// segments and its partial follow each other without a hole; each published segment
+// not checked yet (and the newest) is the primary's, byte for byte; and the partial's
+// bytes, up to the end recovery kept, are the primary's. what names the crash in every
+// failure message (its seed and positions).
+func (p *powerRig) checkRecovered(rc recovered, acked wal.LSN, what string) {
+	t := p.t
+	t.Helper()
+	what = fmt.Sprintf("%s: acked %s, durable after recovery %s", what, acked, rc.pos)
+	if rc.log != "" {
+		t.Logf("%s; recovery said:\n%s", what, strings.TrimSpace(rc.log))
+	}
+	require.Equal(t, uint32(1), rc.pos.TLI, what)
+	require.GreaterOrEqual(t, rc.pos.LSN, acked, "%s: an acknowledged position is missing after the cut", what)
+	segs := rc.c.Segments
+	for i, seg := range segs {
+		name := seg.Name(p.segSize)
+		if i > 0 {
+			require.Equal(t, segs[i-1].No+1, seg.No, "%s: a hole between published segments %s and %s", what, segs[i-1].Name(p.segSize), name)
+		}
+		if p.checked[name] && i < len(segs)-1 {
+			continue
+		}
+		got, err := os.ReadFile(filepath.Join(rc.dir, name))
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(got, p.primaryWAL(name, p.segSize)), "%s: published segment %s differs from the primary's", what, name)
+		p.checked[name] = true
+	}
+	require.LessOrEqual(t, len(rc.c.Partials), 1, "%s: one timeline, one partial at most", what)
+	part, ok := rc.c.Partials[1]
+	if !ok {
+		return
+	}
+	name := part.Seg.Name(p.segSize)
+	if len(segs) > 0 {
+		require.Equal(t, segs[len(segs)-1].No+1, part.Seg.No, "%s: a hole between the last published segment %s and the partial %s", what, segs[len(segs)-1].Name(p.segSize), name)
+	}
+	got, err := spool.PartialBytes(spool.PartialPath(rc.dir, part.Seg, p.segSize), p.segSize)
+	require.NoError(t, err)
+	require.Equal(t, part.Size, uint64(len(got)), "%s: partial %s: what Scan counts after recovery and what it holds", what, name)
+	want := p.primaryWAL(name, uint64(len(got)))
+	if i := firstDiff(got, want); i >= 0 {
+		require.Failf(t, "the partial claims bytes that are not the primary's",
+			"%s: partial %s holds %d bytes after recovery, and differs from the primary's segment at offset %d (LSN %s)",
+			what, name, len(got), i, part.Seg.Start(p.segSize)+wal.LSN(i))
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
+}
+
+// restartReceiver starts the receiver again on the spool and returns the position of
+// its first welcome: where its own recovery found the spool's WAL to end, before the
+// sidecar sent anything again.
+func (p *powerRig) restartReceiver(ctx context.Context) wal.LSN {
+	t := p.t
+	t.Helper()
+	p.startReceiver(ctx)
+	require.NoError(t, p.receiver.WaitLog(ctx, "sidecar session started"))
+	log := p.receiver.Log()
+	line := log[strings.Index(log, "sidecar session started"):]
+	welcome := lastField(line[:strings.IndexByte(line+"\n", '\n')], `position="`)
+	lsn, err := wal.ParseLSN(welcome)
+	require.NoError(t, err, "the welcome's position in %q", line)
+	return lsn
+}
+
+// waitResumed waits until the stream has moved on from a restart: the receiver has
+// acknowledged n bytes more than its welcome.
+func (p *powerRig) waitResumed(ctx context.Context, welcome wal.LSN, n uint64) {
+	p.t.Helper()
+	p.waitAcked(ctx, welcome+wal.LSN(n))
+}
+
+// trialSeed is the seed of the test's random choices (the pauses before the kills, the
+// cuts' seeds): WALSHIP_POWERLOSS_SEED, or a new one, which the test logs. The same
+// seed draws the same choices; what a cut drops also depends on what was dirty at the
+// kill, which timing decides.
+func trialSeed(t *testing.T) uint64 {
+	t.Helper()
+	if s := os.Getenv("WALSHIP_POWERLOSS_SEED"); s != "" {
+		seed, err := strconv.ParseUint(s, 10, 64)
+		require.NoError(t, err, "WALSHIP_POWERLOSS_SEED")
+		return seed
+	}
+	seed := rand.Uint64() >> 1
+	t.Logf("seed %d (WALSHIP_POWERLOSS_SEED=%d draws the same pauses and cut seeds)", seed, seed)
+	return seed
+}
+
+// TestPowerLossTrials cuts the standby host's power under a streaming receiver, under
+// load, WALSHIP_POWERLOSS_TRIALS times (3 by default), at random moments, with random
+// cuts (Random(seed)) and total ones (All) in turn. A hot standby fed by restore from
+// the same mount runs throughout; at the end the primary is killed and the standby
+// promoted, and no acknowledged commit may be lost.
+func TestPowerLossTrials(t *testing.T) {
+	n := 3
+	if s := os.Getenv("WALSHIP_POWERLOSS_TRIALS"); s != "" {
+		var err error
+		n, err = strconv.Atoi(s)
+		require.NoError(t, err, "WALSHIP_POWERLOSS_TRIALS")
+	}
+	ctx := testContext(t, time.Duration(3+n/2)*time.Minute)
+	seed := trialSeed(t)
+	rng := rand.New(rand.NewPCG(seed, 1))
+	p := newPowerRig(t, ctx)
+	sb := p.standby(ctx, false)
+	load, err := lab.StartLoad(ctx, p.primary.DSN(), 4, 1500)
+	require.NoError(t, err)
+	defer load.Stop()
+
+	rows := []string{"| trial | cut | acked before kill | acked at cut | claimed in cache | durable after recovery | welcome | pages kept/dropped | namespace ops kept/undone |", "|---|---|---|---|---|---|---|---|---|"}
+	dropped := 0
+	welcome := p.acked()
+	for i := 1; i <= n; i++ {
+		p.waitResumed(ctx, welcome, 256<<10)
+		// The moment of the cut is the experiment's random input, not a wait: a random
+		// time, then the receiver's next write of WAL, so that the power goes while it
+		// works (between its writes and their fdatasync) rather than while it waits for
+		// the next frames, which is most of the time.
+		time.Sleep(time.Duration(500+rng.IntN(2500)) * time.Millisecond)
+		mode := powercut.All
+		cutSeed := seed + uint64(i)
+		if i%2 == 1 {
+			mode = powercut.Random(cutSeed)
+		}
+		before := p.acked()
+		writing, stop := p.nextWrite()
+		select {
+		case <-writing:
+		case <-time.After(2 * time.Second):
+		}
+		p.receiver.Kill()
+		stop()
+		claimed := p.claimedEnd()
+		acked, rep := p.cut(mode)
+		what := fmt.Sprintf("trial %d (cut %s, test seed %d)", i, mode, seed)
+		require.GreaterOrEqual(t, acked, before, "%s: the sidecar's acknowledged position went back with no new session", what)
+		rc := p.recoverCopy()
+		p.checkRecovered(rc, acked, what)
+		os.RemoveAll(rc.dir)
+		welcome = p.restartReceiver(ctx)
+		require.Equal(t, rc.pos.LSN, welcome, "%s: the restarted receiver's recovery and the copy's disagree", what)
+		t.Logf("%s: acked %s before the kill, %s at the cut; claimed in the page cache %s; durable after recovery %s; welcome %s; cut %+v",
+			what, before, acked, claimed, rc.pos.LSN, welcome, rep)
+		rows = append(rows, fmt.Sprintf("| %d | %s | %s | %s | %s | %s | %s | %d/%d | %d/%d |", i, mode, before, acked, claimed, rc.pos.LSN, welcome,
+			rep.PagesKept, rep.PagesDropped, rep.OpsKept, rep.OpsUndone))
+		dropped += rep.PagesDropped + rep.OpsUndone
+	}
+	t.Logf("power-loss trials (test seed %d):\n%s", seed, strings.Join(rows, "\n"))
+	require.Positive(t, dropped, "no cut dropped anything: the trials tested nothing")
+	require.NoError(t, load.Stop())
+	n = p.checkIdentical(ctx)
+	t.Logf("%d inserts; %d segments identical to the primary's after %d power cuts", load.Count(), n, len(rows)-2)
+
+	crashAndPromote(t, ctx, p.rig, sb, []string{"--dsn", sb.DSN()}, crash{})
+}
+
+// killAt makes the receiver's first file-system call that matches op, glob and when,
+// and that accept (if not nil) accepts, a crash point: the hook kills the receiver and
+// fails the call with EIO, then hands the call's event on the channel. The receiver's
+// thread waits in that call until the hook returns and the kernel delivers SIGKILL as
+// it does, so nothing of the receiver runs past that point. (kill(2) does not wait for
+// the death, which the waiting call holds back: the test waits for it, after.) The
+// returned function removes the hook.
+func (p *powerRig) killAt(op powercut.Op, glob string, when powercut.When, accept func(powercut.Event) bool) (<-chan powercut.Event, func()) {
+	pid := p.receiver.Pid()
+	var fired atomic.Bool
+	ch := make(chan powercut.Event, 1)
+	remove := p.fs.On(op, glob, when, func(ev powercut.Event) error {
+		if accept != nil && !accept(ev) || !fired.CompareAndSwap(false, true) {
+			return nil
+		}
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			return err
+		}
+		ch <- ev
+		return syscall.EIO
+	})
+	return ch, remove
+}
+
+// nextWrite tells, on the channel, of the receiver's next write into a partial, without
+// holding it back. stop removes the hook.
+func (p *powerRig) nextWrite() (<-chan struct{}, func()) {
+	ch := make(chan struct{}, 1)
+	stop := p.fs.On(powercut.OpWrite, "*.partial", powercut.After, func(powercut.Event) error {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+		return nil
+	})
+	return ch, stop
+}
