@@ -373,3 +373,126 @@ func (p *powerRig) nextWrite() (<-chan struct{}, func()) {
 	})
 	return ch, stop
 }
+
+// waitEvent waits for a crash point's event.
+func (p *powerRig) waitEvent(ctx context.Context, ch <-chan powercut.Event, what string) powercut.Event {
+	p.t.Helper()
+	select {
+	case ev := <-ch:
+		return ev
+	case <-ctx.Done():
+		require.FailNow(p.t, "no crash", "%s never came: %v", what, ctx.Err())
+	}
+	return powercut.Event{}
+}
+
+// segmentOf is the segment of a partial's path on the mount.
+func (p *powerRig) segmentOf(name string) wal.Segment {
+	p.t.Helper()
+	seg, err := wal.ParseSegmentName(strings.TrimSuffix(filepath.Base(name), spool.PartialSuffix), p.segSize)
+	require.NoError(p.t, err)
+	return seg
+}
+
+// TestPowerLossCrashPoints crashes the receiver at exact points of its work, by the
+// file system's hooks rather than by luck, then cuts the power:
+//
+//   - after a write of WAL into the partial and before the fdatasync that would make
+//     it durable, then Cut(All): recovery must keep everything acknowledged, and claim
+//     nothing from the write on, which never reached the disk;
+//   - between a publish's truncate (which cuts the end block off the whole partial)
+//     and its rename, with Cut(All), Cut(Random), and SyncAll then Cut (the truncation
+//     on the disk): recovery must leave
+//     the segment published or a partial (its whole records), the primary's bytes in
+//     either case, never a hole; and the stream must resume to the primary's flush
+//     position.
+func TestPowerLossCrashPoints(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	seed := trialSeed(t)
+	rng := rand.New(rand.NewPCG(seed, 2))
+	p := newPowerRig(t, ctx)
+	load, err := lab.StartLoad(ctx, p.primary.DSN(), 4, 1500)
+	require.NoError(t, err)
+	defer load.Stop()
+	welcome := p.acked()
+
+	// A write of WAL (not of the end block, past the segment's bytes), a random one of
+	// the next few dozen.
+	p.waitResumed(ctx, welcome, 256<<10)
+	skip := int64(rng.IntN(50))
+	var writes atomic.Int64
+	killed, remove := p.killAt(powercut.OpWrite, "*.partial", powercut.After, func(ev powercut.Event) bool {
+		return uint64(ev.Off) < p.segSize && writes.Add(1) > skip
+	})
+	ev := p.waitEvent(ctx, killed, "a write of WAL")
+	p.receiver.Kill()
+	remove()
+	acked, rep := p.cut(powercut.All)
+	seg := p.segmentOf(ev.Path)
+	what := fmt.Sprintf("killed after a write of %d bytes at offset %d of %s and before its fdatasync, cut all (test seed %d)",
+		ev.Len, ev.Off, seg.Name(p.segSize), seed)
+	rc := p.recoverCopy()
+	p.checkRecovered(rc, acked, what)
+	part, ok := rc.c.Partials[1]
+	require.True(t, ok, "%s: the partial is gone", what)
+	require.Equal(t, seg, part.Seg, "%s: the partial after recovery is another segment's", what)
+	require.LessOrEqual(t, part.Size, uint64(ev.Off), "%s: recovery claims bytes from the write that was never synced on", what)
+	welcome = p.restartReceiver(ctx)
+	require.Equal(t, rc.pos.LSN, welcome, "%s: the restarted receiver's recovery and the copy's disagree", what)
+	t.Logf("%s: acked %s at the cut, durable after recovery %s (the partial holds %d bytes), welcome %s; cut %+v",
+		what, acked, rc.pos.LSN, part.Size, welcome, rep)
+
+	// Three outcomes of the power cut: nothing of the truncation reached the disk; a
+	// random part of what was pending did; all of it did (the file system wrote the new
+	// size back before the power went: the partial, cut to the segment's size with
+	// every byte on the disk, is an old-style partial to recovery).
+	for _, c := range []struct {
+		mode     powercut.Mode
+		syncAll  bool
+		describe string
+	}{{powercut.All, false, "cut all"}, {powercut.Random(seed), false, fmt.Sprintf("cut random(%d)", seed)}, {powercut.All, true, "sync all, then cut"}} {
+		p.waitResumed(ctx, welcome, 256<<10)
+		killed, remove := p.killAt(powercut.OpTruncate, "*.partial", powercut.After, nil)
+		ev := p.waitEvent(ctx, killed, "a publish's truncate")
+		p.receiver.Kill()
+		remove()
+		if c.syncAll {
+			require.NoError(t, p.fs.SyncAll())
+		}
+		acked, rep := p.cut(c.mode)
+		seg := p.segmentOf(ev.Path)
+		name := seg.Name(p.segSize)
+		what := fmt.Sprintf("killed between the truncate and the rename of %s's publish, %s (test seed %d)", name, c.describe, seed)
+		require.Equal(t, int64(p.segSize), ev.Off, "%s: the truncate is not a publish's", what)
+		st, err := os.Stat(filepath.Join(p.spool, ev.Path))
+		require.NoError(t, err, "%s: the partial being published is gone before its rename", what)
+		kept := st.Size() == int64(p.segSize)
+		if kept {
+			what += ", which kept the truncation"
+		}
+		// The file system's part, checked so that each round tries what it says.
+		if c.syncAll {
+			require.True(t, kept, "%s: the synced truncation did not survive the cut", what)
+		} else if c.mode == powercut.All {
+			require.False(t, kept, "%s: the truncation survived a cut of all", what)
+		}
+		rc := p.recoverCopy()
+		p.checkRecovered(rc, acked, what)
+		state := "published"
+		if part, ok := rc.c.Partials[1]; ok && part.Seg == seg {
+			state = fmt.Sprintf("a partial of %d bytes", part.Size)
+		} else {
+			require.Contains(t, rc.c.Segments, seg, "%s: the segment is neither published nor a partial", what)
+			require.False(t, ok, "%s: a partial after the segment being published", what)
+		}
+		welcome = p.restartReceiver(ctx)
+		require.Equal(t, rc.pos.LSN, welcome, "%s: the restarted receiver's recovery and the copy's disagree", what)
+		flush := flushLSN(t, ctx, p.primary)
+		p.waitSpoolAt(ctx, flush)
+		t.Logf("%s: %s after recovery; acked %s at the cut, durable after recovery %s, welcome %s; the spool reached the primary's flush position %s again; cut %+v",
+			what, state, acked, rc.pos.LSN, welcome, flush, rep)
+	}
+	require.NoError(t, load.Stop())
+	n := p.checkIdentical(ctx)
+	t.Logf("%d inserts; %d segments identical to the primary's after the crashes and power cuts", load.Count(), n)
+}
