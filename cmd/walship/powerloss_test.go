@@ -74,9 +74,15 @@ func newPowerRig(t *testing.T, ctx context.Context) *powerRig {
 // acked is the position the sidecar last heard the receiver acknowledge as durable.
 func (p *powerRig) acked() wal.LSN {
 	p.t.Helper()
-	m, err := lab.Metrics(p.sideMetrics)
+	lsn, err := p.readAcked()
 	require.NoError(p.t, err)
-	return wal.LSN(m[fmt.Sprintf("walship_sidecar_acked_lsn{receiver=%q}", p.addr)])
+	return lsn
+}
+
+// readAcked is acked for hooks, which must not end their goroutine.
+func (p *powerRig) readAcked() (wal.LSN, error) {
+	m, err := lab.Metrics(p.sideMetrics)
+	return wal.LSN(m[fmt.Sprintf("walship_sidecar_acked_lsn{receiver=%q}", p.addr)]), err
 }
 
 // waitAcked waits until the sidecar has heard the receiver acknowledge lsn.
@@ -556,7 +562,10 @@ func TestPowerLossPublishAckedTail(t *testing.T) {
 		if err != nil {
 			return false
 		}
-		acked := p.acked()
+		acked, err := p.readAcked()
+		if err != nil {
+			return false
+		}
 		whole.Store(uint64(end))
 		ackedThen.Store(uint64(acked))
 		return acked > end && end < start+wal.LSN(p.segSize)
