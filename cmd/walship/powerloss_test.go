@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -242,13 +243,30 @@ func (p *powerRig) restartReceiver(ctx context.Context) wal.LSN {
 	t := p.t
 	t.Helper()
 	p.startReceiver(ctx)
-	require.NoError(t, p.receiver.WaitLog(ctx, "sidecar session started"))
-	log := p.receiver.Log()
-	line := log[strings.Index(log, "sidecar session started"):]
-	welcome := lastField(line[:strings.IndexByte(line+"\n", '\n')], `position="`)
-	lsn, err := wal.ParseLSN(welcome)
-	require.NoError(t, err, "the welcome's position in %q", line)
-	return lsn
+	return p.welcome(ctx, 0)
+}
+
+// welcome waits for the running receiver's session number n (from 0) and returns the
+// position its welcome named.
+func (p *powerRig) welcome(ctx context.Context, n int) wal.LSN {
+	t := p.t
+	t.Helper()
+	const started = "sidecar session started"
+	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, fmt.Sprintf("session %d of the receiver", n), func() (bool, error) {
+		return strings.Count(p.receiver.Log(), started) > n, nil
+	}))
+	lines := strings.SplitAfter(p.receiver.Log(), "\n")
+	for _, line := range lines {
+		if !strings.Contains(line, started) {
+			continue
+		}
+		if n--; n < 0 {
+			lsn, err := wal.ParseLSN(lastField(line, `position="`))
+			require.NoError(t, err, "the welcome's position in %q", line)
+			return lsn
+		}
+	}
+	panic("unreachable")
 }
 
 // waitResumed waits until the stream has moved on from a restart: the receiver has
@@ -584,4 +602,109 @@ func TestPowerLossPublishAckedTail(t *testing.T) {
 	p.checkRecovered(rc, acked, what)
 	welcome := p.restartReceiver(ctx)
 	require.Equal(t, rc.pos.LSN, welcome, "%s: the restarted receiver's recovery and the copy's disagree", what)
+}
+
+// TestPowerLossFailedSync fails one fdatasync of the partial while the receiver streams
+// under load. Linux drops the pages it could not write (the file system marks them
+// clean, and they never reach the disk), so the receiver must not acknowledge anything
+// written since its last good sync: its writer poisons itself, the session ends, and
+// recovery settles the partial where that sync left it, which the next session's
+// welcome names. The stream resumes; then the power is cut, and every position
+// acknowledged after the failure must have survived, as the primary's bytes.
+func TestPowerLossFailedSync(t *testing.T) {
+	ctx := testContext(t, 3*time.Minute)
+	p := newPowerRig(t, ctx)
+	load, err := lab.StartLoad(ctx, p.primary.DSN(), 4, 1500)
+	require.NoError(t, err)
+	defer load.Stop()
+
+	// Where each partial's last good sync left it: the end its newest slot claims (its
+	// hash holding), read while the receiver waits in the fsync that succeeded.
+	var mu sync.Mutex
+	good := map[string]uint64{}
+	type failure struct {
+		ev             powercut.Event
+		good, claimed  uint64 // in the partial, from its start
+		size           int64
+		acked          wal.LSN
+		claimErr, aErr error
+	}
+	failed := make(chan failure, 1)
+	stop := p.fs.On(powercut.OpFsync, "*.partial", powercut.After, func(ev powercut.Event) error {
+		path := filepath.Join(p.spool, ev.Path)
+		end, err := spool.PartialEnd(path, p.segSize)
+		mu.Lock()
+		defer mu.Unlock()
+		if ev.Err == nil {
+			if err == nil {
+				good[ev.Path] = end
+			}
+			return nil
+		}
+		// The receiver waits in the failed call: it has acknowledged nothing since.
+		f := failure{ev: ev, good: good[ev.Path], claimed: end, claimErr: err}
+		if st, err := os.Stat(path); err == nil {
+			f.size = st.Size()
+		}
+		f.acked, f.aErr = p.readAcked()
+		select {
+		case failed <- f:
+		default:
+		}
+		return nil
+	})
+	defer stop()
+	welcome := p.acked()
+	p.waitResumed(ctx, welcome, 256<<10)
+	p.fs.FailNextSync("*.partial", syscall.EIO)
+	var f failure
+	select {
+	case f = <-failed:
+	case <-ctx.Done():
+		t.Fatalf("no fdatasync of a partial failed: %v", ctx.Err())
+	}
+	require.NoError(t, f.claimErr)
+	require.NoError(t, f.aErr)
+	seg := p.segmentOf(f.ev.Path)
+	start := seg.Start(p.segSize)
+	what := fmt.Sprintf("failed fdatasync of %s: its last good sync left it at %s, the failed one claimed %s, %s acknowledged at the failure",
+		f.ev.Path, start+wal.LSN(f.good), start+wal.LSN(f.claimed), f.acked)
+	require.LessOrEqual(t, f.acked, start+wal.LSN(f.good), "%s: the receiver acknowledged bytes its last good sync had not made durable", what)
+
+	// The session ends, the same receiver recovers the spool and welcomes the sidecar
+	// again, where the last good sync left the partial.
+	w := p.welcome(ctx, 1)
+	what += fmt.Sprintf("; welcome after it %s", w)
+	require.True(t, p.receiver.Running(), "%s: a failed sync ends the session, not the receiver", what)
+	require.Contains(t, p.receiver.Log(), "input/output error", "%s: the receiver says why the session ended", what)
+	require.Equal(t, int64(1), p.fs.Stats().FailedSyncs, what)
+	require.GreaterOrEqual(t, w, f.acked, "%s: recovery lost an acknowledged position", what)
+	if f.size == int64(p.segSize)+spool.EndBlockSize {
+		require.Equal(t, start+wal.LSN(f.good), w, "%s: recovery after the failed sync must settle the partial where its last good sync left it", what)
+	} else {
+		// The fsync a publish makes after its truncate: every byte was synced before.
+		t.Logf("%s: the failed fsync was a publish's, after its truncate (the partial holds %d bytes)", what, f.size)
+	}
+	t.Log(what)
+
+	// The stream resumes past what the failed sync claimed (its pages, lost to the
+	// failure, written again); then the power goes as the receiver writes, and what was
+	// acknowledged stays.
+	p.waitAcked(ctx, start+wal.LSN(f.claimed)+256<<10)
+	writing, stopWrites := p.nextWrite()
+	select {
+	case <-writing:
+	case <-time.After(2 * time.Second):
+	}
+	p.receiver.Kill()
+	stopWrites()
+	acked, rep := p.cut(powercut.All)
+	what += fmt.Sprintf("; then cut all at %s acknowledged", acked)
+	rc := p.recoverCopy()
+	p.checkRecovered(rc, acked, what)
+	require.Equal(t, rc.pos.LSN, p.restartReceiver(ctx), "%s: the restarted receiver's recovery and the copy's disagree", what)
+	t.Logf("%s: durable after recovery %s; cut %+v", what, rc.pos, rep)
+	require.NoError(t, load.Stop())
+	n := p.checkIdentical(ctx)
+	t.Logf("%d inserts; %d segments identical to the primary's", load.Count(), n)
 }
