@@ -398,6 +398,40 @@ func (p *powerRig) nextWrite() (<-chan struct{}, func()) {
 	return ch, stop
 }
 
+// syncs follows the receiver's fsyncs of partials: where each partial's last good sync
+// left it, by the end its newest slot claims (its hash holding), read in a hook while
+// the receiver waits in the fsync that succeeded.
+type syncs struct {
+	mu   sync.Mutex
+	good map[string]uint64 // partial's path on the mount: bytes from its start
+	stop func()
+}
+
+func (p *powerRig) trackSyncs() *syncs {
+	s := &syncs{good: map[string]uint64{}}
+	s.stop = p.fs.On(powercut.OpFsync, "*.partial", powercut.After, func(ev powercut.Event) error {
+		if ev.Err != nil {
+			return nil
+		}
+		end, err := spool.PartialEnd(filepath.Join(p.spool, ev.Path), p.segSize)
+		if err == nil {
+			s.mu.Lock()
+			s.good[ev.Path] = end
+			s.mu.Unlock()
+		}
+		return nil
+	})
+	return s
+}
+
+// lastGood is where the last good sync of the partial at path left it: 0 if none (a
+// partial is made of zeros, fsynced, before its first byte of WAL).
+func (s *syncs) lastGood(path string) uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.good[path]
+}
+
 // waitEvent waits for a crash point's event.
 func (p *powerRig) waitEvent(ctx context.Context, ch <-chan powercut.Event, what string) powercut.Event {
 	p.t.Helper()
@@ -422,8 +456,10 @@ func (p *powerRig) segmentOf(name string) wal.Segment {
 // file system's hooks rather than by luck, then cuts the power:
 //
 //   - after a write of WAL into the partial and before the fdatasync that would make
-//     it durable, then Cut(All): recovery must keep everything acknowledged, and claim
-//     nothing from the write on, which never reached the disk;
+//     it durable, and in such an fdatasync (failed for the dying receiver), then
+//     Cut(All): recovery must settle the partial exactly where its last good sync left
+//     it, which must hold everything acknowledged, and claim nothing from the killed
+//     write on;
 //   - between a publish's truncate (which cuts the end block off the whole partial)
 //     and its rename, with Cut(All), Cut(Random), and SyncAll then Cut (the truncation
 //     on the disk): recovery must leave
@@ -439,32 +475,57 @@ func TestPowerLossCrashPoints(t *testing.T) {
 	require.NoError(t, err)
 	defer load.Stop()
 	welcome := p.acked()
+	synced := p.trackSyncs()
 
 	// A write of WAL (not of the end block, past the segment's bytes), a random one of
-	// the next few dozen.
-	p.waitResumed(ctx, welcome, 256<<10)
-	skip := int64(rng.IntN(50))
-	var writes atomic.Int64
-	killed, remove := p.killAt(powercut.OpWrite, "*.partial", powercut.After, func(ev powercut.Event) bool {
-		return uint64(ev.Off) < p.segSize && writes.Add(1) > skip
-	})
-	ev := p.waitEvent(ctx, killed, "a write of WAL")
-	p.receiver.Kill()
-	remove()
-	acked, rep := p.cut(powercut.All)
-	seg := p.segmentOf(ev.Path)
-	what := fmt.Sprintf("killed after a write of %d bytes at offset %d of %s and before its fdatasync, cut all (test seed %d)",
-		ev.Len, ev.Off, seg.Name(p.segSize), seed)
-	rc := p.recoverCopy()
-	p.checkRecovered(rc, acked, what)
-	part, ok := rc.c.Partials[1]
-	require.True(t, ok, "%s: the partial is gone", what)
-	require.Equal(t, seg, part.Seg, "%s: the partial after recovery is another segment's", what)
-	require.LessOrEqual(t, part.Size, uint64(ev.Off), "%s: recovery claims bytes from the write that was never synced on", what)
-	welcome = p.restartReceiver(ctx)
-	require.Equal(t, rc.pos.LSN, welcome, "%s: the restarted receiver's recovery and the copy's disagree", what)
-	t.Logf("%s: acked %s at the cut, durable after recovery %s (the partial holds %d bytes), welcome %s; cut %+v",
-		what, acked, rc.pos.LSN, part.Size, welcome, rep)
+	// the next few dozen; and an fdatasync of a partial, a random one of the next few
+	// (the Before hook fails it, so that it is not carried out for the dying receiver).
+	// Cut(All) takes everything written since the last good sync: recovery must settle
+	// the partial exactly there, which the acknowledged position must not pass.
+	for _, c := range []struct {
+		op     powercut.Op
+		when   powercut.When
+		skip   int64
+		accept func(powercut.Event) bool
+	}{
+		{powercut.OpWrite, powercut.After, int64(rng.IntN(50)), func(ev powercut.Event) bool { return uint64(ev.Off) < p.segSize }},
+		// Not the fsync a publish makes after its truncate (every byte synced before).
+		{powercut.OpFsync, powercut.Before, int64(rng.IntN(10)), func(ev powercut.Event) bool {
+			st, err := os.Stat(filepath.Join(p.spool, ev.Path))
+			return err == nil && st.Size() == int64(p.segSize)+spool.EndBlockSize
+		}},
+	} {
+		p.waitResumed(ctx, welcome, 256<<10)
+		var calls atomic.Int64
+		killed, remove := p.killAt(c.op, "*.partial", c.when, func(ev powercut.Event) bool {
+			return (c.accept == nil || c.accept(ev)) && calls.Add(1) > c.skip
+		})
+		ev := p.waitEvent(ctx, killed, fmt.Sprintf("a %s of a partial", c.op))
+		p.receiver.Kill()
+		remove()
+		good := synced.lastGood(ev.Path)
+		acked, rep := p.cut(powercut.All)
+		seg := p.segmentOf(ev.Path)
+		what := fmt.Sprintf("killed after a write of %d bytes at offset %d of %s and before its fdatasync", ev.Len, ev.Off, seg.Name(p.segSize))
+		if c.op == powercut.OpFsync {
+			what = fmt.Sprintf("killed in an fdatasync of %s", seg.Name(p.segSize))
+		}
+		what += fmt.Sprintf(", its last good sync at %s, cut all (test seed %d)", seg.Start(p.segSize)+wal.LSN(good), seed)
+		rc := p.recoverCopy()
+		p.checkRecovered(rc, acked, what)
+		part, ok := rc.c.Partials[1]
+		require.True(t, ok, "%s: the partial is gone", what)
+		require.Equal(t, seg, part.Seg, "%s: the partial after recovery is another segment's", what)
+		require.Equal(t, good, part.Size, "%s: recovery must settle the partial where its last good sync left it", what)
+		if c.op == powercut.OpWrite {
+			require.LessOrEqual(t, part.Size, uint64(ev.Off), "%s: recovery claims bytes from the write that was never synced on", what)
+		}
+		welcome = p.restartReceiver(ctx)
+		require.Equal(t, rc.pos.LSN, welcome, "%s: the restarted receiver's recovery and the copy's disagree", what)
+		t.Logf("%s: acked %s at the cut, durable after recovery %s (the partial holds %d bytes), welcome %s; cut %+v",
+			what, acked, rc.pos.LSN, part.Size, welcome, rep)
+	}
+	synced.stop()
 
 	// Three outcomes of the power cut: nothing of the truncation reached the disk; a
 	// random part of what was pending did; all of it did (the file system wrote the new
@@ -618,10 +679,8 @@ func TestPowerLossFailedSync(t *testing.T) {
 	require.NoError(t, err)
 	defer load.Stop()
 
-	// Where each partial's last good sync left it: the end its newest slot claims (its
-	// hash holding), read while the receiver waits in the fsync that succeeded.
-	var mu sync.Mutex
-	good := map[string]uint64{}
+	synced := p.trackSyncs()
+	defer synced.stop()
 	type failure struct {
 		ev             powercut.Event
 		good, claimed  uint64 // in the partial, from its start
@@ -631,18 +690,13 @@ func TestPowerLossFailedSync(t *testing.T) {
 	}
 	failed := make(chan failure, 1)
 	stop := p.fs.On(powercut.OpFsync, "*.partial", powercut.After, func(ev powercut.Event) error {
-		path := filepath.Join(p.spool, ev.Path)
-		end, err := spool.PartialEnd(path, p.segSize)
-		mu.Lock()
-		defer mu.Unlock()
 		if ev.Err == nil {
-			if err == nil {
-				good[ev.Path] = end
-			}
 			return nil
 		}
 		// The receiver waits in the failed call: it has acknowledged nothing since.
-		f := failure{ev: ev, good: good[ev.Path], claimed: end, claimErr: err}
+		path := filepath.Join(p.spool, ev.Path)
+		end, err := spool.PartialEnd(path, p.segSize)
+		f := failure{ev: ev, good: synced.lastGood(ev.Path), claimed: end, claimErr: err}
 		if st, err := os.Stat(path); err == nil {
 			f.size = st.Size()
 		}
