@@ -462,10 +462,9 @@ func (p *powerRig) segmentOf(name string) wal.Segment {
 //     write on;
 //   - between a publish's truncate (which cuts the end block off the whole partial)
 //     and its rename, with Cut(All), Cut(Random), and SyncAll then Cut (the truncation
-//     on the disk): recovery must leave
-//     the segment published or a partial (its whole records), the primary's bytes in
-//     either case, never a hole; and the stream must resume to the primary's flush
-//     position.
+//     on the disk): recovery must leave the segment published or a partial (its whole
+//     records), the primary's bytes in either case, never a hole, and the stream must
+//     resume to the primary's flush position.
 func TestPowerLossCrashPoints(t *testing.T) {
 	ctx := testContext(t, 3*time.Minute)
 	seed := trialSeed(t)
@@ -710,6 +709,7 @@ func TestPowerLossFailedSync(t *testing.T) {
 	defer stop()
 	welcome := p.acked()
 	p.waitResumed(ctx, welcome, 256<<10)
+	sessions := strings.Count(p.receiver.Log(), "sidecar session started")
 	p.fs.FailNextSync("*.partial", syscall.EIO)
 	var f failure
 	select {
@@ -727,7 +727,7 @@ func TestPowerLossFailedSync(t *testing.T) {
 
 	// The session ends, the same receiver recovers the spool and welcomes the sidecar
 	// again, where the last good sync left the partial.
-	w := p.welcome(ctx, 1)
+	w := p.welcome(ctx, sessions)
 	what += fmt.Sprintf("; welcome after it %s", w)
 	require.True(t, p.receiver.Running(), "%s: a failed sync ends the session, not the receiver", what)
 	require.Contains(t, p.receiver.Log(), "input/output error", "%s: the receiver says why the session ended", what)
@@ -736,7 +736,9 @@ func TestPowerLossFailedSync(t *testing.T) {
 	if f.size == int64(p.segSize)+spool.EndBlockSize {
 		require.Equal(t, start+wal.LSN(f.good), w, "%s: recovery after the failed sync must settle the partial where its last good sync left it", what)
 	} else {
-		// The fsync a publish makes after its truncate: every byte was synced before.
+		// The fsync a publish makes after its truncate: every byte was synced before,
+		// and recovery keeps the partial's whole records (see
+		// TestPowerLossPublishAckedTail for what that drops).
 		t.Logf("%s: the failed fsync was a publish's, after its truncate (the partial holds %d bytes)", what, f.size)
 	}
 	t.Log(what)
