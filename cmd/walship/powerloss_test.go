@@ -764,3 +764,28 @@ func TestPowerLossFailedSync(t *testing.T) {
 	n := p.checkIdentical(ctx)
 	t.Logf("%d inserts; %d segments identical to the primary's", load.Count(), n)
 }
+
+// TestPowerLossNewSpoolDir: a receiver that makes its spool directory (and one above
+// it) must make them durable, as it makes its files durable: fsynced in the directory
+// that holds them. Without, a power cut takes the new directories, and with them every
+// segment the receiver acknowledged.
+func TestPowerLossNewSpoolDir(t *testing.T) {
+	ctx := testContext(t, 2*time.Minute)
+	pc := powercut.Mount(t, "")
+	r := newRig(t, ctx, 1)
+	r.spool = filepath.Join(pc.Dir(), "walship", "spool")
+	r.startReceiver(ctx)
+	r.startSidecar(ctx, r.primary)
+	r.waitStreaming(ctx)
+	p := &powerRig{rig: r, fs: pc, segSize: 1 << 20, checked: map[string]bool{}}
+	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 20000) g"))
+	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+	r.receiver.Kill()
+	acked, rep := p.cut(powercut.All)
+	what := fmt.Sprintf("a spool the receiver made, cut all at %s acknowledged (cut %+v)", acked, rep)
+	_, err := os.Stat(r.spool)
+	require.NoError(t, err, "%s: the spool directory is gone", what)
+	rc := p.recoverCopy()
+	p.checkRecovered(rc, acked, what)
+	require.Equal(t, rc.pos.LSN, p.restartReceiver(ctx), "%s: the restarted receiver's recovery and the copy's disagree", what)
+}
