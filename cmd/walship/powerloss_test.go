@@ -778,12 +778,15 @@ func TestPowerLossNewSpoolDir(t *testing.T) {
 	r.startSidecar(ctx, r.primary)
 	r.waitStreaming(ctx)
 	p := &powerRig{rig: r, fs: pc, segSize: 1 << 20, checked: map[string]bool{}}
-	require.NoError(t, r.primary.Exec(ctx, "CREATE TABLE t AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 20000) g"))
-	r.waitSpoolAt(ctx, flushLSN(t, ctx, r.primary))
+	// A load keeps the sidecar sending, so that it finds the restarted receiver at once.
+	load, err := lab.StartLoad(ctx, r.primary.DSN(), 1, 1500)
+	require.NoError(t, err)
+	defer load.Stop()
+	p.waitAcked(ctx, flushLSN(t, ctx, r.primary))
 	r.receiver.Kill()
 	acked, rep := p.cut(powercut.All)
 	what := fmt.Sprintf("a spool the receiver made, cut all at %s acknowledged (cut %+v)", acked, rep)
-	_, err := os.Stat(r.spool)
+	_, err = os.Stat(r.spool)
 	require.NoError(t, err, "%s: the spool directory is gone", what)
 	rc := p.recoverCopy()
 	p.checkRecovered(rc, acked, what)
