@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/walship/walship/receiver/durable"
 	"github.com/walship/walship/receiver/spool"
 	"github.com/walship/walship/tail/dirwatch"
 	"github.com/walship/walship/tail/wal"
@@ -23,7 +24,8 @@ import (
 type Config struct {
 	// Listen is the UDP address to listen on, HOST:PORT. Required; port 0 picks a free one.
 	Listen string
-	// Spool is the directory that holds the received WAL. Required; created if missing.
+	// Spool is the directory that holds the received WAL. Required; created if missing,
+	// durably (fsynced in the directory above, and so on for each directory made).
 	Spool string
 	// TLS is the server configuration (transport.ServerTLS). Required.
 	TLS *tls.Config
@@ -167,7 +169,7 @@ func New(cfg Config) (*Receiver, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(cfg.Spool, 0o755); err != nil {
+	if err := durable.MkdirAll(cfg.Spool, 0o755); err != nil {
 		return nil, fmt.Errorf("receiver: create spool: %w", err)
 	}
 	lock, err := spool.LockReceiver(cfg.Spool)

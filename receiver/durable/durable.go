@@ -107,6 +107,34 @@ func Rename(f *os.File, path string) error {
 	return SyncDir(filepath.Dir(path))
 }
 
+// MkdirAll makes the directory path, and every directory above it that is missing,
+// with mode perm, and fsyncs the directory that holds each one it made: a new
+// directory's name is durable only once its parent is fsynced, and everything
+// published inside it would go with it. Directories that exist already are left as
+// they are, and their parents unsynced.
+func MkdirAll(path string, perm os.FileMode) error {
+	// The directories to make, from the topmost missing one down.
+	var made []string
+	for d := filepath.Clean(path); ; d = filepath.Dir(d) {
+		if _, err := os.Lstat(d); err == nil || !errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		made = append([]string{d}, made...)
+		if filepath.Dir(d) == d {
+			break
+		}
+	}
+	if err := os.MkdirAll(path, perm); err != nil {
+		return err
+	}
+	for _, d := range made {
+		if err := SyncDir(filepath.Dir(d)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // SyncDir fsyncs a directory, making the renames and creations in it durable.
 func SyncDir(dir string) error {
 	d, err := os.Open(dir)
