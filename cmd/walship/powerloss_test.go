@@ -586,22 +586,20 @@ func TestPowerLossCrashPoints(t *testing.T) {
 // already acknowledged in part, and the truncation reaches the disk before the power
 // goes. (The primary flushes a long record in pieces while a backend writes it: its
 // WAL buffers fill and are written out, and the WAL writer flushes what was written;
-// the receiver acknowledges each flush.) Recovery takes the partial, cut to the
-// segment's size, for one of the old kind, whose bytes nothing vouches for, and keeps
-// its whole records only: the acknowledged bytes of the unfinished record are dropped,
-// and the spool's position goes back behind what the receiver acknowledged (seen: 0/6C0000
-// acknowledged, 0/600808 kept, where a 1 MB record starts). No commit is lost by it
+// the receiver acknowledges each flush.) Recovery took the partial, cut to the
+// segment's size, for one of the old kind, whose bytes nothing vouches for, and kept
+// its whole records only: the acknowledged bytes of the unfinished record were dropped,
+// and the spool's position went back behind what the receiver acknowledged (seen: 0/6C0000
+// acknowledged, 0/600808 kept, where a 1 MB record starts). No commit was lost by it
 // (the record is not whole, and its end was not acknowledged), but the acknowledgement
 // was not kept. A receiver killed at that point with no power cut at all leaves the
 // same file (the truncation in the page cache, which recovery reads), and so does a
 // publish whose fsync after its truncate fails.
 //
-// It fails today, and runs only with WALSHIP_POWERLOSS_ACKED_TAIL=1, until Publish
-// leaves something recovery can tell from an old-style partial.
+// It failed so until recovery took a partial cut to the segment's size whose records
+// chain to its end for the publish it is (Publish syncs before it truncates), and
+// published it whole.
 func TestPowerLossPublishAckedTail(t *testing.T) {
-	if os.Getenv("WALSHIP_POWERLOSS_ACKED_TAIL") == "" {
-		t.Skip("known failure: recovery of a publish cut short after its truncate drops acknowledged bytes of an unfinished record; WALSHIP_POWERLOSS_ACKED_TAIL=1 runs it")
-	}
 	ctx := testContext(t, 3*time.Minute)
 	p := newPowerRig(t, ctx)
 	id, _, err := spool.ReadIdentity(p.spool)

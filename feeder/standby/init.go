@@ -361,6 +361,9 @@ type builder struct {
 func (b *builder) receive(ctx context.Context, bc *transport.ControlConn, id spool.Identity) error {
 	m, err := bc.Recv()
 	if err != nil {
+		if errors.Is(err, io.EOF) {
+			err = errors.New("the stream ended before the backup began (did the sidecar's session end? run standby init again once it streams)")
+		}
 		return fmt.Errorf("base backup: %w", err)
 	}
 	begin, ok := m.(*transport.BackupBegin)
@@ -405,7 +408,7 @@ func (b *builder) receive(ctx context.Context, bc *transport.ControlConn, id spo
 		m, err := bc.Recv()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				err = errors.New("the stream ended before the backup did (did the sidecar's session end?)")
+				err = errors.New("the stream ended before the backup did (did the sidecar's session end? run standby init again once it streams)")
 			}
 			return fmt.Errorf("base backup: %w", err)
 		}

@@ -196,7 +196,7 @@ func markStart(dir string, ctl wal.Control) error {
 	if m, ok, err := spool.ReadStart(dir); err != nil || ok && m.LSN == ctl.CheckPoint {
 		return err
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := durable.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
 	return spool.WriteStart(dir, ctl.CheckPoint)
