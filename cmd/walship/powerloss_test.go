@@ -54,6 +54,12 @@ type powerRig struct {
 // (an unmount, which needs every process on it gone) runs after the rig's.
 func newPowerRig(t *testing.T, ctx context.Context) *powerRig {
 	t.Helper()
+	return newPowerRigMajor(t, ctx, 0)
+}
+
+// newPowerRigMajor is newPowerRig on PostgreSQL major (0: the lab's default).
+func newPowerRigMajor(t *testing.T, ctx context.Context, major int) *powerRig {
+	t.Helper()
 	pc := powercut.Mount(t, "")
 	// The standby's restore_command reads the spool as the postgres user: the
 	// directories above the mount point must let it through, and the mount's root (the
@@ -61,7 +67,7 @@ func newPowerRig(t *testing.T, ctx context.Context) *powerRig {
 	for d := pc.Dir(); d != filepath.Dir(d) && strings.HasPrefix(d, os.TempDir()+"/"); d = filepath.Dir(d) {
 		require.NoError(t, os.Chmod(d, 0o755))
 	}
-	r := newRig(t, ctx, 1)
+	r := newRigMajor(t, ctx, 1, major)
 	r.spool = pc.Dir()
 	r.startReceiver(ctx)
 	r.startSidecar(ctx, r.primary)
@@ -304,10 +310,17 @@ func TestPowerLossTrials(t *testing.T) {
 		n, err = strconv.Atoi(s)
 		require.NoError(t, err, "WALSHIP_POWERLOSS_TRIALS")
 	}
+	powerLossTrials(t, 0, n)
+}
+
+// powerLossTrials runs n power cuts of the standby's host on major (0: the lab's
+// default), as TestPowerLossTrials describes, and returns how many were made; any
+// acknowledged position missing after one fails the test.
+func powerLossTrials(t *testing.T, major, n int) int {
 	ctx := testContext(t, time.Duration(3+n/2)*time.Minute)
 	seed := trialSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 1))
-	p := newPowerRig(t, ctx)
+	p := newPowerRigMajor(t, ctx, major)
 	sb := p.standby(ctx, false)
 	load, err := lab.StartLoad(ctx, p.primary.DSN(), 4, 1500)
 	require.NoError(t, err)
@@ -358,6 +371,7 @@ func TestPowerLossTrials(t *testing.T) {
 	t.Logf("%d inserts; %d segments identical to the primary's after %d power cuts", load.Count(), n, len(rows)-2)
 
 	crashAndPromote(t, ctx, p.rig, sb, []string{"--dsn", sb.DSN()}, crash{})
+	return len(rows) - 2
 }
 
 // killAt makes the receiver's first file-system call that matches op, glob and when,
