@@ -283,7 +283,7 @@ func TestDrainAfterLostSession(t *testing.T) {
 	require.NoError(t, lab.Wait(ctx, 10*time.Millisecond, "500 commits without a receiver", func() (bool, error) { return load.Count() >= before+500, nil }))
 	killAt := time.Now()
 	require.NoError(t, r.primary.Kill())
-	load.Stop() // the client's error is expected: its server died
+	_ = load.Stop() // the client's error is expected: its server died
 	acks := load.Acks()
 	r.startReceiver(ctx)
 

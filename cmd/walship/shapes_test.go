@@ -269,7 +269,7 @@ func abandonRecord(t *testing.T, ctx context.Context, c *lab.Cluster, st wal.Str
 		}
 	}
 	require.NoError(t, syscall.Kill(pid, syscall.SIGKILL))
-	_ = <-done // the backend was killed: its statement fails
+	require.Error(t, <-done, "the backend was killed: its statement fails")
 	poll.Close(context.Background())
 	conn.Close(context.Background())
 	require.NoError(t, lab.Wait(ctx, 50*time.Millisecond, "the server to restart after the crash", func() (bool, error) {

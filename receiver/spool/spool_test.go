@@ -432,7 +432,6 @@ func TestRecoverPowerCut(t *testing.T) {
 	id, seg, b := sample(t)
 	st := id.Stream()
 	start := seg.Start(st.SegSize)
-	const lastWhole = 0x8FE0F0 - 0x800000 // where the segment's last whole record ends
 	zeroed := func(from, to int) []byte {
 		c := append([]byte(nil), b...)
 		clear(c[from:to])
