@@ -120,6 +120,7 @@ func (p *primary) drain(ctx context.Context, s *stream) error {
 			s.t.drains.Add(1)
 			p.log.Info().Stringer("last_flush", from).Stringer("end", end).Uint64("drained_bytes", uint64(end-from)).
 				Str("stopped", stop.Reason).Msg("drained: the receiver holds every valid record of the primary's WAL")
+			p.drained = true
 			return ErrDrained
 		}
 	}

@@ -114,8 +114,11 @@ type primary struct {
 	// lest the session end first and take the message with it.
 	stopped atomic.Pointer[chan struct{}]
 
-	// gone says that this session began with the server gone (gone): it only drains.
-	gone bool
+	// gone says that this session began with the server gone (beginGone): it only
+	// drains. drained says that the server's WAL was drained since it was last reached:
+	// no session begins gone again, which would open one for nothing and take away the
+	// receiver's end-of-WAL mark (a new session removes it).
+	gone, drained bool
 
 	watch     *dirwatch.Watch // nil: poll while idle
 	armed     bool            // the watch's stale events are drained and the position read since
@@ -132,7 +135,7 @@ func (p *primary) begin(ctx context.Context) (*transport.Hello, wal.LSN, wal.LSN
 		}
 		return nil, 0, 0, fmt.Errorf("connect to the primary: %w", err)
 	}
-	p.pg = pg
+	p.pg, p.drained = pg, false
 	fail := func(err error) (*transport.Hello, wal.LSN, wal.LSN, error) {
 		p.end()
 		return nil, 0, 0, err
@@ -183,7 +186,7 @@ func (p *primary) walDir() string { return filepath.Join(p.pgdata, "pg_wal") }
 // is what walship promote waits for. The session opens as the earlier ones did; its
 // first read of the position fails (errGone), and the drain follows (serverLost).
 func (p *primary) beginGone(cause error) (hello *transport.Hello, end, empty wal.LSN, ok bool) {
-	if p.cfg.NoDrain || p.srv.SysID == 0 {
+	if p.cfg.NoDrain || p.srv.SysID == 0 || p.drained {
 		return nil, 0, 0, false
 	}
 	gone, why, err := serverState(p.pgdata)

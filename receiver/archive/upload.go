@@ -236,6 +236,11 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 			todo = append(todo, name)
 		}
 	}
+	// A segment that neither the spool nor the archive holds, between segments of its
+	// timeline that one of them does, left the spool before it was uploaded.
+	if gone := gaps(segs, have, id.SegSize); len(gone) > 0 {
+		u.missing(gone)
+	}
 	// Through: the segments that, with all before them, the archive holds or refused.
 	// restore --cleanup removes none after it (spool.Held).
 	through := ""
@@ -254,14 +259,7 @@ func (u *Uploader) round(ctx context.Context, have, refused map[string]bool) err
 			// that did not ask spool.Held): the archive lacks it for good. Said, kept
 			// in the state for walship status and check, and passed, so that the
 			// uploads go on.
-			err := fmt.Errorf("archive: %s left the spool before it was uploaded: the archive lacks it", name)
-			u.Logger.Error().Err(err).Msg("archive: a gap in the archive")
-			u.update(true, func(st *spool.ArchiveState) {
-				if !slices.Contains(st.Missing, name) {
-					st.Missing = append(st.Missing, name)
-				}
-			})
-			u.fail(err)
+			u.missing([]string{name})
 			refused[name] = true // not looked for again
 			continue
 		}
@@ -359,4 +357,72 @@ func (u *Uploader) promotedPartial(ctx context.Context, id spool.Identity, have,
 		return fmt.Errorf("archive: frozen partial %s changed since the promotion froze it", name)
 	}
 	return u.put(ctx, name, b, have, refused)
+}
+
+// maxMissing bounds the names the state keeps of segments the archive lacks for good.
+const maxMissing = 100
+
+// missing records segments that left the spool before they were uploaded: said once
+// each, kept in the state (the newest maxMissing) for walship status and check.
+func (u *Uploader) missing(names []string) {
+	var fresh []string
+	u.mu.Lock()
+	for _, n := range names {
+		if !slices.Contains(u.state.Missing, n) {
+			fresh = append(fresh, n)
+		}
+	}
+	u.mu.Unlock()
+	if len(fresh) == 0 {
+		return
+	}
+	err := fmt.Errorf("archive: %d segment(s) left the spool before they were uploaded, %s the last: the archive lacks them", len(fresh), fresh[len(fresh)-1])
+	u.Logger.Error().Err(err).Strs("segments", fresh).Msg("archive: a gap in the archive")
+	u.update(true, func(st *spool.ArchiveState) {
+		st.Missing = append(st.Missing, fresh...)
+		if len(st.Missing) > maxMissing {
+			st.Missing = st.Missing[len(st.Missing)-maxMissing:]
+		}
+	})
+	u.fail(err)
+}
+
+// gaps lists, in order, the segments of each timeline that neither the spool (segs)
+// nor the archive (have) holds, between the oldest and the newest that one of them
+// does.
+func gaps(segs []wal.Segment, have map[string]bool, segSize uint64) []string {
+	held := map[uint32]map[uint64]bool{}
+	add := func(s wal.Segment) {
+		if held[s.TLI] == nil {
+			held[s.TLI] = map[uint64]bool{}
+		}
+		held[s.TLI][s.No] = true
+	}
+	for _, s := range segs {
+		add(s)
+	}
+	for name := range have {
+		if s, err := wal.ParseSegmentName(name, segSize); err == nil {
+			add(s)
+		}
+	}
+	tlis := make([]uint32, 0, len(held))
+	for tli := range held {
+		tlis = append(tlis, tli)
+	}
+	slices.Sort(tlis)
+	var out []string
+	for _, tli := range tlis {
+		nos := make([]uint64, 0, len(held[tli]))
+		for no := range held[tli] {
+			nos = append(nos, no)
+		}
+		slices.Sort(nos)
+		for i := 1; i < len(nos); i++ {
+			for no := nos[i-1] + 1; no < nos[i] && len(out) < 10*maxMissing; no++ {
+				out = append(out, wal.Segment{TLI: tli, No: no}.Name(segSize))
+			}
+		}
+	}
+	return out
 }
